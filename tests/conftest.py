@@ -35,3 +35,109 @@ def shared_data() -> Path:
 def minilm_dir() -> Path:
     """The real all-MiniLM-L6-v2 checkpoint (fetched by `python weights/fetch_minilm.py`)."""
     return require_path(MINILM_DIR / "model.safetensors", "all-MiniLM-L6-v2 checkpoint").parent
+
+
+# -----------------------------------------------------------------------------
+# Synthetic checkpoints in BGE's exact official file layout (flagembedding.md §4.2):
+# unprefixed HF BertModel names, the pooler, an int64 `embeddings.position_ids` (1, 512),
+# float32 tensors and safetensors metadata {"format": "pt"}. Random weights, with LayerNorm
+# parameters pushed away from 1/0 so a mis-wired norm cannot hide.
+
+TINY = dict(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=64)
+
+
+def hf_reference_model(config, seed=0, attn_implementation="sdpa"):
+    """A transformers BertModel with the given minibge config and random, perturbed weights."""
+    import torch
+    import transformers
+
+    hf_config = transformers.BertConfig(**{k: v for k, v in config.to_dict().items() if k not in ("architectures",)})
+    hf_config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = transformers.BertModel(hf_config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "LayerNorm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def official_state_dict(hf_model):
+    """The tensors of hf_model under the names and dtypes of the official BAAI files."""
+    import torch
+
+    state = {k: v.detach().clone().contiguous() for k, v in hf_model.state_dict().items()
+             if not k.endswith(("position_ids", "token_type_ids"))}
+    state["embeddings.position_ids"] = torch.arange(hf_model.config.max_position_embeddings).unsqueeze(0)
+    return state
+
+
+def write_checkpoint(directory, config, state, fmt="safetensors"):
+    """Write config.json plus `state` as model.safetensors, a 2-shard index, or pytorch_model.bin."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config.to_dict()))
+    if fmt == "safetensors":
+        save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    elif fmt == "bin":
+        torch.save(state, directory / "pytorch_model.bin")
+    elif fmt == "sharded":
+        names = sorted(state)
+        shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        for shard, keys in shards.items():
+            save_file({k: state[k] for k in keys}, directory / shard, metadata={"format": "pt"})
+        weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+        (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    else:
+        raise ValueError(fmt)
+    return directory
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """(folder, hf_model) for a tiny random BERT in the official layout."""
+    from minibge import BertConfig
+
+    config = BertConfig(**TINY)
+    hf_model = hf_reference_model(config)
+    return write_checkpoint(tmp_path / "tiny", config, official_state_dict(hf_model)), hf_model
+
+
+def random_batch(config, batch_size, seq_len, seed=0):
+    """input_ids, attention_mask (random right-padded lengths, first row full), token_type_ids."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, config.vocab_size, (batch_size, seq_len), generator=gen)
+    lengths = torch.randint(2, seq_len + 1, (batch_size,), generator=gen)
+    lengths[0] = seq_len
+    mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
+    ids = ids * mask  # [PAD] = 0 at padded positions, as a tokenizer would produce
+    token_types = torch.randint(0, config.type_vocab_size, (batch_size, seq_len), generator=gen) * mask
+    return ids, mask, token_types
+
+
+def diff_report(a, b):
+    """max / mean absolute difference, for assertion messages."""
+    d = (a - b).abs()
+    return f"max |diff| {d.max().item():.3e}, mean |diff| {d.mean().item():.3e}"
+
+
+def compare_with_hf(model, hf_model, input_ids, attention_mask, token_type_ids):
+    """Run both models; return (max |diff| over real tokens, mean |diff|, min CLS cosine)."""
+    import torch
+
+    with torch.no_grad():
+        ours = model(input_ids, attention_mask, token_type_ids)
+        ref = hf_model(input_ids=input_ids, attention_mask=attention_mask,
+                       token_type_ids=token_type_ids).last_hidden_state
+    real = attention_mask.bool()  # padded query rows are finite garbage in both: compare real tokens only
+    diff = (ours - ref)[real].abs()
+    cls_cos = torch.nn.functional.cosine_similarity(ours[:, 0], ref[:, 0], dim=-1)
+    return diff.max().item(), diff.mean().item(), cls_cos.min().item()

@@ -1,0 +1,106 @@
+"""BertConfig: the handful of numbers that pin down a BERT/BGE encoder.
+
+Field names are Hugging Face's, so a checkpoint's `config.json` maps onto the dataclass with no
+translation table: unknown keys (`architectures`, `transformers_version`, the Chinese models'
+`pooler_*` leftovers, ...) are ignored, and a missing required key is a clear error.
+
+The presets are every published BGE English and Chinese model, v1 and v1.5. v1 and v1.5 share
+one architecture; only the weights (and the training temperature) differ. Shapes from
+../shared/reference/flagembedding.md §4.1; parameter counts there match the official ones.
+"""
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+# the activations `hidden_act` may name; "gelu" is the exact erf form (what HF and BGE use)
+SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522            # WordPiece vocabulary (English uncased); 21128 for Chinese BGE
+    hidden_size: int = 768             # H: the width of every token vector, and the embedding dimension
+    num_hidden_layers: int = 12        # L: number of post-LN transformer blocks
+    num_attention_heads: int = 12      # H must split evenly into heads of H / heads dims
+    intermediate_size: int = 3072      # I: feed-forward inner width, 4H for every BGE model except small-zh
+    hidden_act: str = "gelu"           # exact erf GELU; the tanh approximation drifts from HF
+    layer_norm_eps: float = 1e-12      # BERT's eps, not PyTorch's default 1e-5
+    max_position_embeddings: int = 512  # absolute learned positions: sequences longer than this can't be encoded
+    type_vocab_size: int = 2           # segment A/B embeddings; BGE always uses segment 0, but row 0 is still added
+    pad_token_id: int = 0              # [PAD]; its word-embedding row is zeroed at init
+    hidden_dropout_prob: float = 0.1   # only active in training
+    attention_probs_dropout_prob: float = 0.1
+    initializer_range: float = 0.02    # std of the normal init (HF semantics), used by training from scratch
+    position_embedding_type: str = "absolute"  # the only kind BERT/BGE use; checked, not implemented otherwise
+
+    # the fields a config.json must carry; the rest fall back to BERT's defaults above
+    REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; expected one of {SUPPORTED_ACTIVATIONS}")
+        if self.position_embedding_type != "absolute":
+            raise ValueError(f"position_embedding_type {self.position_embedding_type!r} is not supported; "
+                             "BERT/BGE use 'absolute'")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "BertConfig":
+        missing = [key for key in cls.REQUIRED if key not in values]
+        if missing:
+            raise ValueError(f"{source} is missing required key(s) {missing}")
+        known = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+    @classmethod
+    def from_json(cls, path) -> "BertConfig":
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} should hold a JSON object, got {type(values).__name__}")
+        return cls.from_dict(values, source=str(path))
+
+    def to_dict(self) -> dict:
+        """The config.json that transformers' AutoModel reads back as a BertModel."""
+        return {"architectures": ["BertModel"], "model_type": "bert", **dataclasses.asdict(self)}
+
+
+def _bge(hidden, layers, heads, intermediate, vocab) -> BertConfig:
+    return BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, intermediate_size=intermediate)
+
+
+_EN, _ZH = 30522, 21128
+PRESETS = {
+    # name: (H, L, heads, I, vocab)           parameters incl. pooler (official count)
+    "bge-small-en-v1.5": _bge(384, 12, 12, 1536, _EN),    # 33.4M
+    "bge-base-en-v1.5": _bge(768, 12, 12, 3072, _EN),     # 109M
+    "bge-large-en-v1.5": _bge(1024, 24, 16, 4096, _EN),   # 335M
+    "bge-small-en": _bge(384, 12, 12, 1536, _EN),
+    "bge-base-en": _bge(768, 12, 12, 3072, _EN),
+    "bge-large-en": _bge(1024, 24, 16, 4096, _EN),
+    "bge-small-zh-v1.5": _bge(512, 4, 8, 2048, _ZH),      # 24M: the one model that is not 4H wide
+    "bge-base-zh-v1.5": _bge(768, 12, 12, 3072, _ZH),     # 102M
+    "bge-large-zh-v1.5": _bge(1024, 24, 16, 4096, _ZH),   # 326M
+    "bge-small-zh": _bge(512, 4, 8, 2048, _ZH),
+    "bge-base-zh": _bge(768, 12, 12, 3072, _ZH),
+    "bge-large-zh": _bge(1024, 24, 16, 4096, _ZH),
+}
+
+
+def preset(name: str) -> BertConfig:
+    """A fresh copy of a named BGE config ("bge-base-en-v1.5", or "BAAI/bge-base-en-v1.5")."""
+    key = name.split("/")[-1]
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[key])

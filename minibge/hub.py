@@ -1,0 +1,268 @@
+"""Fetch a BGE checkpoint from the Hugging Face Hub, with nothing but the standard library.
+
+A model on the Hub is a git repository, and we only need a handful of its files. Two URLs
+matter (``{base}`` is https://huggingface.co, or a mirror named by $MINIBGE_HUB_URL or
+$HF_ENDPOINT):
+
+    {base}/api/models/{repo_id}/tree/{revision}?recursive=true
+        A JSON list of the repository's entries, e.g.
+        {"type": "file", "path": "config.json", "size": 684, "oid": "<git blob sha1>"}.
+        Big files live in Git LFS and also carry {"lfs": {"oid": "<sha256 hex>", "size": ...}}.
+    {base}/{repo_id}/resolve/{revision}/{path}
+        The bytes of one file (for LFS files, after a redirect to a CDN).
+
+The download protocol, file by file:
+
+1. Skip the file if it is already complete: right size, and right sha256 for LFS files.
+2. Stream it into ``<name>.incomplete``. If that file already exists (an earlier run was
+   interrupted), ask only for the rest with ``Range: bytes=N-``; a server that ignores the
+   range answers 200 with the whole file, and then we start over.
+3. If the connection drops mid-file, retry a few times, each time resuming from disk.
+4. Check the size, and the sha256 the listing gives for LFS files. On a mismatch, delete the
+   partial file and fail; otherwise rename it into place with ``os.replace``. The rename is
+   atomic, so a file under its final name is always a complete, verified one.
+
+``config.json`` is fetched last, so a folder that has one holds a complete download;
+:func:`resolve_model_path` relies on that.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import logging
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import quote
+
+HUB_URL_ENV = "MINIBGE_HUB_URL"
+WEIGHTS_DIR_ENV = "MINIBGE_WEIGHTS_DIR"
+DEFAULT_HUB_URL = "https://huggingface.co"
+TIMEOUT_S = 30
+RETRIES = 5
+RETRY_BACKOFF_S = 0.5  # doubled after each failed try: 0.5, 1, 2, 4, 8 seconds
+CHUNK_BYTES = 1 << 20
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json",
+                               "config_sentence_transformers.json", "1_Pooling/config.json")
+SHARD_INDEX = "model.safetensors.index.json"
+# What a dropped or flaky connection looks like from urllib (HTTPError, a URLError, is handled first).
+_TRANSIENT = (http.client.HTTPException, ConnectionError, TimeoutError, urllib.error.URLError)
+_HUB_ID = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")
+
+log = logging.getLogger(__name__)
+
+
+class HubError(RuntimeError):
+    """A download problem explained in one message; the CLI prints it without a traceback."""
+
+
+def default_weights_dir() -> Path:
+    """$MINIBGE_WEIGHTS_DIR, else the checkout's weights/ folder, else ~/.cache/minibge/weights."""
+    if os.environ.get(WEIGHTS_DIR_ENV):
+        return Path(os.environ[WEIGHTS_DIR_ENV]).expanduser()
+    checkout = Path(__file__).resolve().parents[1] / "weights"
+    if checkout.is_dir():
+        return checkout
+    return Path.home() / ".cache" / "minibge" / "weights"
+
+
+def hub_url(base_url: str | None = None) -> str:
+    """The Hub's base URL: the argument, else $MINIBGE_HUB_URL, else $HF_ENDPOINT, else huggingface.co."""
+    url = base_url or os.environ.get(HUB_URL_ENV) or os.environ.get("HF_ENDPOINT") or DEFAULT_HUB_URL
+    return url.rstrip("/")
+
+
+def _open(url: str, offset: int = 0):
+    request = urllib.request.Request(url, headers={"User-Agent": "minibge"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    if os.environ.get("HF_TOKEN"):
+        # "Unredirected": the token goes to the Hub only, never to the CDN it redirects LFS files to.
+        request.add_unredirected_header("Authorization", f"Bearer {os.environ['HF_TOKEN']}")
+    return urllib.request.urlopen(request, timeout=TIMEOUT_S)
+
+
+def _unreachable(base: str, error: Exception, dest: Path) -> str:
+    reason = getattr(error, "reason", error)
+    return (f"could not reach the Hub at {base} ({reason}). To work offline, download the files "
+            f"into {dest} (config.json, model.safetensors, tokenizer.json, vocab.txt, ...) by hand, "
+            f"or set {HUB_URL_ENV} to a mirror.")
+
+
+def _list_files(base: str, repo_id: str, revision: str, dest: Path) -> dict[str, dict]:
+    """path -> listing entry, for every file (not directory) of the repository."""
+    url = f"{base}/api/models/{quote(repo_id)}/tree/{quote(revision, safe='')}?recursive=true"
+    entries: list[dict] = []
+    while url:  # the Hub pages long listings and names the next page in a Link header
+        try:
+            with _open(url) as response:
+                page = json.load(response)
+                link = re.search(r'<([^>]+)>;\s*rel="next"', response.headers.get("Link", ""))
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403, 404):  # the Hub answers 401 for unknown repos too, to hide private ones
+                raise HubError(f"model '{repo_id}' not found on the Hub at {base} (check the name, or the "
+                               f"revision '{revision}'; for a private or gated model, set HF_TOKEN)") from None
+            raise HubError(f"the Hub at {base} answered HTTP {e.code} ({e.reason}) for {url}") from None
+        except _TRANSIENT as e:
+            raise HubError(_unreachable(base, e, dest)) from None
+        except ValueError:
+            raise HubError(f"{url} did not return a JSON file listing; is {base} really a Hub?") from None
+        if not isinstance(page, list):
+            raise HubError(f"{url} did not return a file listing: {str(page)[:200]}")
+        entries += page
+        url = link.group(1) if link else None
+    return {entry["path"]: entry for entry in entries if entry.get("type") == "file"}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _problem(path: Path, size: int | None, sha256: str | None) -> str | None:
+    """What is wrong with a downloaded file compared with the listing, or None if nothing is."""
+    got = path.stat().st_size
+    if size is not None and got != size:
+        return f"it has {got} bytes, the Hub lists {size}"
+    if sha256 and (digest := _sha256(path)) != sha256:
+        return f"its sha256 is {digest}, the Hub lists {sha256}"
+    return None
+
+
+def _progress_bar(enabled: bool, total: int | None, initial: int, name: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is a nicety, not a dependency
+        return contextlib.nullcontext(None)
+    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
+                desc=name, disable=not enabled, leave=False)
+
+
+def _stream(url: str, partial: Path, size: int | None, progress: bool) -> None:
+    """Append the rest of `url` to `partial`; raise ConnectionError if the body comes up short."""
+    offset = partial.stat().st_size if partial.exists() else 0
+    if size is not None and offset > size:  # a leftover from another version of the file
+        partial.unlink()
+        offset = 0
+    if size is not None and offset == size:
+        return  # all bytes are on disk already; the checksum decides whether they are right
+    with _open(url, offset) as response:
+        if offset and response.status != 206:
+            log.info("the server ignored the Range request for %s; starting over", partial.name)
+            offset = 0
+        length = response.headers.get("Content-Length")
+        expected_end = offset + int(length) if length is not None else size
+        with open(partial, "ab" if offset else "wb") as f, \
+                _progress_bar(progress, size, offset, partial.name[:-len(".incomplete")]) as bar:
+            while chunk := response.read(CHUNK_BYTES):
+                f.write(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+    got = partial.stat().st_size
+    # urllib does not always raise when the server hangs up early; I check the byte count myself.
+    if expected_end is not None and got < expected_end:
+        raise ConnectionError(f"connection closed after {got} of {expected_end} bytes")
+
+
+def _fetch_file(url: str, final: Path, size: int | None, sha256: str | None, progress: bool) -> None:
+    if final.is_file() and _problem(final, size, sha256) is None:
+        log.debug("%s is already complete", final)
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    partial = final.with_name(final.name + ".incomplete")
+    for attempt in range(RETRIES + 1):
+        try:
+            _stream(url, partial, size, progress)
+            break
+        except urllib.error.HTTPError as e:
+            if e.code < 500:  # 4xx will not get better by asking again; 5xx might
+                raise HubError(f"could not download {url}: HTTP {e.code} ({e.reason})") from None
+            error: Exception = e
+        except _TRANSIENT as e:
+            error = e
+        if attempt == RETRIES:
+            raise HubError(f"downloading {url} failed {RETRIES + 1} times (last: {error}); "
+                           f"run the same command again to resume from {partial}") from None
+        wait = RETRY_BACKOFF_S * 2 ** attempt
+        log.warning("connection lost while downloading %s (%s); resuming in %.1fs", final.name, error, wait)
+        time.sleep(wait)
+    problem = _problem(partial, size, sha256)
+    if problem is not None:
+        # I delete the bad bytes: resuming on top of them could never produce a good file.
+        partial.unlink()
+        raise HubError(f"{final.name} from {url} is corrupt: {problem}; nothing was kept, try again")
+    os.replace(partial, final)
+    log.info("fetched %s (%d bytes)", final, final.stat().st_size)
+
+
+def download(repo_id: str, dest: Path | None = None, revision: str = "main",
+             base_url: str | None = None, progress: bool = True) -> Path:
+    """Fetch the model folder of `repo_id` into `dest` (default: default_weights_dir()/<name>).
+
+    Only what minibge needs is fetched: config, tokenizer and sentence-transformers files, and
+    one copy of the weights (model.safetensors, else its shards, else pytorch_model.bin).
+    Re-running is cheap: complete files are verified and skipped, partial ones resumed.
+    """
+    base = hub_url(base_url)
+    dest = Path(dest).expanduser() if dest is not None else default_weights_dir() / repo_id.split("/")[-1]
+    listing = _list_files(base, repo_id, revision, dest)
+    if "config.json" not in listing:
+        raise HubError(f"'{repo_id}' has no config.json at revision '{revision}'; is it a BERT/BGE model?")
+    log.info("downloading %s@%s from %s into %s", repo_id, revision, base, dest)
+
+    def fetch(path: str) -> None:
+        if Path(path).is_absolute() or ".." in Path(path).parts:  # never write outside dest
+            raise HubError(f"refusing to download {path!r}: it points outside the model folder")
+        entry = listing[path]
+        lfs = entry.get("lfs") or {}
+        url = f"{base}/{quote(repo_id)}/resolve/{quote(revision, safe='')}/{quote(path)}"
+        _fetch_file(url, dest / path, lfs.get("size", entry.get("size")), lfs.get("oid"), progress)
+
+    for path in TOKENIZER_FILES + SENTENCE_TRANSFORMERS_FILES:
+        if path in listing:
+            fetch(path)
+    if "model.safetensors" in listing:
+        fetch("model.safetensors")
+    elif SHARD_INDEX in listing:
+        # A big model is split into shards; the index maps each tensor name to its shard file.
+        fetch(SHARD_INDEX)
+        shards = sorted(set(json.loads((dest / SHARD_INDEX).read_text())["weight_map"].values()))
+        missing = [shard for shard in shards if shard not in listing]
+        if missing:
+            raise HubError(f"{SHARD_INDEX} of '{repo_id}' names shards the repository lacks: {missing}")
+        for shard in shards:
+            fetch(shard)
+    elif "pytorch_model.bin" in listing:
+        fetch("pytorch_model.bin")
+    else:
+        raise HubError(f"'{repo_id}' has no weights minibge can read "
+                       f"(model.safetensors, {SHARD_INDEX} or pytorch_model.bin)")
+    fetch("config.json")  # last: its presence marks a complete folder
+    return dest
+
+
+def resolve_model_path(name_or_path: str | Path, download_if_missing: bool = True) -> Path:
+    """Turn a local folder or a Hub id like "BAAI/bge-small-en-v1.5" into a local model folder."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if not _HUB_ID.match(name):
+        raise HubError(f"no such model folder: {path} (and it is not a Hub id like BAAI/bge-small-en-v1.5)")
+    local = default_weights_dir() / name.split("/")[-1]
+    if (local / "config.json").is_file():
+        return local
+    if not download_if_missing:
+        raise HubError(f"'{name}' is not downloaded yet (looked for {local / 'config.json'}); "
+                       f"call minibge.hub.download({name!r}) first")
+    return download(name, local)

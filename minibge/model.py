@@ -1,0 +1,306 @@
+"""The BERT encoder behind BGE, written out by hand, in the order the data flows through it.
+
+BGE (BAAI General Embedding, the C-Pack paper, arXiv 2309.07597) is a plain BERT encoder
+(Devlin et al., arXiv 1810.04805) whose sentence embedding is the final hidden state of the
+[CLS] token, L2-normalised. The numerical reference is Hugging Face's `modeling_bert.py`;
+every choice below matches it, because a BGE checkpoint only works with exactly these:
+
+- embeddings: word + absolute learned position + token type (segment), then LayerNorm, dropout
+- post-LN blocks: x = LN(x + Attn(x)); x = LN(x + FFN(x))   (GPT-style pre-LN would be wrong)
+- LayerNorm eps 1e-12 (not PyTorch's 1e-5)
+- exact erf GELU in the feed-forward (not the tanh approximation GPT-2 code uses)
+- bidirectional attention: no causal mask, only a key-padding mask
+- separate query/key/value Linears, stored (out, in) like every nn.Linear: no transposes
+- token types: BGE passes none, so every token gets row 0 of the token-type table (still added!)
+- sentence vector: last_hidden_state[:, 0] (CLS), not the tanh "pooler" (kept only so checkpoints
+  load completely); all-MiniLM-style models use a masked mean instead. Then L2 normalisation.
+
+One post-LN encoder layer:
+
+    x ──► Q,K,V ──► softmax(QKᵀ/√d + mask)·V ──► out-proj ──► dropout ──(+x)──► LayerNorm ──► a
+    a ──► Linear H→I ──► GELU ──► Linear I→H ──► dropout ──(+a)──► LayerNorm ──► next layer
+
+The padding mask, for a batch of 2 where the second sentence has 2 pad tokens (■ attend, ⬚ not):
+every query row sees the same keys, so padded *queries* still produce (meaningless) outputs.
+
+    sentence 0: ■ ■ ■ ■ ■        sentence 1: ■ ■ ■ ⬚ ⬚
+
+Loading checkpoints lives in weights.py, text in tokenizer.py/embedder.py: this file is torch only.
+"""
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import BertConfig
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "manual")
+
+
+def activation(name: str):
+    """HF's ACT2FN, reduced to what BERT-family configs use."""
+    if name == "gelu":
+        return F.gelu  # exact: x·Φ(x) with the erf. HF's "gelu" is this one.
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+class Embeddings(nn.Module):
+    """Token ids (B, T) → vectors (B, T, H): word + position + token type, LayerNorm, dropout."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None):
+        # inputs_embeds lets RetroMAE's decoder feed a sentence vector through the same module
+        words = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
+        B, T, _ = words.shape
+        if position_ids is None:
+            # positions are 0..T-1 whatever the padding: BERT is not RoBERTa (no padding_idx offset),
+            # which is why right padding is the only padding that leaves real tokens unchanged
+            position_ids = torch.arange(T, device=words.device).unsqueeze(0)  # (1, T)
+        if token_type_ids is None:
+            # a classic slip is to skip this term when no segments are given; HF adds row 0
+            token_type_ids = torch.zeros(B, T, dtype=torch.long, device=words.device)
+        x = words + self.token_type_embeddings(token_type_ids) + self.position_embeddings(position_ids)
+        return self.dropout(self.norm(x))  # LayerNorm after the three-way sum, then dropout
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention with two interchangeable inner paths.
+
+    "sdpa"  : torch's fused scaled_dot_product_attention; on CUDA it dispatches to the Flash or
+              memory-efficient kernels, which is why we pass attn_mask=None when nothing is padded.
+    "manual": the textbook softmax(QKᵀ/√d + mask)·V, one step per line, so you can print the
+              attention probabilities and step through them.
+    Both compute the same function; tests hold them equal to ~1e-6.
+    """
+
+    def __init__(self, config: BertConfig, attn_impl: str = "sdpa"):
+        super().__init__()
+        if attn_impl not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attn_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got {attn_impl!r}")
+        self.attn_impl = attn_impl
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.dropout_prob = config.attention_probs_dropout_prob
+        H = config.hidden_size
+        self.query = nn.Linear(H, H)
+        self.key = nn.Linear(H, H)
+        self.value = nn.Linear(H, H)
+        self.output = nn.Linear(H, H)
+
+    def split_heads(self, x):
+        B, T, _ = x.shape
+        # heads come from viewing each projection as (H_heads, D): the HF layout. A fused QKV would
+        # have to concatenate [Wq; Wk; Wv] along the output dim to keep this split.
+        return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, D)
+
+    def forward(self, hidden, mask=None, key_value_states=None, need_probs=False):
+        """hidden: (B, T, H); mask: bool, broadcastable to (B, heads, T, Tk), True = attend, or None.
+
+        key_value_states (B, Tk, H) makes this cross-attention (RetroMAE's decoder reads keys and
+        values from a different stream than its queries); by default it is self-attention.
+        Returns (output (B, T, H), attention probabilities (B, heads, T, Tk) or None).
+        """
+        kv = hidden if key_value_states is None else key_value_states
+        q = self.split_heads(self.query(hidden))  # (B, heads, T, D)
+        k = self.split_heads(self.key(kv))        # (B, heads, Tk, D)
+        v = self.split_heads(self.value(kv))      # (B, heads, Tk, D)
+        dropout_p = self.dropout_prob if self.training else 0.0  # no dropout at inference
+
+        probs = None
+        if self.attn_impl == "sdpa" and not need_probs:
+            # is_causal stays False: an encoder sees both directions (nanoGPT's is_causal=True is a trap here).
+            # The scale is SDPA's default 1/sqrt(D); pre-scaling q as well would scale twice.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, heads, T, D)
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, heads, T, D) x (B, heads, D, Tk) -> (B, heads, T, Tk)
+            if mask is not None:
+                # HF adds finfo.min at masked keys; filling with it gives the same exp() = 0.
+                # -inf would also work, except that a fully masked row would then turn into NaN.
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            probs = scores.softmax(dim=-1)  # in the activation dtype, as HF does (no fp32 upcast)
+            y = F.dropout(probs, p=dropout_p) @ v  # (B, heads, T, Tk) x (B, heads, Tk, D) -> (B, heads, T, D)
+        B, _, T, _ = y.shape
+        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H): heads side by side again
+        return self.output(y), probs
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: H → I → H with GELU (HF calls the two halves `intermediate` and `output`)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.up = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = activation(config.hidden_act)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))  # (B, T, H) -> (B, T, I) -> (B, T, H)
+
+
+class EncoderLayer(nn.Module):
+    """One post-LN transformer block: LayerNorm comes *after* each residual addition."""
+
+    def __init__(self, config: BertConfig, attn_impl: str = "sdpa"):
+        super().__init__()
+        self.attention = SelfAttention(config, attn_impl)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.feed_forward = FeedForward(config)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x, mask=None, key_value_states=None, need_probs=False):
+        attended, probs = self.attention(x, mask, key_value_states, need_probs)
+        x = self.attention_norm(x + self.dropout(attended))       # dropout, add, then normalise
+        # the FFN's residual is the attention block's *normalised* output, not the layer input
+        x = self.ffn_norm(x + self.dropout(self.feed_forward(x)))
+        return x, probs
+
+
+class Pooler(nn.Module):
+    """BERT's next-sentence-prediction head input: tanh(W·h_CLS + b). BGE does NOT use it for
+    embeddings; it exists so official checkpoints load completely and save back unchanged."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden):
+        return torch.tanh(self.dense(hidden[:, 0]))  # (B, T, H) -> (B, H)
+
+
+class EncoderOutput(NamedTuple):
+    last_hidden_state: torch.Tensor                 # (B, T, H)
+    hidden_states: Optional[tuple] = None           # L + 1 tensors (B, T, H): embeddings, then each layer
+    attentions: Optional[tuple] = None              # L tensors (B, heads, T, T) of softmax probabilities
+
+
+class BertModel(nn.Module):
+    """The encoder: Embeddings → L × EncoderLayer (→ optional Pooler, computed on request only)."""
+
+    def __init__(self, config: BertConfig, attn_impl: str = "sdpa", add_pooler: bool = True):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(EncoderLayer(config, attn_impl) for _ in range(config.num_hidden_layers))
+        self.pooler = Pooler(config) if add_pooler else None
+        self.apply(self._init_weights)
+
+    @property
+    def attn_impl(self) -> str:
+        return self.layers[0].attention.attn_impl
+
+    def set_attn_impl(self, attn_impl: str) -> "BertModel":
+        """Switch every layer between "sdpa" and "manual" (same weights, same function)."""
+        if attn_impl not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attn_impl must be one of {ATTENTION_IMPLEMENTATIONS}, got {attn_impl!r}")
+        for layer in self.layers:
+            layer.attention.attn_impl = attn_impl
+        return self
+
+    def _init_weights(self, module):
+        """HF's init, for training from scratch (loading a checkpoint overwrites all of it):
+
+        Linear, Embedding weights   normal(0, initializer_range = 0.02)
+        Linear biases               0
+        Embedding padding row       0   (so [PAD] contributes nothing before LayerNorm)
+        LayerNorm weight / bias     1 / 0
+        """
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def check_inputs(self, input_ids, attention_mask, token_type_ids):
+        """User mistakes become ValueErrors here rather than an index error deep inside an embedding."""
+        cfg = self.config
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError("input_ids must be a 2-D torch.long tensor (batch, seq_len), got "
+                             f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
+                             f"of shape {tuple(getattr(input_ids, 'shape', ()))}")
+        B, T = input_ids.shape
+        if T > cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {T} exceeds max_position_embeddings {cfg.max_position_embeddings}; "
+                             "truncate the input (the tokenizer does this when given max_length)")
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got min {input_ids.min().item()}, "
+                             f"max {input_ids.max().item()} (wrong tokenizer for this model?)")
+        for name, tensor in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+            if tensor is not None and tuple(tensor.shape) != (B, T):
+                raise ValueError(f"{name} must have the shape of input_ids {(B, T)}, got {tuple(tensor.shape)}")
+        if token_type_ids is not None and token_type_ids.numel() and \
+                (token_type_ids.min() < 0 or token_type_ids.max() >= cfg.type_vocab_size):
+            raise ValueError(f"token_type_ids must lie in [0, {cfg.type_vocab_size})")
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None,
+                output_hidden_states=False, output_attentions=False):
+        """input_ids (B, T) long; attention_mask (B, T) 1 = token, 0 = padding; token_type_ids (B, T).
+
+        Returns the last hidden state (B, T, H), or an EncoderOutput with every layer's hidden
+        states and/or attention probabilities when asked (the attention probabilities come from
+        the manual path, since the fused kernel never materialises them).
+        """
+        self.check_inputs(input_ids, attention_mask, token_type_ids)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            # (B, T) → (B, 1, 1, T) bool, True = attend: one row per sentence, broadcast over heads and
+            # query positions. All-ones masks stay None so SDPA may pick its fastest kernel.
+            mask = attention_mask.bool()[:, None, None, :]
+        x = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
+        hidden_states, attentions = [x], []
+        for layer in self.layers:
+            x, probs = layer(x, mask, need_probs=output_attentions)
+            hidden_states.append(x)
+            attentions.append(probs)
+        if not (output_hidden_states or output_attentions):
+            return x
+        return EncoderOutput(x, tuple(hidden_states) if output_hidden_states else None,
+                             tuple(attentions) if output_attentions else None)
+
+    def save_pretrained(self, directory):
+        """Write config.json + model.safetensors in the official BGE layout (see weights.py)."""
+        from .weights import save_pretrained  # weights.py imports this file, so import lazily
+        return save_pretrained(self, directory)
+
+
+# -----------------------------------------------------------------------------
+# From token vectors to one sentence vector
+
+def cls_pool(hidden, attention_mask=None):
+    """BGE: the [CLS] token's final hidden state. (B, T, H) -> (B, H). Right padding keeps CLS at 0."""
+    return hidden[:, 0]
+
+
+def mean_pool(hidden, attention_mask):
+    """all-MiniLM / sentence-transformers "mean": average over real tokens only. (B, T, H) -> (B, H)."""
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    summed = (hidden * weights).sum(dim=1)                   # (B, H)
+    count = weights.sum(dim=1).clamp(min=1e-9)               # (B, 1); the clamp is sentence-transformers'
+    return summed / count
+
+
+POOLING = {"cls": cls_pool, "mean": mean_pool}
+
+
+def l2_normalize(x, eps=1e-12):
+    """Unit-length rows, so a dot product is a cosine similarity (F.normalize, as BGE and ST use)."""
+    return F.normalize(x, p=2, dim=-1, eps=eps)

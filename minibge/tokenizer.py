@@ -1,0 +1,196 @@
+"""BERT WordPiece tokenization: text in, token ids out.
+
+A BERT encoder never sees characters, only integer ids from a fixed vocabulary (30,522
+entries for the uncased English models). Turning a string into those ids happens in four steps:
+
+1. **Normalize.** Control characters are dropped and every kind of whitespace becomes a plain
+   space (``clean_text``). Each CJK ideograph gets spaces around it, so that Chinese text,
+   which has no spaces, becomes one "word" per character (``tokenize_chinese_chars``).
+   Uncased models also lower-case the text and strip accents ("Héllo" -> "hello"): the text is
+   decomposed (NFD) and the combining marks thrown away. Cased models keep both.
+2. **Pre-tokenize.** Split on whitespace and around every punctuation mark: "don't!" becomes
+   ``don ' t !``.
+3. **WordPiece.** Each word is cut greedily into the longest pieces found in the vocabulary;
+   pieces after the first carry a ``##`` prefix ("embeddings" -> ``em ##bed ##ding ##s``). A word
+   that cannot be cut, or one longer than 100 characters, becomes ``[UNK]``.
+4. **Post-process.** Wrap the sequence as ``[CLS] ... [SEP]``. The model pools or reads
+   ``[CLS]``; ``[SEP]`` marks the end.
+
+Batches are then right-padded with ``[PAD]`` (id 0) to the longest sequence, and an attention
+mask (1 = real token, 0 = padding) tells the encoder which positions to ignore.
+
+The heavy lifting is done by the Rust ``tokenizers`` library; this module decides how to build
+it from a checkpoint folder, truncates, pads and checks its inputs.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Tokenizer as _HFTokenizer
+from tokenizers import decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordPiece
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 512
+_SPECIAL_NAMES = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _token_str(value) -> str | None:
+    # Special tokens are stored either as plain strings or as {"content": "[CLS]", ...} dicts.
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _load_vocab(path: Path) -> dict[str, int]:
+    # I read the file the way transformers does (one token per line, only "\n" stripped), so
+    # the two can never disagree about what a line is; a repeated token keeps its last index.
+    with open(path, encoding="utf-8") as f:
+        return {line.rstrip("\n"): i for i, line in enumerate(f.readlines())}
+
+
+def _build_wordpiece(folder: Path, config: dict, specials: dict[str, str]) -> _HFTokenizer:
+    """Rebuild the standard BERT pipeline from vocab.txt and tokenizer_config.json."""
+    tok = _HFTokenizer(WordPiece(_load_vocab(folder / "vocab.txt"), unk_token=specials["unk_token"],
+                                 continuing_subword_prefix="##", max_input_chars_per_word=100))
+    lowercase = bool(config.get("do_lower_case", True))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True,
+        handle_chinese_chars=bool(config.get("tokenize_chinese_chars", True)),
+        strip_accents=config.get("strip_accents"),  # None means "strip iff lower-casing", as in BERT
+        lowercase=lowercase,
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    # Special tokens must be matched in the raw text before normalization, or a literal "[MASK]"
+    # typed by a user would be lower-cased and split into "[", "mask", "]".
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials.values()])
+    cls, sep = specials["cls_token"], specials["sep_token"]
+    for t in (cls, sep):
+        if tok.token_to_id(t) is None:
+            raise ValueError(f"special token {t!r} is not in {folder / 'vocab.txt'}")
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0",
+        pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, tok.token_to_id(cls)), (sep, tok.token_to_id(sep))],
+    )
+    return tok
+
+
+def _check_encodable(texts) -> None:
+    # A Python str may hold lone surrogates (e.g. from a bad JSON escape); they have no UTF-8
+    # form, so the Rust side rejects them. I name the culprit instead of a generic TypeError.
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"texts[{i}] is not valid Unicode: lone surrogate {text[err.start]!r} at "
+                             f"position {err.start}; clean it with .encode('utf-8', 'replace').decode()") from None
+
+
+class Tokenizer:
+    """Text -> padded id tensors, matching ``transformers.AutoTokenizer`` id for id."""
+
+    def __init__(self, tok: _HFTokenizer, specials: dict[str, str], model_max_length: int):
+        # The library's own truncation and padding are switched off: tokenizer.json files often
+        # ship with them enabled (all-MiniLM-L6-v2 truncates and pads to 128), and I want every
+        # length decision to come from the caller's max_length.
+        tok.no_truncation()
+        tok.no_padding()
+        self._tok = tok
+        self.model_max_length = model_max_length
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.cls_token_id = self._id_of(specials["cls_token"])
+        self.sep_token_id = self._id_of(specials["sep_token"])
+        pad_id = tok.token_to_id(specials["pad_token"])
+        if pad_id is None:
+            logger.warning("pad token %r is not in the vocabulary; padding with id 0",
+                           specials["pad_token"])
+        self.pad_token_id = 0 if pad_id is None else pad_id
+
+    def _id_of(self, token: str) -> int:
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"special token {token!r} is not in the vocabulary")
+        return token_id
+
+    @classmethod
+    def from_pretrained(cls, path) -> "Tokenizer":
+        """Load from a checkpoint folder: tokenizer.json if present, else vocab.txt + config."""
+        folder = Path(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"tokenizer folder {folder} does not exist or is not a directory")
+        config = _read_json(folder / "tokenizer_config.json")
+        special_map = _read_json(folder / "special_tokens_map.json")
+        specials = {}
+        for name in _SPECIAL_NAMES:
+            value = _token_str(config.get(name)) or _token_str(special_map.get(name))
+            specials[name] = value or f"[{name.split('_')[0].upper()}]"
+
+        max_len = config.get("model_max_length")
+        # Checkpoints without a real limit store a huge sentinel (int(1e30)); I treat it as unset.
+        if not isinstance(max_len, int) or not 0 < max_len <= 1_000_000:
+            max_len = DEFAULT_MAX_LENGTH
+
+        if (folder / "tokenizer.json").is_file():
+            logger.info("loading %s", folder / "tokenizer.json")
+            tok = _HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        elif (folder / "vocab.txt").is_file():
+            logger.info("no tokenizer.json in %s; building WordPiece from vocab.txt", folder)
+            tok = _build_wordpiece(folder, config, specials)
+        else:
+            raise FileNotFoundError(
+                f"no tokenizer found in {folder}: looked for tokenizer.json, or vocab.txt "
+                "(with an optional tokenizer_config.json)")
+        return cls(tok, specials, max_len)
+
+    def encode_batch(self, texts: list[str], max_length: int) -> list[list[int]]:
+        """Token ids per text, wrapped in [CLS]/[SEP] and cut to max_length tokens; not padded."""
+        if not isinstance(texts, (list, tuple)):
+            raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+        if isinstance(max_length, bool) or not isinstance(max_length, int):
+            raise TypeError(f"max_length must be an int, got {type(max_length).__name__}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (room for [CLS] and [SEP]), got {max_length}")
+        if not texts:
+            return []
+        # I let the library truncate rather than slicing afterwards: it is what transformers does,
+        # so "drop the tail of the text, keep the final [SEP]" is exactly the same on both sides.
+        # (It mutates the tokenizer, so one instance should not be shared across threads.)
+        self._tok.enable_truncation(max_length)
+        try:
+            encodings = self._tok.encode_batch(list(texts), add_special_tokens=True)
+        except TypeError:
+            _check_encodable(texts)  # the library's own message here is cryptic
+            raise
+        finally:
+            self._tok.no_truncation()
+        return [enc.ids for enc in encodings]
+
+    def pad(self, batch_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad to the longest sequence; return (input_ids, attention_mask), both (B, T) long."""
+        width = max((len(ids) for ids in batch_ids), default=0)
+        input_ids = torch.full((len(batch_ids), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
+        for row, ids in enumerate(batch_ids):
+            input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        return input_ids, attention_mask
+
+    def __call__(self, texts: list[str] | str, max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """encode_batch + pad, returning the three tensors a BERT forward pass takes."""
+        if isinstance(texts, str):
+            texts = [texts]
+        ids = self.encode_batch(texts, self.model_max_length if max_length is None else max_length)
+        input_ids, attention_mask = self.pad(ids)
+        # Single-sentence embedding: every token belongs to segment 0.
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "token_type_ids": torch.zeros_like(input_ids)}

@@ -1,0 +1,187 @@
+"""Official BGE checkpoints ⇄ minibge's BertModel.
+
+A BGE folder holds `config.json` and `model.safetensors` (or a sharded `model.safetensors.index.json`,
+or an old `pytorch_model.bin`). The tensors carry Hugging Face's TF-era names; ours are shorter.
+The whole translation is one table, KEY_MAP, read left to right:
+
+    official (HF BertModel) name                    minibge name
+    encoder.layer.{i}.attention.self.query      →   layers.{i}.attention.query      (.weight / .bias)
+
+Loading is a checklist, nanoGPT style: read every tensor, normalise the known variants (a `bert.`
+prefix, legacy LayerNorm gamma/beta, the int64 `embeddings.position_ids` buffer the official files
+carry, MLM/NSP heads), then demand the exact key set and every shape *before* touching the
+model, so a bad file raises a ValueError that names the tensor and leaves nothing half-built.
+No Linear is transposed: HF BERT stores nn.Linear weights as (out, in), exactly as we do.
+"""
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import BertConfig
+from .model import BertModel
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+PYTORCH_NAME = "pytorch_model.bin"
+
+# official module path → minibge module path; each row covers its .weight and .bias
+KEY_MAP = {
+    "embeddings.word_embeddings":                    "embeddings.word_embeddings",
+    "embeddings.position_embeddings":                "embeddings.position_embeddings",
+    "embeddings.token_type_embeddings":              "embeddings.token_type_embeddings",
+    "embeddings.LayerNorm":                          "embeddings.norm",
+    "encoder.layer.{i}.attention.self.query":        "layers.{i}.attention.query",
+    "encoder.layer.{i}.attention.self.key":          "layers.{i}.attention.key",
+    "encoder.layer.{i}.attention.self.value":        "layers.{i}.attention.value",
+    "encoder.layer.{i}.attention.output.dense":      "layers.{i}.attention.output",
+    "encoder.layer.{i}.attention.output.LayerNorm":  "layers.{i}.attention_norm",
+    "encoder.layer.{i}.intermediate.dense":          "layers.{i}.feed_forward.up",
+    "encoder.layer.{i}.output.dense":                "layers.{i}.feed_forward.down",
+    "encoder.layer.{i}.output.LayerNorm":            "layers.{i}.ffn_norm",
+    "pooler.dense":                                  "pooler.dense",
+}
+POSITION_IDS = "embeddings.position_ids"  # an int64 arange(512) buffer in the official files, not a weight
+
+
+def official_names(model: BertModel) -> dict:
+    """{minibge state_dict name: official name} for exactly the parameters `model` has."""
+    module_map = {}
+    for official, ours in KEY_MAP.items():
+        for i in range(model.config.num_hidden_layers) if "{i}" in official else [None]:
+            module_map[ours.format(i=i)] = official.format(i=i)
+    names = {}
+    for name in model.state_dict():
+        module, leaf = name.rsplit(".", 1)  # "layers.0.attention.query", "weight"
+        assert module in module_map, f"no KEY_MAP row for minibge module {module}"
+        names[name] = f"{module_map[module]}.{leaf}"
+    return names
+
+
+# -----------------------------------------------------------------------------
+# Reading tensors from a folder
+
+def read_state_dict(directory: Path) -> dict:
+    """All tensors of a checkpoint folder, by official name, on the CPU."""
+    safetensors_file = directory / SAFETENSORS_NAME
+    index_file = directory / SAFETENSORS_INDEX_NAME
+    pytorch_file = directory / PYTORCH_NAME
+    if safetensors_file.exists():
+        return _read_safetensors(safetensors_file)
+    if index_file.exists():
+        return _read_sharded(index_file)
+    if pytorch_file.exists():
+        try:
+            # weights_only=True: a .bin is a pickle, and we never run code from a downloaded file
+            state = torch.load(pytorch_file, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for a damaged pickle/zip
+            raise ValueError(f"could not read {pytorch_file}: {err}") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{pytorch_file} holds a {type(state).__name__}, expected a state dict")
+        return state
+    raise FileNotFoundError(f"no weights in {directory}: expected {SAFETENSORS_NAME}, "
+                            f"{SAFETENSORS_INDEX_NAME} (+ shards) or {PYTORCH_NAME}")
+
+
+def _read_safetensors(path: Path) -> dict:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"could not read {path} (truncated or corrupted?): {err}") from None
+
+
+def _read_sharded(index_file: Path) -> dict:
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{index_file} is not a valid safetensors index: {err}") from None
+    state = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index_file.parent / shard
+        if not shard_path.exists():
+            raise FileNotFoundError(f"{index_file} names shard {shard}, which is missing")
+        state.update(_read_safetensors(shard_path))
+    if set(state) != set(weight_map):
+        raise ValueError(f"shards of {index_file} do not hold the tensors its weight_map lists "
+                         f"(missing: {sorted(set(weight_map) - set(state))[:5]})")
+    return state
+
+
+def normalize_names(state: dict) -> dict:
+    """Bring the known re-exported variants to the official BertModel names."""
+    if any(name.startswith("bert.") for name in state):
+        state = {name.removeprefix("bert."): tensor for name, tensor in state.items()}
+    renamed = {}
+    for name, tensor in state.items():
+        if name.startswith("cls."):  # BertForPreTraining / MaskedLM heads (e.g. a RetroMAE checkpoint)
+            logger.info("ignoring pre-training head tensor %s", name)
+            continue
+        # old TF-converted checkpoints call LayerNorm's parameters gamma/beta
+        if ".LayerNorm.gamma" in name or ".LayerNorm.beta" in name:
+            name = name.replace(".LayerNorm.gamma", ".LayerNorm.weight").replace(".LayerNorm.beta", ".LayerNorm.bias")
+        renamed[name] = tensor
+    position_ids = renamed.pop(POSITION_IDS, None)
+    if position_ids is not None and not torch.equal(position_ids.flatten(), torch.arange(position_ids.numel())):
+        raise ValueError(f"{POSITION_IDS} in the checkpoint is not 0..N-1; minibge only supports absolute positions")
+    return renamed
+
+
+# -----------------------------------------------------------------------------
+# Checking and copying
+
+def load_state_into(model: BertModel, state: dict, source: str = "checkpoint") -> None:
+    """Copy official-named tensors into `model` after checking the exact key set and every shape."""
+    state = normalize_names(state)
+    names = official_names(model)
+    expected, found = set(names.values()), set(state)
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match a BertModel with {model.config.num_hidden_layers} layers:\n"
+                         f"  missing ({len(missing)}): {missing[:10]}\n  unexpected ({len(unexpected)}): {unexpected[:10]}")
+    ours = model.state_dict()
+    for our_name, official in names.items():
+        if tuple(state[official].shape) != tuple(ours[our_name].shape):
+            raise ValueError(f"{source}: tensor {official} has shape {tuple(state[official].shape)}, "
+                             f"but config.json implies {tuple(ours[our_name].shape)}")
+        if not state[official].is_floating_point():
+            raise ValueError(f"{source}: tensor {official} has dtype {state[official].dtype}, expected a float type")
+    with torch.no_grad():
+        for our_name, official in names.items():
+            ours[our_name].copy_(state[official])  # copy_ also converts fp16/bf16 files to the model's dtype
+
+
+def load_model(path, attn_impl: str = "sdpa", device=None, dtype=None) -> BertModel:
+    """A checkpoint folder → BertModel in eval mode, every tensor checked on the way in."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model folder not found: {directory}")
+    if not (directory / CONFIG_NAME).exists():
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; is this a BERT/BGE checkpoint folder?")
+    config = BertConfig.from_json(directory / CONFIG_NAME)
+    state = read_state_dict(directory)
+    has_pooler = any(name.removeprefix("bert.").startswith("pooler.") for name in state)
+    model = BertModel(config, attn_impl=attn_impl, add_pooler=has_pooler)
+    load_state_into(model, state, source=str(directory))
+    logger.info("loaded %s: %d layers, hidden %d, %.1fM parameters%s", directory, config.num_hidden_layers,
+                config.hidden_size, sum(p.numel() for p in model.parameters()) / 1e6, "" if has_pooler else ", no pooler")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def save_pretrained(model: BertModel, directory) -> Path:
+    """Write config.json + model.safetensors exactly as the official BAAI files are laid out:
+    unprefixed official names, the pooler when the model has one, and the int64 position_ids
+    buffer, with safetensors metadata {"format": "pt"} (what transformers expects)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    ours = model.state_dict()
+    tensors = {official: ours[name].detach().cpu().contiguous() for name, official in official_names(model).items()}
+    tensors[POSITION_IDS] = torch.arange(model.config.max_position_embeddings).unsqueeze(0)  # (1, P) int64
+    save_file(tensors, directory / SAFETENSORS_NAME, metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    return directory

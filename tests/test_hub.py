@@ -1,0 +1,311 @@
+"""minibge.hub against a fake Hub: a real HTTP server on 127.0.0.1 serving the Hub's URL layout.
+
+No test touches the internet. The fake Hub can cut a connection halfway, ignore Range
+requests, or serve corrupt bytes, and it records every request so the tests can check what
+the client asked for.
+"""
+import hashlib
+import json
+import random
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+from minibge import hub
+from minibge.hub import HubError, default_weights_dir, download, resolve_model_path
+
+REPO = "test-org/tiny-bge"
+SHARDED = "test-org/sharded-bge"
+rng = random.Random(0)
+WEIGHTS = rng.randbytes(200_000)
+FILES = {
+    "config.json": json.dumps({"model_type": "bert", "hidden_size": 8}).encode(),
+    "tokenizer.json": json.dumps({"model": {"vocab": {"[PAD]": 0}}}).encode(),
+    "tokenizer_config.json": b'{"do_lower_case": true}',
+    "vocab.txt": b"[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n",
+    "modules.json": b'[{"idx": 0, "type": "sentence_transformers.models.Transformer"}]',
+    "1_Pooling/config.json": b'{"pooling_mode_cls_token": true}',
+    "model.safetensors": WEIGHTS,
+    # present on the Hub, but not for us: another weights format, ONNX, docs
+    "pytorch_model.bin": rng.randbytes(1000),
+    "onnx/model.onnx": rng.randbytes(1000),
+    "README.md": b"# tiny-bge\n",
+}
+SHARD_FILES = {
+    "config.json": FILES["config.json"],
+    "model-00001-of-00002.safetensors": rng.randbytes(30_000),
+    "model-00002-of-00002.safetensors": rng.randbytes(20_000),
+    "model.safetensors.index.json": json.dumps({"weight_map": {
+        "embeddings.weight": "model-00001-of-00002.safetensors",
+        "encoder.weight": "model-00002-of-00002.safetensors",
+        "pooler.weight": "model-00002-of-00002.safetensors"}}).encode(),
+}
+WANTED = ["config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "modules.json",
+          "1_Pooling/config.json", "model.safetensors"]
+
+
+def is_lfs(path):
+    return path.endswith((".safetensors", ".bin", ".onnx"))
+
+
+def listing(files):
+    entries = [{"type": "directory", "path": d, "oid": "0" * 40, "size": 0} for d in ("1_Pooling", "onnx")]
+    for path, data in files.items():
+        blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # git's own object id
+        entry = {"type": "file", "path": path, "size": len(data), "oid": blob}
+        if is_lfs(path):
+            entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+        entries.append(entry)
+    return entries
+
+
+class FakeHub:
+    def __init__(self):
+        self.repos = {REPO: dict(FILES), SHARDED: dict(SHARD_FILES)}
+        self.requests = []       # (path, Range header, Authorization header)
+        self.drop_once = set()   # file paths whose next download is cut off halfway
+        self.drop_always = set()  # file paths whose every download is cut off halfway
+        self.corrupt = set()     # file paths served with wrong bytes (same length)
+        self.ignore_range = False
+        hub_state = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def send(self, status, body, headers=()):
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                for key, value in headers:
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                path = unquote(urlsplit(self.path).path)
+                hub_state.requests.append((path, self.headers.get("Range"), self.headers.get("Authorization")))
+                if m := re.fullmatch(r"/api/models/(.+)/tree/([^/]+)", path):
+                    if m.group(1) not in hub_state.repos:
+                        return self.send(404, b'{"error": "Repository not found"}')
+                    return self.send(200, json.dumps(listing(hub_state.repos[m.group(1)])).encode())
+                m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+                if not m or m.group(3) not in hub_state.repos.get(m.group(1), {}):
+                    return self.send(404, b"Entry not found")
+                name = m.group(3)
+                data = hub_state.repos[m.group(1)][name]
+                if name in hub_state.corrupt:
+                    data = bytes([data[0] ^ 0xFF]) + data[1:]
+                start = 0
+                if (r := re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")) and not hub_state.ignore_range:
+                    start = int(r.group(1))
+                status = 206 if start else 200
+                headers = [("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")] if start else []
+                body = data[start:]
+                if name in hub_state.drop_once | hub_state.drop_always:
+                    # a correct Content-Length, then half the bytes, then the socket closes
+                    hub_state.drop_once.discard(name)
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.send(status, body, headers)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+
+    def content_gets(self, name=None):
+        return [(p, r) for p, r, _ in self.requests if "/resolve/" in p and (name is None or p.endswith("/" + name))]
+
+
+@pytest.fixture
+def fake_hub():
+    server = FakeHub()
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for var in (hub.HUB_URL_ENV, hub.WEIGHTS_DIR_ENV, "HF_ENDPOINT", "HF_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hub, "RETRY_BACKOFF_S", 0.0)
+
+
+def dead_url():
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def all_files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def test_full_download(fake_hub, tmp_path):
+    dest = download(REPO, tmp_path / "m", base_url=fake_hub.url, progress=False)
+    assert dest == tmp_path / "m"
+    assert all_files(dest) == sorted(WANTED)  # no .incomplete, no onnx/, no README, no .bin
+    for name in WANTED:
+        assert (dest / name).read_bytes() == FILES[name]
+    fetched = [p.split("/resolve/main/")[1] for p, _ in fake_hub.content_gets()]
+    assert sorted(fetched) == sorted(WANTED)
+    assert fetched[-1] == "config.json"  # fetched last: it marks a complete folder
+
+
+def test_dropped_connection_resumes_with_range(fake_hub, tmp_path):
+    fake_hub.drop_once.add("model.safetensors")
+    dest = download(REPO, tmp_path / "m", base_url=fake_hub.url, progress=False)
+    assert (dest / "model.safetensors").read_bytes() == WEIGHTS
+    assert fake_hub.content_gets("model.safetensors") == [
+        (f"/{REPO}/resolve/main/model.safetensors", None),
+        (f"/{REPO}/resolve/main/model.safetensors", f"bytes={len(WEIGHTS) // 2}-")]
+    assert not list(dest.rglob("*.incomplete"))
+
+
+def test_hopeless_connection_gives_up_and_keeps_the_partial_file(fake_hub, tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "RETRIES", 2)
+    fake_hub.drop_always.add("model.safetensors")
+    dest = tmp_path / "m"
+    with pytest.raises(HubError, match="failed 3 times.*run the same command again"):
+        download(REPO, dest, base_url=fake_hub.url, progress=False)
+    assert len(fake_hub.content_gets("model.safetensors")) == 3
+    assert (dest / "model.safetensors.incomplete").read_bytes() == WEIGHTS[:175_000]  # kept for next time
+    assert not (dest / "model.safetensors").exists()
+    fake_hub.drop_always.clear()
+    download(REPO, dest, base_url=fake_hub.url, progress=False)
+    assert (dest / "model.safetensors").read_bytes() == WEIGHTS
+
+
+def test_partial_file_from_earlier_run_is_resumed(fake_hub, tmp_path):
+    dest = tmp_path / "m"
+    dest.mkdir()
+    (dest / "model.safetensors.incomplete").write_bytes(WEIGHTS[:123_456])
+    download(REPO, dest, base_url=fake_hub.url, progress=False)
+    assert (dest / "model.safetensors").read_bytes() == WEIGHTS
+    assert fake_hub.content_gets("model.safetensors") == [
+        (f"/{REPO}/resolve/main/model.safetensors", "bytes=123456-")]
+
+
+def test_server_ignoring_range_restarts_from_zero(fake_hub, tmp_path):
+    fake_hub.ignore_range = True
+    dest = tmp_path / "m"
+    dest.mkdir()
+    (dest / "model.safetensors.incomplete").write_bytes(WEIGHTS[:50_000])
+    download(REPO, dest, base_url=fake_hub.url, progress=False)
+    assert (dest / "model.safetensors").read_bytes() == WEIGHTS
+
+
+def test_corrupt_content_leaves_nothing_behind(fake_hub, tmp_path):
+    fake_hub.corrupt.add("model.safetensors")
+    dest = tmp_path / "m"
+    with pytest.raises(HubError, match="model.safetensors.*corrupt.*sha256"):
+        download(REPO, dest, base_url=fake_hub.url, progress=False)
+    assert not (dest / "model.safetensors").exists()
+    assert not (dest / "model.safetensors.incomplete").exists()
+    assert not (dest / "config.json").exists()  # the folder is not marked complete
+
+
+def test_garbage_partial_file_is_caught_and_removed(fake_hub, tmp_path):
+    dest = tmp_path / "m"
+    dest.mkdir()
+    (dest / "model.safetensors.incomplete").write_bytes(b"\0" * 1000)  # not a prefix of the real file
+    with pytest.raises(HubError, match="sha256"):
+        download(REPO, dest, base_url=fake_hub.url, progress=False)
+    assert not (dest / "model.safetensors.incomplete").exists()
+    download(REPO, dest, base_url=fake_hub.url, progress=False)  # and the next run succeeds
+    assert (dest / "model.safetensors").read_bytes() == WEIGHTS
+
+
+def test_unknown_repo_is_a_clear_error(fake_hub, tmp_path):
+    with pytest.raises(HubError, match=r"model 'nobody/nothing' not found on the Hub at .*check the name"):
+        download("nobody/nothing", tmp_path / "m", base_url=fake_hub.url, progress=False)
+    assert not (tmp_path / "m").exists()
+
+
+def test_unreachable_hub_says_where_to_put_the_files(tmp_path):
+    dest = tmp_path / "m"
+    with pytest.raises(HubError) as info:
+        download(REPO, dest, base_url=dead_url(), progress=False)
+    message = str(info.value)
+    assert "could not reach the Hub" in message
+    assert str(dest) in message and "config.json" in message and hub.HUB_URL_ENV in message
+
+
+def test_second_download_fetches_nothing(fake_hub, tmp_path):
+    download(REPO, tmp_path / "m", base_url=fake_hub.url, progress=False)
+    before = len(fake_hub.content_gets())
+    download(REPO, tmp_path / "m", base_url=fake_hub.url, progress=False)
+    assert len(fake_hub.content_gets()) == before  # only the listing was asked for again
+
+
+def test_stale_final_file_is_replaced(fake_hub, tmp_path):
+    dest = tmp_path / "m"
+    dest.mkdir()
+    (dest / "model.safetensors").write_bytes(bytes(len(WEIGHTS)))  # right size, wrong sha256
+    download(REPO, dest, base_url=fake_hub.url, progress=False)
+    assert (dest / "model.safetensors").read_bytes() == WEIGHTS
+
+
+def test_sharded_weights(fake_hub, tmp_path):
+    dest = download(SHARDED, tmp_path / "s", base_url=fake_hub.url)  # with the tqdm bar on
+    assert all_files(dest) == sorted(SHARD_FILES)
+    for name, data in SHARD_FILES.items():
+        assert (dest / name).read_bytes() == data
+
+
+def test_env_vars_pick_hub_and_folder(fake_hub, tmp_path, monkeypatch):
+    monkeypatch.setenv(hub.HUB_URL_ENV, fake_hub.url)
+    monkeypatch.setenv(hub.WEIGHTS_DIR_ENV, str(tmp_path / "w"))
+    monkeypatch.setenv("HF_ENDPOINT", dead_url())  # MINIBGE_HUB_URL wins over HF_ENDPOINT
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    assert default_weights_dir() == tmp_path / "w"
+    dest = download(REPO, progress=False)
+    assert dest == tmp_path / "w" / "tiny-bge"
+    assert (dest / "model.safetensors").read_bytes() == WEIGHTS
+    assert all(auth == "Bearer secret" for _, _, auth in fake_hub.requests)
+
+
+def test_hf_endpoint_is_honoured(fake_hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub.url + "/")
+    download(REPO, tmp_path / "m", progress=False)
+    assert (tmp_path / "m" / "config.json").read_bytes() == FILES["config.json"]
+
+
+def test_resolve_model_path(fake_hub, tmp_path, monkeypatch):
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    assert resolve_model_path(folder) == folder
+    assert resolve_model_path(str(folder)) == folder
+
+    weights = tmp_path / "w"
+    monkeypatch.setenv(hub.WEIGHTS_DIR_ENV, str(weights))
+    monkeypatch.setenv(hub.HUB_URL_ENV, dead_url())  # already present: no network needed
+    (weights / "bge-small-en-v1.5").mkdir(parents=True)
+    (weights / "bge-small-en-v1.5" / "config.json").write_text("{}")
+    assert resolve_model_path("BAAI/bge-small-en-v1.5") == weights / "bge-small-en-v1.5"
+
+    with pytest.raises(HubError, match="not downloaded yet"):
+        resolve_model_path(REPO, download_if_missing=False)
+    monkeypatch.setenv(hub.HUB_URL_ENV, fake_hub.url)
+    assert resolve_model_path(REPO) == weights / "tiny-bge"
+    assert (weights / "tiny-bge" / "model.safetensors").read_bytes() == WEIGHTS
+
+    for nonsense in (tmp_path / "does" / "not" / "exist", "./missing/model", "no such thing"):
+        with pytest.raises(HubError, match="no such model folder.*not a Hub id like BAAI/bge-small-en-v1.5"):
+            resolve_model_path(nonsense)
+
+
+def test_repo_without_config_is_refused(fake_hub, tmp_path):
+    del fake_hub.repos[REPO]["config.json"]
+    with pytest.raises(HubError, match="no config.json"):
+        download(REPO, tmp_path / "m", base_url=fake_hub.url, progress=False)
