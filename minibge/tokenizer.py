@@ -82,6 +82,15 @@ def _build_wordpiece(folder: Path, config: dict, specials: dict[str, str]) -> _H
     return tok
 
 
+def check_texts(texts) -> None:
+    """A list/tuple of str, or a TypeError naming the first bad index and its type."""
+    if not isinstance(texts, (list, tuple)):
+        raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+
+
 def _check_encodable(texts) -> None:
     # A Python str may hold lone surrogates (e.g. from a bad JSON escape); they have no UTF-8
     # form, so the Rust side rejects them. I name the culprit instead of a generic TypeError.
@@ -151,11 +160,7 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str], max_length: int) -> list[list[int]]:
         """Token ids per text, wrapped in [CLS]/[SEP] and cut to max_length tokens; not padded."""
-        if not isinstance(texts, (list, tuple)):
-            raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] is {type(text).__name__}, expected str")
+        check_texts(texts)
         if isinstance(max_length, bool) or not isinstance(max_length, int):
             raise TypeError(f"max_length must be an int, got {type(max_length).__name__}")
         if max_length < 2:
