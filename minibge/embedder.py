@@ -1,0 +1,206 @@
+"""Text in, embeddings out: the one place where strings meet tensors.
+
+    embedder = minibge.load_embedder("BAAI/bge-small-en-v1.5")   # or a local folder
+    q = embedder.encode_queries(["what is BGE?"])                # instruction added, (1, 384)
+    p = embedder.encode_corpus(["BGE is an embedding model."])   # no instruction,   (1, 384)
+    scores = q @ p.T                                             # cosine similarities
+
+The conventions are sentence-transformers' and FlagEmbedding's, so code written for either
+ports over: a single string gives a 1-D vector, a list gives (N, D) numpy float32; batches
+are sorted by length, longest first (little padding, and an out-of-memory error surfaces
+on the first batch rather than the last), and the input order is restored at the end.
+
+What a checkpoint folder decides (sentence-transformers files take precedence when present):
+    pooling      1_Pooling/config.json ("cls" / "mean"), else CLS, which every BGE model uses
+    max_length   sentence_bert_config.json max_seq_length (256 for all-MiniLM-L6-v2), else 512
+    instruction  config_sentence_transformers.json prompts["query"], else BGE's by model name
+Texts longer than max_length tokens are truncated (the tail is dropped, [SEP] kept), never an error.
+"""
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .hub import resolve_model_path
+from .model import POOLING, l2_normalize
+from .tokenizer import Tokenizer, check_texts
+from .weights import load_model
+
+logger = logging.getLogger(__name__)
+
+# FlagEmbedding's retrieval instructions; added to short queries only, never to passages
+INSTRUCTION_EN = "Represent this sentence for searching relevant passages: "
+INSTRUCTION_ZH = "为这个句子生成表示以用于检索相关文章："
+PROGRESS_BAR_MIN_TEXTS = 1024  # show_progress_bar=None shows a bar from this many texts on
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def read_pooling_mode(folder: Path) -> str | None:
+    """The pooling a sentence-transformers folder declares, in the 3.x or the 6.x spelling."""
+    pooling_dir = "1_Pooling"
+    for module in _read_json(folder / "modules.json") or []:
+        if module.get("type", "").endswith("Pooling"):
+            pooling_dir = module.get("path") or pooling_dir
+    config = _read_json(folder / pooling_dir / "config.json")
+    if config is None:
+        return None
+    mode = config.get("pooling_mode")  # 6.x
+    if mode is None:
+        mode = next((m for m in ("cls", "mean") if config.get(f"pooling_mode_{m}_token{'s' if m == 'mean' else ''}")), None)
+    if mode not in POOLING:
+        raise ValueError(f"{folder / pooling_dir / 'config.json'} asks for pooling {mode or config!r}; "
+                         f"minibge supports {sorted(POOLING)}")
+    return mode
+
+
+def default_query_instruction(folder: Path) -> str | None:
+    prompts = (_read_json(folder / "config_sentence_transformers.json") or {}).get("prompts") or {}
+    if prompts.get("query"):
+        return prompts["query"]
+    name = folder.name.lower()
+    if name.startswith("bge-") and "-zh" in name:
+        return INSTRUCTION_ZH
+    if name.startswith("bge-") and "-en" in name:
+        return INSTRUCTION_EN
+    return None
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, str):
+        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                 "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        if dtype not in names:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+        dtype = names[dtype]
+    if dtype is None:
+        return torch.float32
+    if dtype in (torch.float16, torch.bfloat16) and device.type == "cpu":
+        # as FlagEmbedding does: half precision on the CPU is slower and less exact, so stay in fp32
+        logger.warning("%s requested on the CPU; using float32", dtype)
+        return torch.float32
+    return dtype
+
+
+class Embedder:
+    """A tokenizer + a BertModel + the pooling / normalisation / instruction settings around them."""
+
+    def __init__(self, model, tokenizer: Tokenizer, pooling: str = "cls", max_length: int = 512,
+                 query_instruction: str | None = None, name: str = "model"):
+        if pooling not in POOLING:
+            raise ValueError(f"pooling must be one of {sorted(POOLING)}, got {pooling!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.max_length = min(max_length, model.config.max_position_embeddings)
+        self.query_instruction = query_instruction
+        self.name = name
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dimension(self) -> int:
+        return self.model.config.hidden_size
+
+    def __repr__(self):
+        return (f"Embedder({self.name!r}, dim={self.dimension}, pooling={self.pooling!r}, "
+                f"max_length={self.max_length}, device={self.device})")
+
+    @torch.inference_mode()
+    def embed_batch(self, texts: list[str], max_length: int, normalize: bool) -> torch.Tensor:
+        """One forward pass: texts → (B, D) embeddings on the model's device, in the model's dtype."""
+        input_ids, attention_mask = self.tokenizer.pad(self.tokenizer.encode_batch(texts, max_length))
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        hidden = self.model(input_ids, attention_mask)  # (B, T, H)
+        pooled = POOLING[self.pooling](hidden, attention_mask)  # (B, H)
+        return l2_normalize(pooled) if normalize else pooled
+
+    def iter_batches(self, sentences: list[str], batch_size: int = 32, max_length: int | None = None,
+                     normalize_embeddings: bool = True, show_progress_bar: bool | None = None):
+        """Yield (indices, embeddings (b, D) float32 tensor) batch by batch, longest texts first.
+
+        Memory is bounded by one batch: texts are tokenized when their batch comes up. I sort by
+        character length, as sentence-transformers does: a cheap proxy for token length.
+        """
+        check_texts(sentences)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        max_length = self.max_length if max_length is None else min(max_length, self.max_length)
+        order = np.argsort([-len(text) for text in sentences], kind="stable")
+        starts = range(0, len(sentences), batch_size)
+        if show_progress_bar is None:
+            show_progress_bar = len(sentences) >= PROGRESS_BAR_MIN_TEXTS
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+            starts = tqdm(starts, desc="Batches", unit="batch")
+        for start in starts:
+            indices = order[start:start + batch_size]
+            batch = self.embed_batch([sentences[i] for i in indices], max_length, normalize_embeddings)
+            yield indices, batch.float()  # numpy has no bfloat16, and callers expect float32
+
+    def encode(self, sentences, batch_size: int = 32, max_length: int | None = None,
+               normalize_embeddings: bool = True, convert_to_numpy: bool = True,
+               convert_to_tensor: bool = False, show_progress_bar: bool | None = None):
+        """Embed one string (→ (D,)) or a list of strings (→ (N, D)), in input order.
+
+        Returns numpy float32 by default; a torch tensor on the model's device with
+        convert_to_tensor=True; a list of 1-D tensors when both conversions are off.
+        """
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else sentences
+        check_texts(texts)
+        on_device = convert_to_tensor or not convert_to_numpy
+        out = (torch.empty((len(texts), self.dimension), device=self.device) if on_device
+               else np.empty((len(texts), self.dimension), dtype=np.float32))
+        for indices, batch in self.iter_batches(texts, batch_size, max_length, normalize_embeddings, show_progress_bar):
+            # writing each batch straight into its rows restores the input order as we go
+            out[torch.as_tensor(indices, device=self.device) if on_device else indices] = \
+                batch if on_device else batch.cpu().numpy()
+        if single:
+            return out[0]
+        if not convert_to_tensor and not convert_to_numpy:
+            return list(out)
+        return out
+
+    def encode_queries(self, queries, instruction: str | None = None, **kwargs):
+        """encode() with the retrieval instruction prepended (plain concatenation, as FlagEmbedding does)."""
+        instruction = self.query_instruction if instruction is None else instruction
+        if instruction:
+            if isinstance(queries, str):
+                queries = instruction + queries
+            else:
+                check_texts(queries)
+                queries = [instruction + query for query in queries]
+        return self.encode(queries, **kwargs)
+
+    def encode_corpus(self, corpus, **kwargs):
+        """encode() for passages: never an instruction."""
+        return self.encode(corpus, **kwargs)
+
+
+def load_embedder(name_or_path, device=None, dtype=None, attn_impl: str = "sdpa", pooling: str | None = None,
+                  max_length: int | None = None, query_instruction: str | None = None) -> Embedder:
+    """A local checkpoint folder or a Hub id ("BAAI/bge-small-en-v1.5") → a ready Embedder.
+
+    Hub ids are looked up under weights/ first and downloaded only when missing (see hub.py).
+    device defaults to CUDA when available; dtype "float16"/"bfloat16" applies on CUDA only.
+    """
+    folder = resolve_model_path(name_or_path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(folder, attn_impl=attn_impl, device=device, dtype=resolve_dtype(dtype, device))
+    tokenizer = Tokenizer.from_pretrained(folder)
+    if max_length is None:
+        max_length = (_read_json(folder / "sentence_bert_config.json") or {}).get("max_seq_length") \
+            or tokenizer.model_max_length
+    embedder = Embedder(model, tokenizer, pooling=pooling or read_pooling_mode(folder) or "cls",
+                        max_length=max_length, name=str(name_or_path),
+                        query_instruction=default_query_instruction(folder) if query_instruction is None
+                        else query_instruction)
+    logger.info("loaded %r", embedder)
+    return embedder
