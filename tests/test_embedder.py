@@ -1,0 +1,169 @@
+"""The text API: encode / encode_queries / encode_corpus, against sentence-transformers and by contract."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, WEIGHTS_DIR, hf_reference_model, official_state_dict, write_checkpoint
+
+import minibge
+from minibge import BertConfig
+from minibge.embedder import INSTRUCTION_EN, INSTRUCTION_ZH, read_pooling_mode
+from minibge.eval_data import load_sts_csv
+from minibge.hub import HubError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir):
+    return minibge.load_embedder(minilm_dir)
+
+
+@pytest.fixture
+def fake_bge(tmp_path, minilm_dir):
+    """A random-weight checkpoint named like BGE, with the real uncased WordPiece tokenizer, no ST files."""
+    def make(name="bge-small-en-v1.5"):
+        config = BertConfig(**{**TINY, "vocab_size": 30522, "max_position_embeddings": 512})
+        folder = write_checkpoint(tmp_path / name, config, official_state_dict(hf_reference_model(config)))
+        for f in TOKENIZER_FILES:
+            shutil.copy(minilm_dir / f, folder / f)
+        return folder
+    return make
+
+
+def test_matches_sentence_transformers_on_stsb(minilm, minilm_dir, shared_data):
+    from sentence_transformers import SentenceTransformer
+    s1, s2, _ = load_sts_csv(shared_data / "stsbenchmark" / "sts-test.csv")
+    sentences = s1 + s2
+    assert len(sentences) == 2758
+    ours = minilm.encode(sentences, batch_size=64)
+    reference = SentenceTransformer(str(minilm_dir), device="cpu").encode(sentences, batch_size=64,
+                                                                           normalize_embeddings=True)
+    cosines = (ours * reference).sum(axis=1) / np.linalg.norm(reference, axis=1) / np.linalg.norm(ours, axis=1)
+    worst = int(cosines.argmin())
+    assert cosines.min() >= 0.99999, f"min cosine {cosines.min():.8f} for {sentences[worst]!r}; " \
+        f"max |diff| {np.abs(ours - reference).max():.3e}"
+
+
+def test_shapes_and_types(minilm):
+    assert minilm.pooling == "mean" and minilm.max_length == 256 and minilm.query_instruction is None
+    one = minilm.encode("hello world")
+    assert one.shape == (384,) and one.dtype == np.float32
+    assert np.isclose(np.linalg.norm(one), 1.0, atol=1e-6)
+    assert minilm.encode([]).shape == (0, 384)
+    assert minilm.encode(["a", "b"]).shape == (2, 384)
+    tensor = minilm.encode(["a", "b"], convert_to_tensor=True)
+    assert isinstance(tensor, torch.Tensor) and tensor.shape == (2, 384)
+    as_list = minilm.encode(["a", "b"], convert_to_numpy=False)
+    assert isinstance(as_list, list) and as_list[0].shape == (384,)
+    raw = minilm.encode(["a longer sentence here"], normalize_embeddings=False)
+    assert not np.isclose(np.linalg.norm(raw), 1.0)
+
+
+def test_order_restored_and_batch_size_irrelevant(minilm):
+    texts = ["short", "a much longer sentence that will sort first", "mid length text", "x", "another one here"]
+    together = minilm.encode(texts, batch_size=2)
+    for i, text in enumerate(texts):
+        alone = minilm.encode(text)
+        assert np.allclose(together[i], alone, atol=1e-5), f"{text!r}: max |diff| {np.abs(together[i] - alone).max():.2e}"
+
+
+def test_long_text_is_truncated_not_an_error(minilm):
+    long_text = "word " * 5000
+    exact = minilm.encode(long_text)
+    cut = minilm.tokenizer.encode_batch([long_text], minilm.max_length)[0]
+    assert len(cut) == minilm.max_length
+    shorter = minilm.encode(long_text, max_length=16)
+    assert not np.allclose(exact, shorter)
+
+
+@pytest.mark.parametrize("bad, index, kind", [([None], 0, "NoneType"), (["ok", 3], 1, "int"),
+                                              (["ok", "fine", b"bytes"], 2, "bytes")])
+def test_bad_items_name_the_index(minilm, bad, index, kind):
+    with pytest.raises(TypeError, match=rf"texts\[{index}\] is {kind}"):
+        minilm.encode(bad)
+    with pytest.raises(TypeError, match=rf"texts\[{index}\]"):
+        minilm.encode_queries(bad)
+
+
+def test_bad_arguments(minilm):
+    with pytest.raises(TypeError, match="list of str"):
+        minilm.encode(42)
+    with pytest.raises(ValueError, match="batch_size"):
+        minilm.encode(["a"], batch_size=0)
+
+
+def test_streams_batch_by_batch(minilm, monkeypatch):
+    seen = []
+    original = minilm.tokenizer.encode_batch
+    monkeypatch.setattr(minilm.tokenizer, "encode_batch", lambda texts, n: seen.append(len(texts)) or original(texts, n))
+    batches = minilm.iter_batches(["text number %d" % i for i in range(10_000)], batch_size=16)
+    next(batches)  # the generator tokenizes only the batch it is about to run
+    assert seen == [16]
+
+
+def test_bge_defaults_cls_pooling_and_instruction(fake_bge):
+    embedder = minibge.load_embedder(fake_bge("bge-small-en-v1.5"))
+    assert embedder.pooling == "cls" and embedder.max_length == 512
+    assert embedder.query_instruction == INSTRUCTION_EN
+    queries = ["what is a panda?", "how tall is everest"]
+    with_instruction = embedder.encode_queries(queries)
+    assert np.allclose(with_instruction, embedder.encode([INSTRUCTION_EN + q for q in queries]), atol=1e-6)
+    assert np.allclose(embedder.encode_corpus(queries), embedder.encode(queries), atol=1e-6)
+    assert not np.allclose(with_instruction, embedder.encode(queries), atol=1e-3)
+    assert np.allclose(embedder.encode_queries(queries[0]), with_instruction[0], atol=1e-6)
+    assert minibge.load_embedder(fake_bge("bge-base-zh-v1.5")).query_instruction == INSTRUCTION_ZH
+    custom = minibge.load_embedder(fake_bge("my-model"), query_instruction="query: ")
+    assert custom.query_instruction == "query: "
+    assert np.allclose(custom.encode_queries(["x"]), custom.encode(["query: x"]), atol=1e-6)
+
+
+def test_cls_embedding_equals_transformers_cls(fake_bge):
+    from transformers import AutoModel, AutoTokenizer
+    folder = fake_bge()
+    embedder = minibge.load_embedder(folder)
+    texts = ["embedding", "I love machine learning and nlp"]
+    batch = AutoTokenizer.from_pretrained(folder)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = AutoModel.from_pretrained(folder).eval()(**batch).last_hidden_state[:, 0]
+    ref = torch.nn.functional.normalize(ref, dim=-1).numpy()
+    ours = embedder.encode(texts)
+    assert np.abs(ours - ref).max() < 1e-5, f"max |diff| {np.abs(ours - ref).max():.3e}"
+
+
+def test_pooling_config_spellings(tmp_path):
+    (tmp_path / "1_Pooling").mkdir()
+    config = tmp_path / "1_Pooling" / "config.json"
+    config.write_text('{"word_embedding_dimension": 8, "pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}')
+    assert read_pooling_mode(tmp_path) == "cls"
+    config.write_text('{"embedding_dimension": 8, "pooling_mode": "mean"}')
+    assert read_pooling_mode(tmp_path) == "mean"
+    config.write_text('{"pooling_mode": "max"}')
+    with pytest.raises(ValueError, match="supports"):
+        read_pooling_mode(tmp_path)
+
+
+def test_missing_path_and_unknown_hub_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIBGE_WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setenv("MINIBGE_HUB_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(HubError, match="no such model folder"):
+        minibge.load_embedder(str(tmp_path / "does" / "not" / "exist"))
+    with pytest.raises(HubError):
+        minibge.load_embedder("BAAI/bge-nonexistent-v9")
+
+
+# -----------------------------------------------------------------------------
+# Real BGE weights: only when someone has placed them under weights/ (the Hub is unreachable here)
+
+BGE_BASE = WEIGHTS_DIR / "bge-base-en-v1.5"
+
+
+@pytest.mark.skipif(not (BGE_BASE / "config.json").exists(), reason="weights/bge-base-en-v1.5 not present")
+def test_real_bge_base_published_reference():
+    # FlagEmbedding tutorial 1.2.3 (bge-base-en-v1.5, fp32, no instruction)
+    embedder = minibge.load_embedder(BGE_BASE, device="cpu")
+    assert embedder.tokenizer.encode_batch(["embedding"], 512)[0] == [101, 7861, 8270, 4667, 102]
+    a, b = embedder.encode(["embedding", "I love machine learning and nlp"])
+    assert np.allclose(a[:3], [0.014549762, -0.0096840411, 0.0037761475], atol=1e-5), a[:3]
+    assert abs(float(a @ b) - 0.6077381) < 1e-5, float(a @ b)
