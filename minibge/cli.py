@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -44,6 +45,8 @@ CHUNK_TEXTS = 10_000  # texts read, embedded and written at a time: bounds memor
 SUMMARY_ROWS = 10  # rows `encode` shows when it has no --output
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "eval" / "data"
+
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +68,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's example lines as written; wraps the description."""
+
+    def _fill_text(self, text, width, indent):
+        if text.startswith("examples:"):
+            return super()._fill_text(text, width, indent)
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
 
 
 # ---------------------------------------------------------------- argument types
@@ -131,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--device", type=_device, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     group.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                        help="weights' precision; half precision applies on a GPU only (default: float32)")
-    group.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass")
+    group.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass (default: 32)")
     group.add_argument("--max-length", type=_max_length,
                        help="truncate texts to this many tokens (default: the model's own limit)")
 
@@ -180,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--corpus", metavar="FILE", required=True,
                    help="passages, one per line ('-' reads stdin); blank lines skipped")
     p.add_argument("-q", "--queries", dest="queries_file", metavar="FILE", help="queries, one per line")
-    p.add_argument("-k", "--top-k", type=_positive_int, default=5, help="passages to show per query")
+    p.add_argument("-k", "--top-k", type=_positive_int, default=5, help="passages to show per query (default: 5)")
     p.add_argument("--no-instruction", action="store_true", help="do not prepend the query instruction")
     p.add_argument("--instruction", metavar="TEXT", help="use this query instruction instead of the model's")
     p.set_defaults(run=cmd_search)
@@ -195,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                 parents=(verbose,))
     p.add_argument("repo_id", metavar="REPO_ID", help="Hub model id, e.g. BAAI/bge-small-en-v1.5")
     p.add_argument("--dest", metavar="DIR", help="target folder (default: <weights folder>/<model name>)")
-    p.add_argument("--revision", default="main", help="branch, tag or commit")
+    p.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
     p.set_defaults(run=cmd_download)
 
     p = command("info", "describe a model: architecture, parameters, pooling, origin",
@@ -246,7 +254,8 @@ def _iter_lines(path: str) -> Iterator[tuple[int, str]]:
         stream = getattr(sys.stdin, "buffer", None)
         if stream is None:  # a text stream with no bytes underneath (e.g. io.StringIO in tests)
             for number, line in enumerate(sys.stdin, start=1):
-                yield number, line.rstrip("\n").removesuffix("\r").lstrip("\ufeff" if number == 1 else "")
+                line = line.removesuffix("\n").removesuffix("\r")
+                yield number, line.removeprefix("\ufeff") if number == 1 else line
             return
         yield from _decode_lines(stream, "stdin")
         return
@@ -324,6 +333,8 @@ def _resolve(args) -> tuple[Path, str]:
         return Path(name).expanduser(), f"local folder ({how})"
     local = hub.default_weights_dir() / name.split("/")[-1]
     already = (local / "config.json").is_file()
+    if not already and re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", name):  # a Hub id, as hub.py spells it
+        print(f"{PROG}: {name} is not in {hub.default_weights_dir()}; downloading it", file=sys.stderr)
     folder = hub.resolve_model_path(name)  # raises HubError for a non-folder that is not a Hub id
     verb = "found in" if already else "downloaded into"
     return folder, f"Hub id {name!r}, {verb} the weights folder {hub.default_weights_dir()} ({how})"
@@ -341,7 +352,12 @@ def _load(args, query_instruction: str | None = None):
     return embedder, folder, origin
 
 
-def _progress(total: int, unit: str):
+def _interactive() -> bool:
+    """Progress bars only for a person at a terminal; redirected stderr stays a clean log."""
+    return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+
+
+def _progress(total: int | None, unit: str):
     """A tqdm bar on stderr for big inputs, or a stand-in that does nothing."""
     from .embedder import PROGRESS_BAR_MIN_TEXTS
 
@@ -349,7 +365,7 @@ def _progress(total: int, unit: str):
         from tqdm.auto import tqdm
     except ImportError:
         tqdm = None
-    if tqdm is None or total < PROGRESS_BAR_MIN_TEXTS:
+    if tqdm is None or total is None or total < PROGRESS_BAR_MIN_TEXTS or not _interactive():
         class _Nothing:
             def update(self, n):
                 pass
@@ -362,6 +378,7 @@ def _progress(total: int, unit: str):
 
 def _embed(embedder, texts: list[str], batch_size: int, normalize: bool, bar, prefix: str = "") -> np.ndarray:
     """(len(texts), D) float32 in input order, batch by batch, advancing `bar`; the same numbers as encode()."""
+    logger.info("embedding %d texts", len(texts))
     if prefix:  # plain concatenation, exactly as Embedder.encode_queries does
         texts = [prefix + text for text in texts]
     out = np.empty((len(texts), embedder.dimension), dtype=np.float32)
@@ -412,8 +429,8 @@ def cmd_encode(args) -> int:
             total = len(args.texts)
             lines = iter(args.texts)
         else:
-            total = None
-            if output is not None and output.suffix.lower() == ".npy":
+            total = None  # unknown for stdin (unless spooled): no progress bar then
+            if source != "-":  # a first, cheap pass: the .npy shape, the progress bar, UTF-8 errors early
                 total = sum(1 for _ in _iter_lines(source))
                 if total == 0:
                     raise CliError(f"--input {args.input} is empty")
@@ -426,58 +443,21 @@ def cmd_encode(args) -> int:
             if not prefix:
                 logger.warning("%s has no query instruction; --query embeds the texts as they are", embedder.name)
         normalize = not args.no_normalize
-        bar = _progress(total or 0, "text")
-        blank = 0
+        bar = _progress(total, "text")
         try:
+            def embed(chunk: list[str]) -> np.ndarray:
+                return _embed(embedder, chunk, args.batch_size, normalize, bar, prefix)
+
+            chunks = _chunks(lines, CHUNK_TEXTS)
             if output is None:
-                shown, count = [], 0
-                for chunk in _chunks(lines, CHUNK_TEXTS):
-                    vectors = _embed(embedder, chunk, args.batch_size, normalize, bar, prefix)
-                    shown += list(zip(chunk, vectors))[:SUMMARY_ROWS - len(shown)]
-                    count += len(chunk)
-                if count == 0:
-                    raise CliError(f"--input {args.input} is empty")
-                _print_summary(shown, count, embedder.dimension, normalize)
+                _print_summary(chunks, embed, embedder.dimension, normalize)
             elif output.suffix.lower() == ".npy":
-                partial = _atomic_output(output)
-                try:
-                    array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32,
-                                                      shape=(total, embedder.dimension))
-                    row = 0
-                    for chunk in _chunks(lines, CHUNK_TEXTS):
-                        blank += sum(1 for text in chunk if not text.strip())
-                        array[row:row + len(chunk)] = _embed(embedder, chunk, args.batch_size, normalize, bar, prefix)
-                        row += len(chunk)
-                    if row != total:
-                        raise CliError(f"--input changed while it was read ({total} lines, then {row})")
-                    array.flush()
-                    del array
-                    os.replace(partial, output)
-                finally:
-                    partial.unlink(missing_ok=True)
-                print(f"wrote {total} x {embedder.dimension} float32 embeddings to {output}")
+                blank = _write_npy(output, chunks, embed, total, embedder.dimension)
             else:
-                partial = _atomic_output(output)
-                count = 0
-                try:
-                    with open(partial, "w", encoding="utf-8") as f:
-                        for chunk in _chunks(lines, CHUNK_TEXTS):
-                            blank += sum(1 for text in chunk if not text.strip())
-                            vectors = _embed(embedder, chunk, args.batch_size, normalize, bar, prefix)
-                            for text, vector in zip(chunk, vectors):
-                                # str(np.float32) is the shortest text that reads back as the same float32
-                                numbers = ", ".join(map(str, vector))
-                                f.write(f'{{"text": {json.dumps(text, ensure_ascii=False)}, "embedding": [{numbers}]}}\n')
-                            count += len(chunk)
-                    if count == 0:
-                        raise CliError(f"--input {args.input} is empty")
-                    os.replace(partial, output)
-                finally:
-                    partial.unlink(missing_ok=True)
-                print(f"wrote {count} embeddings of dimension {embedder.dimension} to {output}")
+                blank = _write_jsonl(output, chunks, embed, embedder.dimension)
         finally:
             bar.close()
-        if blank:
+        if output is not None and blank:
             logger.warning("%d blank line(s) were embedded as empty texts (row i is line i+1)", blank)
     finally:
         if spool is not None:
@@ -485,7 +465,56 @@ def cmd_encode(args) -> int:
     return 0
 
 
-def _print_summary(shown: list[tuple[str, np.ndarray]], count: int, dimension: int, normalize: bool) -> None:
+def _write_npy(output: Path, chunks, embed, total: int, dimension: int) -> int:
+    """Rows go straight into a memory-mapped .npy file; returns the number of blank texts."""
+    partial, row, blank = _atomic_output(output), 0, 0
+    try:
+        array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(total, dimension))
+        for chunk in chunks:
+            blank += sum(1 for text in chunk if not text.strip())
+            array[row:row + len(chunk)] = embed(chunk)
+            row += len(chunk)
+        if row != total:
+            raise CliError(f"the input changed while it was read ({total} lines, then {row})")
+        array.flush()
+        del array  # closes the memory map before the rename
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
+    print(f"wrote {total} x {dimension} float32 embeddings to {output}")
+    return blank
+
+
+def _write_jsonl(output: Path, chunks, embed, dimension: int) -> int:
+    """One {"text", "embedding"} object per line, a chunk at a time; returns the number of blank texts."""
+    partial, count, blank = _atomic_output(output), 0, 0
+    try:
+        with open(partial, "w", encoding="utf-8") as f:
+            for chunk in chunks:
+                blank += sum(1 for text in chunk if not text.strip())
+                for text, vector in zip(chunk, embed(chunk)):
+                    # str(np.float32) is the shortest text that reads back as the same float32
+                    numbers = ", ".join(map(str, vector))
+                    f.write(f'{{"text": {json.dumps(text, ensure_ascii=False)}, "embedding": [{numbers}]}}\n')
+                count += len(chunk)
+        if count == 0:
+            raise CliError("the input is empty")
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
+    print(f"wrote {count} embeddings of dimension {dimension} to {output}")
+    return blank
+
+
+def _print_summary(chunks, embed, dimension: int, normalize: bool) -> None:
+    """Embed everything (to report the count), but keep and show only the first few rows."""
+    shown, count = [], 0
+    for chunk in chunks:
+        vectors = embed(chunk)
+        shown += [(text, vector.copy()) for text, vector in zip(chunk, vectors)][:SUMMARY_ROWS - len(shown)]
+        count += len(chunk)
+    if count == 0:
+        raise CliError("the input is empty")
     print(f"{count} embedding{'s' if count != 1 else ''} of dimension {dimension} "
           f"(float32, {'L2-normalized' if normalize else 'not normalized'}); "
           f"use --output FILE.npy or FILE.jsonl to save them")
@@ -504,7 +533,8 @@ def cmd_similarity(args) -> int:
     if len(sentences) < 2:
         raise UsageError("give at least two sentences to compare")
     embedder, _, _ = _load(args)
-    vectors = embedder.encode(sentences, batch_size=args.batch_size, normalize_embeddings=True)
+    vectors = embedder.encode(sentences, batch_size=args.batch_size, normalize_embeddings=True,
+                              show_progress_bar=None if _interactive() else False)
     matrix = np.round(vectors @ vectors.T, 4)
     print(format_matrix(matrix, sentences))
     return 0
@@ -537,7 +567,8 @@ def cmd_search(args) -> int:
     embedder, _, _ = _load(args)
     instruction = "" if args.no_instruction else args.instruction  # None: the model's own
     logger.info("query instruction: %r", embedder.query_instruction if instruction is None else instruction)
-    q = torch.from_numpy(embedder.encode_queries(queries, instruction=instruction, batch_size=args.batch_size))
+    q = torch.from_numpy(embedder.encode_queries(queries, instruction=instruction, batch_size=args.batch_size,
+                                                 show_progress_bar=None if _interactive() else False))
     top_k = min(args.top_k, len(passages))
     best_scores = torch.empty(len(queries), 0)
     best_index = torch.empty(len(queries), 0, dtype=torch.long)
@@ -565,7 +596,7 @@ def cmd_search(args) -> int:
 
 def cmd_download(args) -> int:
     folder = hub.download(args.repo_id, dest=args.dest, revision=args.revision,
-                          progress=sys.stderr.isatty())
+                          progress=_interactive())
     print(folder)
     return 0
 
@@ -622,7 +653,8 @@ def cmd_eval(args) -> int:
     results = []
     for task in tasks:
         print(f"{PROG}: running {task} ...", file=sys.stderr)
-        result = evaluate_task(embedder, task, data_dir, batch_size=args.batch_size)
+        result = evaluate_task(embedder, task, data_dir, batch_size=args.batch_size,
+                               show_progress_bar=None if _interactive() else False)
         results.append({"model": folder.name, **result})
     table = format_markdown(results, folder.name)  # the folder name is what the published scores use
     print(table)
@@ -668,13 +700,15 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except (HubError, OSError, ValueError, TypeError) as e:  # ValueError covers json.JSONDecodeError
         if isinstance(e, BrokenPipeError):  # `minibge ... | head`: the reader left, nothing to report
-            sys.stderr.close = lambda: None
-            try:
-                sys.stdout = open(os.devnull, "w")
-            except OSError:
+            try:  # point stdout at /dev/null so the interpreter's final flush cannot fail again
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError, AttributeError):
                 pass
             return 1
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except _OUT_OF_MEMORY:
+        print(f"{PROG}: error: out of memory; try a smaller --batch-size or --max-length", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -1,0 +1,218 @@
+"""The `minibge` command line, run in-process through main() (plus two real subprocesses).
+
+Model-using tests run the real all-MiniLM-L6-v2 (the `minilm_dir` fixture); the error-path
+tests need no model at all.
+"""
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minibge.cli import main
+
+from conftest import REPO_ROOT
+
+TEXTS = ["A man is eating food.", "Un homme mange du pain — très bon.", "The stock market fell sharply today."]
+
+
+@pytest.fixture(autouse=True)
+def no_model_env(monkeypatch):
+    monkeypatch.delenv("MINIBGE_MODEL", raising=False)
+
+
+@pytest.fixture(scope="module")
+def embedder(minilm_dir):
+    from minibge import load_embedder
+
+    return load_embedder(minilm_dir, device="cpu")
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith("minibge: error: ") and "Traceback" not in err
+    return lines[0]
+
+
+# ---------------------------------------------------------------- help and usage
+def test_python_m_minibge_help():
+    proc = subprocess.run([sys.executable, "-m", "minibge", "--help"], capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for command in ("encode", "similarity", "search", "download", "info", "eval"):
+        assert command in proc.stdout
+
+
+def test_user_error_exit_code_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "minibge", "encode", "-m", str(tmp_path / "missing"), "hello"],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "MINIBGE_MODEL"})
+    assert proc.returncode == 1
+    assert "no such model folder" in one_error_line(proc.stderr)
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("command", ["encode", "similarity", "search", "download", "info", "eval"])
+def test_every_command_has_help(command, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: minibge {command}")
+    assert "examples:" in out and f"minibge {command}" in out.split("examples:")[1]
+    if command != "download":
+        assert "--model" in out and "--batch-size" in out
+
+
+def test_bad_command_line_is_one_line_and_exit_2(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "invalid choice" in one_error_line(capsys.readouterr().err)
+    assert main(["encode", "--batch-size", "0", "hi"]) == 2
+    assert "--batch-size" in one_error_line(capsys.readouterr().err)
+    assert main(["encode", "--output", "out.txt", "hi"]) == 2
+    assert ".npy or .jsonl" in one_error_line(capsys.readouterr().err)
+    assert main([]) == 2  # no command: the overview
+    assert "encode" in capsys.readouterr().out
+
+
+def test_eval_unknown_task(capsys):
+    assert main(["eval", "--task", "nonsense"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "unknown task 'nonsense'" in line and "stsb" in line
+
+
+# ---------------------------------------------------------------- user mistakes at run time
+def test_missing_model_path(tmp_path, capsys):
+    assert main(["info", "--model", str(tmp_path / "nowhere")]) == 1
+    assert "no such model folder" in one_error_line(capsys.readouterr().err)
+
+
+def test_no_model_anywhere_says_how_to_get_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MINIBGE_WEIGHTS_DIR", str(tmp_path))  # an empty weights folder
+    assert main(["encode", "hello"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "python weights/fetch_minilm.py" in line and "minibge download BAAI/bge-small-en-v1.5" in line
+
+
+def test_missing_input_file(tmp_path, capsys):
+    assert main(["encode", "--input", str(tmp_path / "missing.txt")]) == 1
+    assert "not found" in one_error_line(capsys.readouterr().err)
+    assert main(["search", "--corpus", str(tmp_path / "missing.txt"), "query"]) == 1
+    assert "not found" in one_error_line(capsys.readouterr().err)
+
+
+def test_download_with_unreachable_hub(tmp_path, monkeypatch, capsys):
+    with socket.socket() as s:  # a port nobody listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MINIBGE_HUB_URL", f"http://127.0.0.1:{port}")
+    assert main(["download", "BAAI/bge-small-en-v1.5", "--dest", str(tmp_path / "bge")]) == 1
+    captured = capsys.readouterr()
+    assert "could not reach the Hub" in one_error_line(captured.err)
+    assert captured.out == ""
+
+
+# ---------------------------------------------------------------- encode
+def test_encode_npy_matches_embedder(minilm_dir, embedder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("minibge.cli.CHUNK_TEXTS", 2)  # 3 texts: two chunks, as a big file would go
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    out = tmp_path / "vectors.npy"
+    assert main(["encode", "-m", str(minilm_dir), "--input", str(source), "--output", str(out),
+                 "--batch-size", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "all-MiniLM-L6-v2" in captured.err  # says which model it used
+    array = np.load(out)
+    assert array.dtype == np.float32 and array.shape == (3, 384)
+    np.testing.assert_allclose(array, embedder.encode(TEXTS), atol=1e-6)
+    assert not (tmp_path / "vectors.npy.partial").exists()
+
+
+def test_encode_jsonl_query_instruction_and_no_normalize(minilm_dir, embedder, tmp_path, monkeypatch):
+    monkeypatch.setattr("minibge.cli.CHUNK_TEXTS", 2)
+    out = tmp_path / "vectors.jsonl"
+    assert main(["encode", "-m", str(minilm_dir), *TEXTS, "--output", str(out),
+                 "--query", "--instruction", "query: ", "--no-normalize"]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [row["text"] for row in rows] == TEXTS
+    got = np.array([row["embedding"] for row in rows], dtype=np.float32)
+    expected = embedder.encode_queries(TEXTS, instruction="query: ", normalize_embeddings=False)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert not np.allclose(np.linalg.norm(got, axis=1), 1.0)
+
+
+def test_encode_stdin_and_summary(minilm_dir, embedder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO("\n".join(TEXTS).encode("utf-8"))))
+    out = tmp_path / "stdin.npy"
+    assert main(["encode", "-m", str(minilm_dir), "--input", "-", "--output", str(out)]) == 0
+    np.testing.assert_allclose(np.load(out), embedder.encode(TEXTS), atol=1e-6)
+
+    capsys.readouterr()
+    assert main(["encode", "-m", str(minilm_dir), TEXTS[0], TEXTS[2]]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("2 embeddings of dimension 384")
+    first = embedder.encode(TEXTS[0])
+    assert f"{first[0]:+.4f}" in out
+
+
+# ---------------------------------------------------------------- similarity, search, info
+def test_similarity_matrix(minilm_dir, capsys):
+    assert main(["similarity", "-m", str(minilm_dir), *TEXTS]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4  # header + one row per sentence
+    matrix = np.array([[float(x) for x in line.split()[-3:]] for line in lines[1:]])
+    assert matrix.shape == (3, 3)
+    np.testing.assert_allclose(np.diag(matrix), 1.0, atol=1e-4)
+    np.testing.assert_allclose(matrix, matrix.T)
+    assert matrix[0, 1] > matrix[0, 2]  # eating food vs eating bread, above eating vs stocks
+
+
+def test_search_ranks_the_relevant_passage_first(minilm_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Paris is the capital and largest city of France.\n"
+                      "Mitochondria produce most of the chemical energy a cell needs.\n\n"
+                      "Python is a popular programming language.\n", encoding="utf-8")
+    assert main(["search", "-m", str(minilm_dir), "--corpus", str(corpus), "--top-k", "2",
+                 "What is the capital of France?", "Which language should I learn to write code?"]) == 0
+    blocks = capsys.readouterr().out.strip().split("\n\n")
+    assert len(blocks) == 2
+    first, second = (block.splitlines() for block in blocks)
+    assert first[0] == "query: What is the capital of France?" and len(first) == 3
+    assert "[line 1] Paris" in first[1]
+    assert "[line 4] Python" in second[1]  # line numbers count the blank line
+    assert float(first[1].split()[1]) > float(first[2].split()[1])
+
+
+def test_info(minilm_dir, capsys):
+    assert main(["info", "-m", str(minilm_dir)]) == 0
+    out = capsys.readouterr().out
+    fields = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in out.strip().splitlines())
+    assert fields["parameters"].startswith("22,713,216")  # incl. the pooler
+    assert fields["hidden size"] == "384" and fields["layers"] == "6"
+    assert fields["pooling"] == "mean" and fields["max length"] == "256 tokens"
+    assert fields["folder"] == str(minilm_dir.resolve())
+
+
+def test_model_from_environment(minilm_dir, monkeypatch, capsys):
+    monkeypatch.setenv("MINIBGE_MODEL", str(minilm_dir))
+    assert main(["info"]) == 0
+    assert "$MINIBGE_MODEL" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- eval
+def test_eval_stsb_matches_published(minilm_dir, shared_data, tmp_path, capsys):
+    results_json, table_md = tmp_path / "results.json", tmp_path / "results.md"
+    assert main(["eval", "-m", str(minilm_dir), "--task", "stsb", "--data-dir", str(shared_data),
+                 "--batch-size", "64", "--output", str(results_json), "--markdown", str(table_md)]) == 0
+    out = capsys.readouterr().out
+    results = json.loads(results_json.read_text())
+    assert len(results) == 1 and results[0]["task"] == "stsb"
+    assert results[0]["main_score"] == pytest.approx(82.0325, abs=0.05)
+    row = next(line for line in out.splitlines() if line.startswith("| STSBenchmark"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "82.03" and cells[3] == "82.03"  # measured, published
+    assert table_md.read_text().strip() == out.strip()
