@@ -139,5 +139,6 @@ def compare_with_hf(model, hf_model, input_ids, attention_mask, token_type_ids):
                        token_type_ids=token_type_ids).last_hidden_state
     real = attention_mask.bool()  # padded query rows are finite garbage in both: compare real tokens only
     diff = (ours - ref)[real].abs()
-    cls_cos = torch.nn.functional.cosine_similarity(ours[:, 0], ref[:, 0], dim=-1)
+    # cosine in float64: in float32 even two identical 384-d vectors can come out at 0.9999996
+    cls_cos = torch.nn.functional.cosine_similarity(ours[:, 0].double(), ref[:, 0].double(), dim=-1)
     return diff.max().item(), diff.mean().item(), cls_cos.min().item()
