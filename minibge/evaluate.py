@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from .eval_data import load_beir, load_sick, load_sts_csv
+from .search import top_k
+from .tokenizer import check_texts
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +67,12 @@ def _encode(fn: Callable, texts: list[str], batch_size: int, normalize: bool, sh
     return emb
 
 
-def _check_texts(name: str, texts) -> list[str]:
-    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-        raise TypeError(f"{name} must be a list of strings")
+def _text_list(name: str, texts) -> list[str]:
+    """`texts` as a list, if the tokenizer's check_texts accepts it; the TypeError names the argument too."""
+    try:
+        check_texts(texts)
+    except TypeError as error:
+        raise TypeError(f"{name}: {error}") from None
     return list(texts)
 
 
@@ -102,7 +107,7 @@ def spearman(x, y) -> float:
 
 def sts(embedder, sentences1, sentences2, gold_scores, batch_size: int = 32, show_progress_bar=None) -> dict:
     """Cosine Spearman/Pearson (×100) between sentence-pair embeddings and gold scores."""
-    s1, s2 = _check_texts("sentences1", sentences1), _check_texts("sentences2", sentences2)
+    s1, s2 = _text_list("sentences1", sentences1), _text_list("sentences2", sentences2)
     gold = np.asarray(gold_scores, dtype=np.float64)
     if not (len(s1) == len(s2) == len(gold)):
         raise ValueError(f"lengths differ: {len(s1)} sentences1, {len(s2)} sentences2, {len(gold)} scores")
@@ -172,30 +177,22 @@ def retrieval_metrics(qrels, results, k_values: Sequence[int] = (1, 3, 5, 10, 10
     return scores
 
 
-def _search(embedder, corpus, queries, top_k, batch_size, chunk_size, show_progress_bar) -> dict:
-    """Exact dot-product search; returns {qid: {doc_id: score}} with at most top_k docs each."""
+def _search(embedder, corpus, queries, k, batch_size, chunk_size, show_progress_bar) -> dict:
+    """Exact dot-product search; returns {qid: {doc_id: score}} with at most k docs each."""
     qids, doc_ids = list(queries), list(corpus)
     q = F.normalize(_encode(embedder.encode_queries, [queries[i] for i in qids], batch_size, True,
                             show_progress_bar), dim=1)
+
+    def doc_chunks():  # embedded one chunk at a time, just before top_k scores it
+        for start in range(0, len(doc_ids), chunk_size):
+            ids = doc_ids[start:start + chunk_size]
+            texts = [((corpus[d].get("title") or "") + " " + (corpus[d].get("text") or "")).strip() for d in ids]
+            logger.info("encoding documents %d-%d of %d", start + 1, start + len(ids), len(doc_ids))
+            yield F.normalize(_encode(embedder.encode_corpus, texts, batch_size, True, show_progress_bar), dim=1)
+
     qpos = {qid: i for i, qid in enumerate(qids)}
-    best_scores = torch.empty(len(qids), 0)
-    best_index = torch.empty(len(qids), 0, dtype=torch.long)
-    # I embed and score the corpus one chunk at a time, keeping only a running top-k, so
-    # memory is O(queries x chunk) rather than O(queries x corpus).
-    for start in range(0, len(doc_ids), chunk_size):
-        ids = doc_ids[start:start + chunk_size]
-        texts = [((corpus[d].get("title") or "") + " " + (corpus[d].get("text") or "")).strip() for d in ids]
-        logger.info("encoding documents %d-%d of %d", start + 1, start + len(ids), len(doc_ids))
-        d = F.normalize(_encode(embedder.encode_corpus, texts, batch_size, True, show_progress_bar), dim=1)
-        scores = q @ d.T
-        for j, doc_id in enumerate(ids):  # a document never answers its own query (ArguAna)
-            if doc_id in qpos:
-                scores[qpos[doc_id], j] = float("-inf")
-        chunk_scores, chunk_index = scores.topk(min(top_k, len(ids)), dim=1)
-        merged = torch.cat([best_scores, chunk_scores], dim=1)
-        merged_index = torch.cat([best_index, chunk_index + start], dim=1)
-        best_scores, pick = merged.topk(min(top_k, merged.shape[1]), dim=1)
-        best_index = merged_index.gather(1, pick)
+    own_documents = [(qpos[d], j) for j, d in enumerate(doc_ids) if d in qpos]  # never its own answer (ArguAna)
+    best_scores, best_index = top_k(q, doc_chunks(), k, exclude=own_documents)
     results = {}
     for i, qid in enumerate(qids):
         results[qid] = {doc_ids[j]: s for s, j in zip(best_scores[i].tolist(), best_index[i].tolist())
@@ -214,7 +211,7 @@ def retrieval(embedder, corpus: Mapping[str, Mapping[str, str]], queries: Mappin
     for doc_id, doc in corpus.items():
         if not isinstance(doc, Mapping):
             raise TypeError(f"corpus[{doc_id!r}] must be a dict with 'title' and 'text', got {type(doc).__name__}")
-    _check_texts("queries' values", queries.values())
+    _text_list("queries' values", list(queries.values()))
     unknown_docs = sorted({d for rels in qrels.values() for d in rels if d not in corpus})
     if unknown_docs:
         # trec_eval still counts them as relevant, so recall can never reach 100 here.
@@ -229,8 +226,7 @@ def retrieval(embedder, corpus: Mapping[str, Mapping[str, str]], queries: Mappin
     if not scored:
         raise ValueError("retrieval: none of the queries has a relevant document in the qrels")
     ks = sorted({int(k) for k in k_values} | {10, 100})  # the headline metrics are always there
-    results = _search(embedder, corpus, scored, min(max(ks), len(corpus)), batch_size, chunk_size,
-                      show_progress_bar)
+    results = _search(embedder, corpus, scored, max(ks), batch_size, chunk_size, show_progress_bar)
     scores = retrieval_metrics(qrels, results, ks)
     scores.update(n_docs=len(corpus), unknown_qrels_docs=len(unknown_docs),
                   unknown_qrels_queries=len(unknown_queries))
@@ -288,7 +284,7 @@ def classification(embedder, train_texts, train_labels, test_texts, test_labels,
     and BGE v1.5 end their sentence-transformers pipeline with a Normalize layer, so the
     embeddings MTEB actually fed to sklearn were unit length: hence the default True.
     """
-    train_texts, test_texts = _check_texts("train_texts", train_texts), _check_texts("test_texts", test_texts)
+    train_texts, test_texts = _text_list("train_texts", train_texts), _text_list("test_texts", test_texts)
     if len(train_texts) != len(train_labels) or len(test_texts) != len(test_labels):
         raise ValueError("each text list needs exactly one label per text")
     if not train_texts or not test_texts:

@@ -16,6 +16,7 @@ import torch
 from minibge.eval_data import load_beir, load_pairs_table, load_sick, load_sts_csv
 from minibge.evaluate import (classification, evaluate_task, format_markdown, per_query_metrics, rank_average,
                               retrieval, retrieval_metrics, spearman, sts)
+from minibge.search import top_k
 
 
 # ---------------------------------------------------------------- fake embedders
@@ -188,6 +189,20 @@ def test_retrieval_end_to_end():
     assert chunked == pytest.approx(full)
 
 
+def test_top_k_over_chunks_equals_one_topk():
+    torch.manual_seed(0)
+    q, d = torch.randn(4, 8), torch.randn(23, 8)
+    full_scores, full_index = (q @ d.T).topk(5, dim=1)
+    scores, index = top_k(q, d.split(7), 5)  # chunks of 7, 7, 7, 2
+    assert torch.equal(index, full_index)
+    torch.testing.assert_close(scores, full_scores)
+    # k above the corpus size gives every document; an excluded pair scores -inf and comes last
+    best = int(full_index[0, 0])
+    scores, index = top_k(q, d.split(7), 100, exclude=[(0, best)])
+    assert scores.shape == index.shape == (4, 23)
+    assert int(index[0, -1]) == best and scores[0, -1] == float("-inf") and int(index[1, 0]) == int(full_index[1, 0])
+
+
 def test_retrieval_unknown_ids_and_errors(caplog):
     emb = LookupEmbedder(VECTORS, query_prefix="Q: ")
     qrels = {"qa": {"d1": 1, "ghost": 1}, "qz": {"d1": 1}}
@@ -235,6 +250,8 @@ def test_sts_with_fake_embedder():
         sts(emb, s1, s2[:3], gold)
     with pytest.raises(TypeError):
         sts(emb, "a cat", "a dog", [1.0])
+    with pytest.raises(TypeError, match=r"sentences2: texts\[1\] is int, expected str"):
+        sts(emb, ["a cat", "a dog"], ["the sky", 3], [1.0, 2.0])
 
 
 # ---------------------------------------------------------------- classification

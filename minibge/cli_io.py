@@ -1,0 +1,240 @@
+"""What the `minibge` command line reads and writes: text files and stdin, .npy and .jsonl
+outputs, progress bars and printed tables, and the one-line errors it reports (see cli.py).
+
+Inputs are read line by line and embedded a chunk at a time, so a big file never has to fit
+in memory. Outputs are written beside their target and renamed onto it at the end, so a failed
+run never leaves half a file behind.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+PROG = "minibge"
+SUMMARY_ROWS = 10  # rows `encode` shows when it has no --output
+
+logger = logging.getLogger(__name__)
+
+
+class CliError(Exception):
+    """A problem to report in one line; exit status 1."""
+    exit_code = 1
+
+
+class UsageError(CliError):
+    """A bad command line; exit status 2, as argparse uses."""
+    exit_code = 2
+
+
+def one_line(error: BaseException) -> str:
+    """An error as the one line after 'minibge: error: '."""
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        message = f"{error.filename}: {error.strerror}"
+    else:
+        message = str(error) or type(error).__name__
+    return " ".join(message.splitlines())
+
+
+# ---------------------------------------------------------------- reading
+def check_readable(path: str | None, option: str) -> None:
+    """Fail before loading a model, not after, when an input file is missing."""
+    if path is None or path == "-":
+        return
+    p = Path(path)
+    if not p.exists():
+        raise CliError(f"{option} file not found: {p}")
+    if not p.is_file():
+        raise CliError(f"{option} {p} is not a file")
+
+
+def check_writable(path: str | None, option: str) -> None:
+    if path is None:
+        return
+    parent = Path(path).expanduser().resolve().parent
+    if not parent.is_dir():
+        raise CliError(f"{option}: folder {parent} does not exist")
+
+
+def iter_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) for every line of a UTF-8 file, or of stdin for '-'."""
+    if path == "-":
+        # I read bytes, so that a decoding error can name its line. A text stream with no bytes
+        # underneath (e.g. io.StringIO in tests) is encoded back, to go the same way.
+        lines = getattr(sys.stdin, "buffer", None)
+        if lines is None:
+            lines = (line.encode("utf-8") for line in sys.stdin)
+        yield from _decode_lines(lines, "stdin")
+        return
+    with open(path, "rb") as stream:
+        yield from _decode_lines(stream, path)
+
+
+def _decode_lines(lines: Iterable[bytes], name: str) -> Iterator[tuple[int, str]]:
+    for number, raw in enumerate(lines, start=1):
+        raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CliError(f"{name} line {number} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        if number == 1:
+            text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the text
+        yield number, text
+
+
+def read_texts(path: str, what: str) -> tuple[list[str], list[int]]:
+    """The non-blank lines of a file and their line numbers."""
+    texts, numbers = [], []
+    for number, line in iter_lines(path):
+        if line.strip():
+            texts.append(line)
+            numbers.append(number)
+    if not texts:
+        raise CliError(f"{what} {'stdin' if path == '-' else path} has no non-blank lines")
+    return texts, numbers
+
+
+@contextmanager
+def stdin_as_file() -> Iterator[str]:
+    """Copy stdin into a temporary file and yield its path: disk, not memory, holds the texts."""
+    spool = tempfile.NamedTemporaryFile("wb", suffix=".txt", delete=False)
+    try:
+        with spool:
+            for _, line in iter_lines("-"):
+                spool.write(line.encode("utf-8") + b"\n")
+        yield spool.name
+    finally:
+        Path(spool.name).unlink(missing_ok=True)
+
+
+def chunked(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of `size` consecutive items (the last one shorter)."""
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# ---------------------------------------------------------------- embedding with a progress bar
+def interactive() -> bool:
+    """Progress bars only for a person at a terminal; redirected stderr stays a clean log."""
+    return hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+
+
+def progress_setting() -> bool | None:
+    """show_progress_bar for the embedder: its own rule (big inputs only) at a terminal, else off."""
+    return None if interactive() else False
+
+
+def progress(total: int | None, unit: str):
+    """A tqdm bar on stderr for big inputs at a terminal; a silent one (disabled) otherwise."""
+    from tqdm.auto import tqdm
+
+    from .embedder import PROGRESS_BAR_MIN_TEXTS
+
+    show = total is not None and total >= PROGRESS_BAR_MIN_TEXTS and interactive()
+    return tqdm(total=total, unit=unit, desc="Embedding", file=sys.stderr, disable=not show)
+
+
+def embed_texts(embedder, texts: list[str], batch_size: int, normalize: bool, bar, prefix: str = "") -> np.ndarray:
+    """(len(texts), D) float32 in input order, batch by batch, advancing `bar`; the same numbers as encode()."""
+    logger.info("embedding %d texts", len(texts))
+    if prefix:  # plain concatenation, exactly as Embedder.encode_queries does
+        texts = [prefix + text for text in texts]
+    out = np.empty((len(texts), embedder.dimension), dtype=np.float32)
+    for indices, batch in embedder.iter_batches(texts, batch_size=batch_size, normalize_embeddings=normalize,
+                                                show_progress_bar=False):
+        out[indices] = batch.cpu().numpy()
+        bar.update(len(indices))
+    return out
+
+
+# ---------------------------------------------------------------- writing
+Embed = Callable[[list[str]], np.ndarray]  # a chunk of texts -> its (len(chunk), D) float32 rows
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a path to write to; it is renamed onto `path` only if the block succeeds."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_npy(output: Path, chunks: Iterable[list[str]], embed: Embed, total: int, dimension: int) -> None:
+    """Rows go straight into a memory-mapped (total, dimension) .npy file."""
+    with atomic_output(output) as partial:
+        array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(total, dimension))
+        row = 0
+        for chunk in chunks:
+            array[row:row + len(chunk)] = embed(chunk)
+            row += len(chunk)
+        if row != total:
+            raise CliError(f"the input changed while it was read ({total} lines, then {row})")
+        array.flush()
+        del array  # closes the memory map before the rename
+    print(f"wrote {total} x {dimension} float32 embeddings to {output}")
+
+
+def write_jsonl(output: Path, chunks: Iterable[list[str]], embed: Embed, dimension: int) -> None:
+    """One {"text", "embedding"} object per line, a chunk at a time."""
+    count = 0
+    with atomic_output(output) as partial, open(partial, "w", encoding="utf-8") as f:
+        for chunk in chunks:
+            for text, vector in zip(chunk, embed(chunk)):
+                # str(np.float32) is the shortest text that reads back as the same float32
+                numbers = ", ".join(map(str, vector))
+                f.write(f'{{"text": {json.dumps(text, ensure_ascii=False)}, "embedding": [{numbers}]}}\n')
+            count += len(chunk)
+        if count == 0:
+            raise CliError("the input is empty")
+    print(f"wrote {count} embeddings of dimension {dimension} to {output}")
+
+
+# ---------------------------------------------------------------- printing
+def print_summary(chunks: Iterable[list[str]], embed: Embed, dimension: int, normalize: bool) -> None:
+    """Embed everything (to report the count), but keep and show only the first few rows."""
+    shown, count = [], 0
+    for chunk in chunks:
+        vectors = embed(chunk)
+        shown += [(text, vector.copy()) for text, vector in zip(chunk, vectors)][:SUMMARY_ROWS - len(shown)]
+        count += len(chunk)
+    if count == 0:
+        raise CliError("the input is empty")
+    print(f"{count} embedding{'s' if count != 1 else ''} of dimension {dimension} "
+          f"(float32, {'L2-normalized' if normalize else 'not normalized'}); "
+          f"use --output FILE.npy or FILE.jsonl to save them")
+    for text, vector in shown:
+        head = " ".join(f"{x:+.4f}" for x in vector[:6])
+        print(f"  {truncate(text, 40):<40}  [{head} ...]")
+    if count > len(shown):
+        print(f"  ... and {count - len(shown)} more")
+
+
+def truncate(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def format_matrix(matrix: np.ndarray, labels: list[str], row_width: int = 32, col_width: int = 12) -> str:
+    """A square matrix as text, rows labelled by the truncated sentences, columns by their start."""
+    row_width = min(row_width, max(len(truncate(label, row_width)) for label in labels))
+    header = " " * row_width + "".join(f"  {truncate(label, col_width):>{col_width}}" for label in labels)
+    lines = [header]
+    for label, row in zip(labels, matrix):
+        lines.append(f"{truncate(label, row_width):<{row_width}}" + "".join(f"  {x:>{col_width}.4f}" for x in row))
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""Which model a `minibge` command uses, loading it, and describing it (see cli.py).
+
+The model is ``--model/-m`` (a folder or a Hub id), else $MINIBGE_MODEL, else the first of
+DEFAULT_MODELS found in the weights folder. The choice, and where the files came from, is
+announced on stderr, so a result on stdout is never ambiguous about what produced it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from . import hub
+from .cli_io import PROG, CliError
+
+MODEL_ENV = "MINIBGE_MODEL"
+DEFAULT_MODELS = ("bge-small-en-v1.5", "bge-base-en-v1.5", "all-MiniLM-L6-v2")
+
+
+def _pick_model(arg: str | None) -> tuple[str, str]:
+    """(name or path, how it was chosen)."""
+    if arg:
+        return arg, "--model"
+    if os.environ.get(MODEL_ENV):
+        return os.environ[MODEL_ENV], f"${MODEL_ENV}"
+    weights = hub.default_weights_dir()
+    for name in DEFAULT_MODELS:
+        if (weights / name / "config.json").is_file():
+            return str(weights / name), f"default: first model found in {weights}"
+    raise CliError(f"no model given (--model or ${MODEL_ENV}) and none of {', '.join(DEFAULT_MODELS)} is in "
+                   f"{weights}; get one with `python weights/fetch_minilm.py` or "
+                   f"`minibge download BAAI/bge-small-en-v1.5`")
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CliError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CliError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+
+
+def _resolve(model: str | None) -> tuple[Path, str]:
+    """The model's local folder, and a sentence saying where it came from."""
+    name, how = _pick_model(model)
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser(), f"local folder ({how})"
+    local = hub.default_weights_dir() / name.split("/")[-1]
+    already = (local / "config.json").is_file()
+    if not already and re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", name):  # a Hub id, as hub.py spells it
+        print(f"{PROG}: {name} is not in {hub.default_weights_dir()}; downloading it", file=sys.stderr)
+    folder = hub.resolve_model_path(name)  # raises HubError for a non-folder that is not a Hub id
+    verb = "found in" if already else "downloaded into"
+    return folder, f"Hub id {name!r}, {verb} the weights folder {hub.default_weights_dir()} ({how})"
+
+
+def load(args, query_instruction: str | None = None):
+    """Resolve, announce on stderr, and load the embedder; returns (embedder, folder, origin)."""
+    from .embedder import load_embedder
+
+    _check_device(args.device)
+    folder, origin = _resolve(args.model)
+    print(f"{PROG}: model {folder.name} from {folder} [{origin}]", file=sys.stderr)
+    embedder = load_embedder(folder, device=args.device, dtype=args.dtype, max_length=args.max_length,
+                             query_instruction=query_instruction)
+    return embedder, folder, origin
+
+
+def describe(embedder, folder: Path, origin: str) -> list[tuple[str, object]]:
+    """(field, value) rows for `minibge info`: architecture, size, pooling, origin."""
+    config = embedder.model.config
+    n_params = sum(p.numel() for p in embedder.model.parameters())
+    has_pooler = getattr(embedder.model, "pooler", None) is not None
+    weights = next((f for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+                    if (folder / f).is_file()), "?")
+    instruction = embedder.query_instruction
+    return [
+        ("model", folder.name),
+        ("folder", str(folder.resolve())),
+        ("source", origin),
+        ("weights file", weights),
+        ("hidden size", config.hidden_size),
+        ("layers", config.num_hidden_layers),
+        ("attention heads", f"{config.num_attention_heads} (head dim {config.head_dim})"),
+        ("intermediate size", config.intermediate_size),
+        ("activation", config.hidden_act),
+        ("vocabulary", f"{config.vocab_size:,}"),
+        ("max positions", config.max_position_embeddings),
+        ("parameters", f"{n_params:,}" + (" (incl. pooler)" if has_pooler else " (no pooler)")),
+        ("embedding dim", embedder.dimension),
+        ("pooling", embedder.pooling),
+        ("max length", f"{embedder.max_length} tokens"),
+        ("query instruction", repr(instruction) if instruction else "(none)"),
+        ("device", f"{embedder.device}, {next(embedder.model.parameters()).dtype}".replace("torch.", "")),
+    ]

@@ -1,0 +1,40 @@
+"""Exact nearest-neighbour search: the k documents with the highest dot product per query.
+
+With L2-normalised embeddings the dot product is the cosine similarity, so this is what both
+`minibge search` and retrieval evaluation (evaluate.py) rank by. The corpus comes as a stream
+of chunks, and only a running top-k is kept, so memory is O(queries x chunk), never
+O(queries x corpus): a caller can embed each chunk just before it is scored.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+
+def top_k(query_embeddings: torch.Tensor, doc_chunks: Iterable[torch.Tensor], k: int,
+          exclude: Sequence[tuple[int, int]] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best-first (scores, indices), both (Q, min(k, N)), of the N documents for each of Q queries.
+
+    query_embeddings: (Q, D). doc_chunks: (n_i, D) tensors, consecutive slices of the corpus in
+    order (for an (N, D) tensor already in memory, pass ``docs.split(chunk_size)``); indices count
+    from the corpus start. exclude: (query row, document index) pairs that must never match; they
+    score -inf, so they come last, and only when a query has fewer than k other documents.
+    """
+    n_queries = query_embeddings.shape[0]
+    best_scores = torch.empty(n_queries, 0, dtype=query_embeddings.dtype)
+    best_index = torch.empty(n_queries, 0, dtype=torch.long)
+    excluded_rows, excluded_docs = torch.tensor(list(exclude), dtype=torch.long).reshape(-1, 2).T
+    start = 0
+    for chunk in doc_chunks:
+        scores = query_embeddings @ chunk.T  # (Q, n)
+        inside = (excluded_docs >= start) & (excluded_docs < start + len(chunk))
+        scores[excluded_rows[inside], excluded_docs[inside] - start] = float("-inf")
+        # the chunk's own top k, merged with the best so far: top k of the union is top k overall
+        chunk_scores, chunk_index = scores.topk(min(k, len(chunk)), dim=1)
+        merged = torch.cat([best_scores, chunk_scores], dim=1)
+        merged_index = torch.cat([best_index, chunk_index + start], dim=1)
+        best_scores, pick = merged.topk(min(k, merged.shape[1]), dim=1)
+        best_index = merged_index.gather(1, pick)
+        start += len(chunk)
+    return best_scores, best_index
