@@ -103,6 +103,26 @@ def test_streams_batch_by_batch(minilm, monkeypatch):
     assert seen == [16]
 
 
+def test_progress_bar_on_request(minilm, capsys):
+    minilm.encode(["a", "b", "c"], batch_size=1, show_progress_bar=True)
+    assert "Batches" in capsys.readouterr().err
+    minilm.encode(["a", "b", "c"], batch_size=1)  # None: short inputs stay quiet
+    assert "Batches" not in capsys.readouterr().err
+
+
+def test_half_precision_stays_fp32_on_cpu_and_outputs_float32(minilm_dir, caplog):
+    embedder = minibge.load_embedder(minilm_dir, dtype="float16", device="cpu")
+    assert embedder.model.embeddings.word_embeddings.weight.dtype == torch.float32
+    assert "using float32" in caplog.text
+    with pytest.raises(ValueError, match="unknown dtype"):
+        minibge.load_embedder(minilm_dir, dtype="float8")
+    # a bf16 model (as on CUDA) still hands numpy float32 back, close to the fp32 result
+    reference = embedder.encode(["a sentence about cats"])
+    embedder.model.to(torch.bfloat16)
+    half = embedder.encode(["a sentence about cats"])
+    assert half.dtype == np.float32 and float(half[0] @ reference[0]) > 0.99
+
+
 def test_bge_defaults_cls_pooling_and_instruction(fake_bge):
     embedder = minibge.load_embedder(fake_bge("bge-small-en-v1.5"))
     assert embedder.pooling == "cls" and embedder.max_length == 512
