@@ -7,7 +7,6 @@ announced on stderr, so a result on stdout is never ambiguous about what produce
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from . import hub
 from .cli_io import PROG, CliError
+from .weights import PYTORCH_NAME, SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME
 
 MODEL_ENV = "MINIBGE_MODEL"
 DEFAULT_MODELS = ("bge-small-en-v1.5", "bge-base-en-v1.5", "all-MiniLM-L6-v2")
@@ -55,7 +55,7 @@ def _resolve(model: str | None) -> tuple[Path, str]:
         return Path(name).expanduser(), f"local folder ({how})"
     local = hub.default_weights_dir() / name.split("/")[-1]
     already = (local / "config.json").is_file()
-    if not already and re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", name):  # a Hub id, as hub.py spells it
+    if not already and hub.is_hub_id(name):
         print(f"{PROG}: {name} is not in {hub.default_weights_dir()}; downloading it", file=sys.stderr)
     folder = hub.resolve_model_path(name)  # raises HubError for a non-folder that is not a Hub id
     verb = "found in" if already else "downloaded into"
@@ -79,8 +79,8 @@ def describe(embedder, folder: Path, origin: str) -> list[tuple[str, object]]:
     config = embedder.model.config
     n_params = sum(p.numel() for p in embedder.model.parameters())
     has_pooler = getattr(embedder.model, "pooler", None) is not None
-    weights = next((f for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-                    if (folder / f).is_file()), "?")
+    weights = next((f for f in (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, PYTORCH_NAME)
+                    if (folder / f).is_file()), "?")  # the order weights.read_state_dict tries them in
     instruction = embedder.query_instruction
     return [
         ("model", folder.name),

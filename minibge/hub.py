@@ -251,13 +251,18 @@ def download(repo_id: str, dest: Path | None = None, revision: str = "main",
     return dest
 
 
+def is_hub_id(name: str) -> bool:
+    """"org/name" with the characters the Hub allows, e.g. "BAAI/bge-small-en-v1.5"."""
+    return bool(_HUB_ID.match(name))
+
+
 def resolve_model_path(name_or_path: str | Path, download_if_missing: bool = True) -> Path:
     """Turn a local folder or a Hub id like "BAAI/bge-small-en-v1.5" into a local model folder."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     name = str(name_or_path)
-    if not _HUB_ID.match(name):
+    if not is_hub_id(name):
         raise HubError(f"no such model folder: {path} (and it is not a Hub id like BAAI/bge-small-en-v1.5)")
     local = default_weights_dir() / name.split("/")[-1]
     if (local / "config.json").is_file():
