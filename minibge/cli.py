@@ -36,10 +36,10 @@ from .cli_io import (PROG, CliError, UsageError, check_readable, check_writable,
                      format_matrix, interactive, iter_lines, one_line, print_summary, progress, progress_setting,
                      read_texts, stdin_as_file, write_jsonl, write_npy)
 from .cli_model import DEFAULT_MODELS, MODEL_ENV, describe, load
+from .evaluate import TASKS, evaluate_task, format_markdown, task_key
 from .hub import HubError
 from .search import top_k
 
-EVAL_TASKS = ("stsb", "sickr", "scifact")
 CHUNK_TEXTS = 10_000  # texts read, embedded and written at a time: bounds memory for big files
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "eval" / "data"
@@ -92,10 +92,10 @@ def _device(value: str) -> str:
 
 
 def _task(value: str) -> str:
-    key = value.lower().replace("-", "").replace("_", "")
-    if key not in EVAL_TASKS:
-        raise argparse.ArgumentTypeError(f"unknown task {value!r}; choose from {', '.join(EVAL_TASKS)}")
-    return key
+    try:
+        return task_key(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # ---------------------------------------------------------------- the parser
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                 _examples("minibge eval", "minibge eval --task stsb --task sickr -m weights/all-MiniLM-L6-v2",
                           "minibge eval --output results.json --markdown results.md"))
     p.add_argument("-t", "--task", action="append", type=_task, metavar="TASK",
-                   help=f"task to run, repeatable: {', '.join(EVAL_TASKS)} (default: all)")
+                   help=f"task to run, repeatable: {', '.join(TASKS)} (default: all)")
     p.add_argument("--data-dir", metavar="DIR",
                    help=f"folder with stsbenchmark/, sick2014/, scifact/ (default: {DEFAULT_DATA_DIR} if it exists)")
     p.add_argument("-o", "--output", metavar="JSON", help="write the list of result dicts to this JSON file")
@@ -340,9 +340,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_task, format_markdown
-
-    tasks = list(dict.fromkeys(args.task or EVAL_TASKS))
+    tasks = list(dict.fromkeys(args.task or TASKS))
     if args.data_dir is not None:
         data_dir = Path(args.data_dir).expanduser()
         if not data_dir.is_dir():

@@ -44,7 +44,7 @@ from .tokenizer import check_texts
 logger = logging.getLogger(__name__)
 
 __all__ = ["sts", "retrieval", "retrieval_metrics", "per_query_metrics", "classification",
-           "evaluate_task", "format_markdown", "spearman", "pearson", "rank_average", "TASKS"]
+           "evaluate_task", "task_key", "format_markdown", "spearman", "pearson", "rank_average", "TASKS"]
 
 # name -> (kind, display name, main metric, published MTEB scores x100 from the results repo)
 TASKS = {
@@ -323,11 +323,17 @@ def classification(embedder, train_texts, train_labels, test_texts, test_labels,
 
 
 # ---------------------------------------------------------------- built-in tasks and reporting
-def evaluate_task(embedder, task: str, data_dir: Path | str, batch_size: int = 32, show_progress_bar=None) -> dict:
-    """Run a built-in task (``stsb``, ``sickr``, ``scifact``) on the shared data folder."""
+def task_key(task: str) -> str:
+    """The TASKS key a spelling like "STS-B" or "sick_r" names; ValueError for an unknown task."""
     key = task.lower().replace("-", "").replace("_", "")
     if key not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    return key
+
+
+def evaluate_task(embedder, task: str, data_dir: Path | str, batch_size: int = 32, show_progress_bar=None) -> dict:
+    """Run a built-in task (``stsb``, ``sickr``, ``scifact``) on the shared data folder."""
+    key = task_key(task)
     kind, display, main_metric, reference = TASKS[key]
     data_dir = Path(data_dir)
     if key == "stsb":
