@@ -18,6 +18,7 @@ Texts longer than max_length tokens are truncated (the tail is dropped, [SEP] ke
 """
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from .hub import resolve_model_path
 from .model import POOLING, l2_normalize
 from .tokenizer import Tokenizer, check_texts
 from .weights import load_model
+from .weights import save_pretrained as save_model
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +62,8 @@ def read_pooling_mode(folder: Path) -> str | None:
 
 def default_query_instruction(folder: Path) -> str | None:
     prompts = (_read_json(folder / "config_sentence_transformers.json") or {}).get("prompts") or {}
-    if prompts.get("query"):
-        return prompts["query"]
+    if "query" in prompts:  # an explicit "" means "no instruction", e.g. a model saved without one
+        return prompts["query"] or None
     name = folder.name.lower()
     if name.startswith("bge-") and "-zh" in name:
         return INSTRUCTION_ZH
@@ -112,14 +114,30 @@ class Embedder:
         return (f"Embedder({self.name!r}, dim={self.dimension}, pooling={self.pooling!r}, "
                 f"max_length={self.max_length}, device={self.device})")
 
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> dict:
+        """Texts → {"input_ids", "attention_mask"} (B, T) long tensors on the model's device, right-padded,
+        each text cut to max_length tokens (the embedder's own limit by default, never above it)."""
+        max_length = self.max_length if max_length is None else min(max_length, self.max_length)
+        input_ids, attention_mask = self.tokenizer.pad(self.tokenizer.encode_batch(texts, max_length))
+        return {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
+
+    def embed(self, texts_or_batch, max_length: int | None = None, normalize: bool = True) -> torch.Tensor:
+        """The differentiable path, for training loops: texts (or a batch from `tokenize`) → (B, D).
+
+        Unlike encode(), nothing here is wrapped in no_grad, nothing is sorted or moved to numpy, and
+        the model's train()/eval() mode is left as the caller set it (dropout acts in train mode).
+        """
+        batch = texts_or_batch if isinstance(texts_or_batch, Mapping) else self.tokenize(texts_or_batch, max_length)
+        if "input_ids" not in batch or "attention_mask" not in batch:
+            raise ValueError(f"a batch must hold input_ids and attention_mask, got keys {sorted(batch)}")
+        hidden = self.model(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))  # (B, T, H)
+        pooled = POOLING[self.pooling](hidden, batch["attention_mask"])  # (B, H)
+        return l2_normalize(pooled) if normalize else pooled
+
     @torch.inference_mode()
     def embed_batch(self, texts: list[str], max_length: int, normalize: bool) -> torch.Tensor:
-        """One forward pass: texts → (B, D) embeddings on the model's device, in the model's dtype."""
-        input_ids, attention_mask = self.tokenizer.pad(self.tokenizer.encode_batch(texts, max_length))
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        hidden = self.model(input_ids, attention_mask)  # (B, T, H)
-        pooled = POOLING[self.pooling](hidden, attention_mask)  # (B, H)
-        return l2_normalize(pooled) if normalize else pooled
+        """One forward pass for encode(): texts → (B, D) on the model's device, in the model's dtype."""
+        return self.embed(texts, max_length, normalize)
 
     def iter_batches(self, sentences: list[str], batch_size: int = 32, max_length: int | None = None,
                      normalize_embeddings: bool = True, show_progress_bar: bool | None = None):
@@ -182,6 +200,53 @@ class Embedder:
     def encode_corpus(self, corpus, **kwargs):
         """encode() for passages: never an instruction."""
         return self.encode(corpus, **kwargs)
+
+    def save_pretrained(self, directory) -> Path:
+        """Write a complete checkpoint folder that load_embedder, transformers' AutoModel /
+        AutoTokenizer and SentenceTransformer all reload with this pooling, length and instruction:
+
+            config.json, model.safetensors       the encoder, official BGE layout (weights.py)
+            tokenizer.json, vocab.txt, ...       the tokenizer (tokenizer.py)
+            modules.json                         sentence-transformers: Transformer → Pooling → Normalize
+            1_Pooling/config.json                "cls" or "mean"
+            sentence_bert_config.json            max_seq_length
+            config_sentence_transformers.json    prompts: {"query": instruction}, used by prompt_name="query"
+        """
+        directory = Path(directory)
+        save_model(self.model, directory)
+        self.tokenizer.save_pretrained(directory)
+        write_sentence_transformers_files(directory, self.pooling, self.max_length, self.dimension,
+                                          self.query_instruction)
+        return directory
+
+
+def write_sentence_transformers_files(directory: Path, pooling: str, max_length: int, dimension: int,
+                                      query_instruction: str | None) -> None:
+    """The small JSON files with which sentence-transformers (and load_embedder) read a folder."""
+    def write(path: Path, obj):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    write(directory / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ])
+    write(directory / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": dimension,
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "include_prompt": True,  # the instruction's tokens take part in mean pooling, as in encode_queries
+    })
+    (directory / "2_Normalize").mkdir(exist_ok=True)
+    write(directory / "sentence_bert_config.json", {"max_seq_length": max_length, "do_lower_case": False})
+    write(directory / "config_sentence_transformers.json", {
+        "prompts": {"query": query_instruction or "", "document": ""},
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+    })
 
 
 def load_embedder(name_or_path, device=None, dtype=None, attn_impl: str = "sdpa", pooling: str | None = None,

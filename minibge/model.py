@@ -106,11 +106,13 @@ class SelfAttention(nn.Module):
         # have to concatenate [Wq; Wk; Wv] along the output dim to keep this split.
         return x.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, T, D)
 
-    def forward(self, hidden, mask=None, key_value_states=None, need_probs=False):
+    def forward(self, hidden, mask=None, key_value_states=None, need_probs=False, score_bias=None):
         """hidden: (B, T, H); mask: bool, broadcastable to (B, heads, T, Tk), True = attend, or None.
 
         key_value_states (B, Tk, H) makes this cross-attention (RetroMAE's decoder reads keys and
         values from a different stream than its queries); by default it is self-attention.
+        score_bias: the research hook, a float tensor broadcastable to (B, heads, T, Tk) added to
+        the scaled scores QKᵀ/√d before the softmax (ALiBi slopes, a relative-position table, ...).
         Returns (output (B, T, H), attention probabilities (B, heads, T, Tk) or None).
         """
         kv = hidden if key_value_states is None else key_value_states
@@ -123,9 +125,12 @@ class SelfAttention(nn.Module):
         if self.attn_impl == "sdpa" and not need_probs:
             # is_causal stays False: an encoder sees both directions (nanoGPT's is_causal=True is a trap here).
             # The scale is SDPA's default 1/sqrt(D); pre-scaling q as well would scale twice.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, heads, T, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.sdpa_mask(mask, score_bias, q.dtype),
+                                               dropout_p=dropout_p)  # (B, heads, T, D)
         else:
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, heads, T, D) x (B, heads, D, Tk) -> (B, heads, T, Tk)
+            if score_bias is not None:
+                scores = scores + score_bias  # added after the 1/√d scaling, as SDPA adds a float attn_mask
             if mask is not None:
                 # HF adds finfo.min at masked keys; filling with it gives the same exp() = 0.
                 # -inf would also work, except that a fully masked row would then turn into NaN.
@@ -135,6 +140,17 @@ class SelfAttention(nn.Module):
         B, _, T, _ = y.shape
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H): heads side by side again
         return self.output(y), probs
+
+    @staticmethod
+    def sdpa_mask(mask, score_bias, dtype):
+        """SDPA takes one attn_mask: a bool (True = attend) or a float added to the scores. With a
+        score bias, I fold the padding mask into it as finfo.min, the manual path's fill value."""
+        if score_bias is None:
+            return mask
+        bias = score_bias.to(dtype)
+        if mask is not None:  # torch.where broadcasts both ways: (B, 1, 1, Tk) mask, (1, heads, T, Tk) bias
+            bias = torch.where(mask, bias, torch.finfo(dtype).min)
+        return bias
 
 
 class FeedForward(nn.Module):
@@ -161,8 +177,8 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x, mask=None, key_value_states=None, need_probs=False):
-        attended, probs = self.attention(x, mask, key_value_states, need_probs)
+    def forward(self, x, mask=None, key_value_states=None, need_probs=False, score_bias=None):
+        attended, probs = self.attention(x, mask, key_value_states, need_probs, score_bias)
         x = self.attention_norm(x + self.dropout(attended))       # dropout, add, then normalise
         # the FFN's residual is the attention block's *normalised* output, not the layer input
         x = self.ffn_norm(x + self.dropout(self.feed_forward(x)))
@@ -182,13 +198,19 @@ class Pooler(nn.Module):
 
 
 class EncoderOutput(NamedTuple):
+    """What BertModel.inspect returns."""
     last_hidden_state: torch.Tensor                 # (B, T, H)
     hidden_states: Optional[tuple] = None           # L + 1 tensors (B, T, H): embeddings, then each layer
     attentions: Optional[tuple] = None              # L tensors (B, heads, T, T) of softmax probabilities
 
 
 class BertModel(nn.Module):
-    """The encoder: Embeddings → L × EncoderLayer (→ optional Pooler, computed on request only)."""
+    """The encoder: Embeddings → L × EncoderLayer (→ Pooler, only when pooler_output is called).
+
+    model(input_ids, attention_mask, token_type_ids)   → last hidden state (B, T, H), always
+    model.inspect(input_ids, attention_mask, ...)      → EncoderOutput with every layer's output
+    model.pooler_output(last_hidden_state)             → BERT's tanh pooler (B, H); not BGE's embedding
+    """
 
     def __init__(self, config: BertConfig, attn_impl: str = "sdpa", add_pooler: bool = True):
         super().__init__()
@@ -245,20 +267,17 @@ class BertModel(nn.Module):
             raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got min {input_ids.min().item()}, "
                              f"max {input_ids.max().item()} (wrong tokenizer for this model?)")
         for name, tensor in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
-            if tensor is not None and tuple(tensor.shape) != (B, T):
-                raise ValueError(f"{name} must have the shape of input_ids {(B, T)}, got {tuple(tensor.shape)}")
+            if tensor is not None and (not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != (B, T)):
+                raise ValueError(f"{name} must be a tensor with the shape of input_ids {(B, T)}, "
+                                 f"got {tuple(getattr(tensor, 'shape', ())) or type(tensor).__name__}")
+        if attention_mask is not None:
+            check_padding_mask(attention_mask)
         if token_type_ids is not None and token_type_ids.numel() and \
                 (token_type_ids.min() < 0 or token_type_ids.max() >= cfg.type_vocab_size):
             raise ValueError(f"token_type_ids must lie in [0, {cfg.type_vocab_size})")
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None,
-                output_hidden_states=False, output_attentions=False):
-        """input_ids (B, T) long; attention_mask (B, T) 1 = token, 0 = padding; token_type_ids (B, T).
-
-        Returns the last hidden state (B, T, H), or an EncoderOutput with every layer's hidden
-        states and/or attention probabilities when asked (the attention probabilities come from
-        the manual path, since the fused kernel never materialises them).
-        """
+    def run_layers(self, input_ids, attention_mask=None, token_type_ids=None, attention_bias=None, need_probs=False):
+        """The whole encoder, yielding what comes out of the embeddings and then of each layer."""
         self.check_inputs(input_ids, attention_mask, token_type_ids)
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -266,20 +285,60 @@ class BertModel(nn.Module):
             # query positions. All-ones masks stay None so SDPA may pick its fastest kernel.
             mask = attention_mask.bool()[:, None, None, :]
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
-        hidden_states, attentions = [x], []
+        yield x, None
         for layer in self.layers:
-            x, probs = layer(x, mask, need_probs=output_attentions)
-            hidden_states.append(x)
-            attentions.append(probs)
-        if not (output_hidden_states or output_attentions):
-            return x
-        return EncoderOutput(x, tuple(hidden_states) if output_hidden_states else None,
-                             tuple(attentions) if output_attentions else None)
+            x, probs = layer(x, mask, need_probs=need_probs, score_bias=attention_bias)
+            yield x, probs
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, attention_bias=None):
+        """input_ids (B, T) long; attention_mask (B, T) of 0/1 (bool or integer), 1 = token, 0 = padding;
+        token_type_ids (B, T); attention_bias: optional float, broadcastable to (B, heads, T, T), added
+        to every layer's attention scores. Returns the last hidden state (B, T, H).
+
+        Unlike transformers' BertModel, which returns an output object, this is always one tensor:
+        `model(ids, mask)[0]` is the first sentence's token vectors, never "the last hidden state".
+        """
+        for x, _ in self.run_layers(input_ids, attention_mask, token_type_ids, attention_bias):
+            pass
+        return x
+
+    def inspect(self, input_ids, attention_mask=None, token_type_ids=None, attention_bias=None) -> "EncoderOutput":
+        """Everything inside, for looking rather than training: the hidden state after the embeddings
+        and after each layer (L + 1 tensors, as transformers' output_hidden_states), and each layer's
+        attention probabilities (L tensors (B, heads, T, T); these come from the manual path, since
+        the fused kernel never materialises them)."""
+        outputs = list(self.run_layers(input_ids, attention_mask, token_type_ids, attention_bias, need_probs=True))
+        hidden_states = tuple(x for x, _ in outputs)
+        attentions = tuple(probs for _, probs in outputs[1:])
+        return EncoderOutput(hidden_states[-1], hidden_states, attentions)
+
+    def pooler_output(self, last_hidden_state):
+        """transformers' `pooler_output`: tanh(W·h_CLS + b), (B, T, H) → (B, H). BGE's embedding is
+        the CLS vector *before* this head; the pooler is what BERT's next-sentence task trained."""
+        if self.pooler is None:
+            raise ValueError("this model has no pooler: its checkpoint carried no pooler.dense weights")
+        return self.pooler(last_hidden_state)
 
     def save_pretrained(self, directory):
         """Write config.json + model.safetensors in the official BGE layout (see weights.py)."""
         from .weights import save_pretrained  # weights.py imports this file, so import lazily
         return save_pretrained(self, directory)
+
+
+def check_padding_mask(attention_mask):
+    """A padding mask holds 0/1 (bool or integer). Anything else, most often transformers' *additive*
+    mask (0 for tokens, -10000 or finfo.min for padding), would be silently misread by `.bool()`."""
+    if attention_mask.dtype == torch.bool:
+        return
+    additive_hint = (" It looks like transformers' additive mask (0 = attend, a large negative number = padding);"
+                     " pass the tokenizer's 0/1 attention_mask instead.")
+    looks_additive = attention_mask.numel() and bool((attention_mask <= 0).all()) and bool((attention_mask < 0).any())
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise ValueError(f"attention_mask must be bool or integer 0/1 (1 = real token, 0 = padding), got dtype "
+                         f"{attention_mask.dtype}." + (additive_hint if looks_additive else " Convert a 0./1. mask with .long()."))
+    if attention_mask.numel() and (attention_mask.min() < 0 or attention_mask.max() > 1):
+        raise ValueError(f"attention_mask must hold only 0 and 1 (1 = real token, 0 = padding), got values in "
+                         f"[{attention_mask.min().item()}, {attention_mask.max().item()}]." + (additive_hint if looks_additive else ""))
 
 
 # -----------------------------------------------------------------------------

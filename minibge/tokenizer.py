@@ -105,17 +105,21 @@ def _check_encodable(texts) -> None:
 class Tokenizer:
     """Text -> padded id tensors, matching ``transformers.AutoTokenizer`` id for id."""
 
-    def __init__(self, tok: _HFTokenizer, specials: dict[str, str], model_max_length: int):
+    def __init__(self, tok: _HFTokenizer, specials: dict[str, str], model_max_length: int,
+                 config: dict | None = None):
         # The library's own truncation and padding are switched off: tokenizer.json files often
         # ship with them enabled (all-MiniLM-L6-v2 truncates and pads to 128), and I want every
         # length decision to come from the caller's max_length.
         tok.no_truncation()
         tok.no_padding()
         self._tok = tok
+        self.specials = dict(specials)
+        self.config = dict(config or {})  # tokenizer_config.json as read, written back by save_pretrained
         self.model_max_length = model_max_length
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.cls_token_id = self._id_of(specials["cls_token"])
         self.sep_token_id = self._id_of(specials["sep_token"])
+        self.mask_token_id = tok.token_to_id(specials["mask_token"])  # None if the vocabulary has no [MASK]
         pad_id = tok.token_to_id(specials["pad_token"])
         if pad_id is None:
             logger.warning("pad token %r is not in the vocabulary; padding with id 0",
@@ -156,7 +160,7 @@ class Tokenizer:
             raise FileNotFoundError(
                 f"no tokenizer found in {folder}: looked for tokenizer.json, or vocab.txt "
                 "(with an optional tokenizer_config.json)")
-        return cls(tok, specials, max_len)
+        return cls(tok, specials, max_len, config)
 
     def encode_batch(self, texts: list[str], max_length: int) -> list[list[int]]:
         """Token ids per text, wrapped in [CLS]/[SEP] and cut to max_length tokens; not padded."""
@@ -179,6 +183,27 @@ class Tokenizer:
         finally:
             self._tok.no_truncation()
         return [enc.ids for enc in encodings]
+
+    def convert_ids_to_tokens(self, ids) -> list[str]:
+        """[101, 7861, 8270] -> ["[CLS]", "em", "##bed"]: the WordPiece strings, "##" marking a word's continuation."""
+        return [self._tok.id_to_token(int(i)) for i in ids]
+
+    def save_pretrained(self, directory) -> Path:
+        """Write tokenizer.json, vocab.txt, tokenizer_config.json and special_tokens_map.json, the
+        files transformers' AutoTokenizer and sentence-transformers look for."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(directory / "tokenizer.json"))  # truncation/padding are off (see __init__)
+        vocab = sorted(self._tok.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
+        assert [i for _, i in vocab] == list(range(len(vocab))), "vocabulary ids are not 0..V-1"
+        (directory / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
+        config = {"tokenizer_class": "BertTokenizer", **self.config, **self.specials,
+                  "model_max_length": self.model_max_length}
+        config.pop("added_tokens_decoder", None)  # stale ids from the source file; tokenizer.json has them
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                         encoding="utf-8")
+        (directory / "special_tokens_map.json").write_text(json.dumps(self.specials, indent=2) + "\n", encoding="utf-8")
+        return directory
 
     def pad(self, batch_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad to the longest sequence; return (input_ids, attention_mask), both (B, T) long."""

@@ -87,7 +87,7 @@ def test_intermediate_outputs_match_transformers(tiny_checkpoint):
     model = minibge.load_model(folder)
     ids, mask, types = random_batch(model.config, batch_size=3, seq_len=16, seed=2)
     with torch.no_grad():
-        out = model(ids, mask, types, output_hidden_states=True, output_attentions=True)
+        out = model.inspect(ids, mask, types)
         hf_eager = hf_reference_model(model.config, attn_implementation="eager")
         hf_eager.load_state_dict(hf_model.state_dict())
         ref = hf_eager(input_ids=ids, attention_mask=mask, token_type_ids=types,
