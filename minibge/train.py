@@ -1,0 +1,523 @@
+"""One training loop for every minibge training stage (contrastive fine-tuning, RetroMAE pre-training).
+
+The loop knows nothing about embeddings or masks. A stage hands it four things:
+
+    model      the nn.Module whose parameters are optimised (and checkpointed)
+    loss_fn    batch -> {"loss": scalar to back-propagate, "other": scalars shown on the progress bar}
+    batches    a Batches object: deterministic, resumable batches (epoch e, from batch index i)
+    save_fn    directory -> writes the stage's artefact there (e.g. a complete embedder folder)
+
+and the loop does the rest, the same way for both stages:
+
+    for each optimizer step:
+        for each of `grad_accumulation` micro-batches:
+            with autocast (bf16/fp16 on CUDA only):  losses = loss_fn(batch)
+            (losses["loss"] / micro-batches).backward()          gradients add up across micro-batches
+        all-reduce the gradients (mean over ranks)               what DistributedDataParallel does
+        clip the global gradient norm to max_grad_norm
+        AdamW step; learning rate: linear warm-up, then linear decay to 0
+
+        lr ▲    ____
+           │   /    ‾‾‾‾‾‾‾‾‾‾‾‾---____
+           │  /                        ‾‾‾‾----___
+           └─┴──────────────────────────────────────▶ step
+             warm-up (warmup_ratio of all steps)
+
+Checkpoints (every `save_steps` optimizer steps, and at the end) hold everything a run needs to
+continue as if it had never stopped: weights, AdamW moments, the scheduler, every rank's RNG
+states and the position in the data (epoch, next batch). That works because the batches are a
+pure function of (seed, epoch, batch index, rank): resuming asks `batches.epoch(e, start=i)` and
+gets exactly the batches the interrupted run would have seen next.
+
+Data parallelism (torchrun): each rank takes its own slice of every global batch, and after
+backward the ranks average their gradients with one all-reduce, so every rank applies the same
+update. I do that by hand rather than wrapping the model in DistributedDataParallel because the
+loss functions call sub-modules (Embedder.embed calls model(...) directly) and DDP only syncs
+when its own forward is called. The arithmetic is DDP's: sum over ranks, divide by world size.
+Rank 0 alone writes checkpoints, logs and the progress bar. Backend: nccl on CUDA, gloo on CPU.
+
+    from minibge.train import Batches, TrainConfig, train
+    config = TrainConfig(epochs=1, batch_size=16, lr=2e-5)
+    batches = Batches(examples, collate, config.batch_size, seed=config.seed)
+    train(model, loss_fn, batches, config, "runs/out", save_fn=lambda d: model.save_pretrained(d))
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+RUN_FILE = "run.json"               # marks a folder as this trainer's output and records what run it is
+LOG_FILE = "train_log.jsonl"        # one JSON object per logged step
+STATE_FILE = "trainer_state.pt"     # inside checkpoint-N/: everything but the artefact
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1                      # passes over the data (ignored when max_steps is set)
+    max_steps: int | None = None         # optimizer steps in total; overrides epochs
+    batch_size: int = 32                 # examples per micro-batch on each rank
+    lr: float = 2e-5                     # peak learning rate (FlagEmbedding: 1e-5 large, 2e-5 base, 3e-5 small)
+    weight_decay: float = 0.01           # AdamW's decoupled decay; never on biases or LayerNorm
+    warmup_ratio: float = 0.1            # fraction of the steps spent warming the lr up from 0
+    grad_accumulation: int = 1           # micro-batches per optimizer step
+    max_grad_norm: float | None = 1.0    # clip the global gradient norm (None: no clipping)
+    save_steps: int = 0                  # checkpoint every N optimizer steps (0: only at the end)
+    seed: int = 42                       # data order, sampling inside batches, dropout
+    precision: str = "fp32"              # fp32 | fp16 | bf16 (autocast, CUDA only)
+    gradient_checkpointing: bool = False # recompute each encoder layer in backward: less memory, ~30% slower
+    log_steps: int = 10                  # write a log line every N optimizer steps
+
+    def __post_init__(self):
+        positive = ("epochs", "batch_size", "grad_accumulation", "log_steps")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"TrainConfig.max_steps must be None or a positive int, got {self.max_steps!r}")
+        if not isinstance(self.save_steps, int) or self.save_steps < 0:
+            raise ValueError(f"TrainConfig.save_steps must be an int >= 0, got {self.save_steps!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"TrainConfig.warmup_ratio must lie in [0, 1), got {self.warmup_ratio!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"TrainConfig.max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+
+
+# -----------------------------------------------------------------------------
+# Distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK in the environment
+
+def setup_distributed() -> torch.device:
+    """Join the torchrun process group if there is one (idempotent); returns this rank's device.
+
+    Without torchrun this is a no-op and the device is CUDA when available, else the CPU.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        logger.info("rank %d of %d joined the %s process group", dist.get_rank(), dist.get_world_size(), backend)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    return rank_and_world()[0] == 0
+
+
+# -----------------------------------------------------------------------------
+# Data: deterministic, resumable batches
+
+def _generator(*key: int) -> torch.Generator:
+    """A torch generator seeded by a tuple of ints (numpy's SeedSequence mixes them well)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1))
+
+
+class Batches:
+    """Batches of `examples`, a pure function of (seed, epoch, batch index, rank).
+
+    Every epoch shuffles the examples with a generator seeded by (seed, epoch) and cuts them
+    into global batches of batch_size × world_size (the incomplete tail is dropped); rank r
+    takes rows [r·B, (r+1)·B) of each. `collate(examples, generator)` turns a list of examples
+    into a batch; it draws any randomness it needs (negatives, masks) from `generator`, which is
+    seeded by (seed, epoch, batch index, rank), so batch i is the same whether the run got
+    there directly or resumed at it: `epoch(e, start=i)` skips without collating.
+    """
+
+    def __init__(self, examples: Sequence, collate: Callable[[list, torch.Generator], object],
+                 batch_size: int, seed: int = 0, shuffle: bool = True):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.examples = examples
+        self.collate = collate
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+
+    def __len__(self) -> int:
+        """Batches per epoch on each rank."""
+        return len(self.examples) // (self.batch_size * rank_and_world()[1])
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator:
+        rank, world = rank_and_world()
+        if len(self) == 0:
+            raise ValueError(f"{len(self.examples)} examples do not fill one batch of {self.batch_size} "
+                             f"per rank × {world} rank(s); lower the batch size")
+        order = torch.arange(len(self.examples))
+        if self.shuffle:
+            order = torch.randperm(len(self.examples), generator=_generator(self.seed, epoch))
+        global_batch = self.batch_size * world
+        for i in range(start, len(self)):
+            rows = order[i * global_batch + rank * self.batch_size:][:self.batch_size].tolist()
+            yield self.collate([self.examples[j] for j in rows], _generator(self.seed, epoch, i, rank))
+
+
+def move_to(batch, device: torch.device):
+    """Every tensor in a (nested) dict / list / tuple moved to `device`; anything else as is."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: move_to(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(value, device) for value in batch)
+    return batch
+
+
+# -----------------------------------------------------------------------------
+# Optimizer, schedule, gradient checkpointing
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: biases and LayerNorm parameters (1-D) are exempt,
+    as in BERT's original recipe and every Hugging Face Trainer run since."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+
+
+def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr × step/warmup during warm-up, then down in a straight line to 0 at total_steps."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)  # never exactly 0: the first step already learns a little
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> int:
+    """Recompute every EncoderLayer's forward during backward instead of storing its activations.
+
+    I patch each layer instance's `forward` from the outside, so model.py stays a plain encoder.
+    Non-reentrant checkpointing replays dropout with the saved RNG state, so the gradients are
+    the ones the plain forward would give. Returns how many layers were wrapped.
+    """
+    from .model import EncoderLayer
+
+    wrapped = 0
+    for layer in model.modules():
+        if isinstance(layer, EncoderLayer) and not getattr(layer, "_checkpointed", False):
+            plain_forward = layer.forward
+
+            def forward(*args, _plain=plain_forward, _layer=layer, **kwargs):
+                if _layer.training and torch.is_grad_enabled():
+                    return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
+                return _plain(*args, **kwargs)
+
+            layer.forward = forward
+            layer._checkpointed = True
+            wrapped += 1
+    if wrapped == 0:
+        raise ValueError("gradient checkpointing: the model has no EncoderLayer to wrap")
+    return wrapped
+
+
+def average_gradients(model: nn.Module) -> None:
+    """All-reduce every gradient and divide by the world size: DDP's averaging, in one flat buffer."""
+    _, world = rank_and_world()
+    if world == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective instead of one per tensor
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def broadcast_parameters(model: nn.Module) -> None:
+    """Start every rank from rank 0's weights (DDP does this when it wraps a model)."""
+    if rank_and_world()[1] > 1:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+# -----------------------------------------------------------------------------
+# The output folder, checkpoints and RNG states
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """checkpoint-N folders with a complete trainer state, oldest first."""
+    found = [p for p in output_dir.glob(CHECKPOINT_PREFIX + "*")
+             if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
+def prepare_output_dir(output_dir: Path, run_info: dict, resume: bool) -> Path | None:
+    """Check that `output_dir` may be written by this run; returns the checkpoint to resume from.
+
+    A fresh run needs a missing or empty folder. --resume needs a folder this trainer wrote for
+    the same run (same `run_info`). Anything else is refused: I never overwrite a folder I did not write.
+    """
+    run_file = output_dir / RUN_FILE
+    occupied = output_dir.is_dir() and any(output_dir.iterdir())
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output {output_dir} exists and is not a folder")
+    if not occupied:
+        if resume:
+            logger.warning("--resume: %s holds no checkpoint yet; starting from step 0", output_dir)
+        return None
+    if not run_file.is_file():
+        raise ValueError(f"output folder {output_dir} is not empty and was not written by a minibge training "
+                         f"run; choose a new or empty folder (nothing was overwritten)")
+    recorded = json.loads(run_file.read_text())
+    if not resume:
+        raise ValueError(f"output folder {output_dir} already holds a training run; pass --resume to continue "
+                         f"it, or choose a new folder")
+    if recorded.get("finished"):
+        raise ValueError(f"the run in {output_dir} has already finished; nothing to resume")
+    differs = sorted(k for k in set(recorded.get("run", {})) | set(run_info)
+                     if recorded.get("run", {}).get(k) != run_info.get(k))
+    if differs:
+        raise ValueError(f"--resume: {output_dir} is a different run (it differs in {', '.join(differs)}); "
+                         f"resume with the same settings, or choose a new folder")
+    found = checkpoints(output_dir)
+    if not found:
+        logger.warning("--resume: %s holds no checkpoint yet; starting from step 0", output_dir)
+        return None
+    return found[-1]
+
+
+def _write_run_file(output_dir: Path, run_info: dict, finished: bool) -> None:
+    (output_dir / RUN_FILE).write_text(json.dumps({"run": run_info, "finished": finished}, indent=2) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past `step`: after a resume they will be written again."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def save_checkpoint(output_dir: Path, step: int, position: tuple[int, int], model: nn.Module, optimizer,
+                    scheduler, scaler, save_fn: Callable | None, config: TrainConfig) -> None:
+    """checkpoint-<step>/: the trainer state (+ the stage's artefact); older checkpoints are removed.
+
+    Every rank calls this (the RNG states are gathered from all of them); rank 0 writes.
+    """
+    rank, world = rank_and_world()
+    rng_states = [None] * world
+    if world > 1:
+        dist.all_gather_object(rng_states, _rng_state())
+    else:
+        rng_states = [_rng_state()]
+    if rank == 0:
+        final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+        partial = output_dir / f"{final.name}.partial"  # renamed at the end: a crash never leaves half a checkpoint
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        torch.save({"step": step, "position": position, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": rng_states, "world_size": world, "config": asdict(config)}, partial / STATE_FILE)
+        if save_fn is not None:
+            save_fn(partial)
+        os.replace(partial, final)
+        for old in checkpoints(output_dir)[:-1]:
+            shutil.rmtree(old)
+        logger.info("saved %s", final)
+    if world > 1:
+        dist.barrier()
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler) -> tuple[int, tuple[int, int]]:
+    """Restore everything save_checkpoint wrote; returns (step, (epoch, next batch))."""
+    rank, world = rank_and_world()
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
+    if state["world_size"] != world:
+        raise ValueError(f"{path} was written by {state['world_size']} rank(s); resume it with the same number "
+                         f"(now {world}), or the data order would change")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"][rank])
+    logger.info("resumed from %s (step %d)", path, state["step"])
+    return state["step"], tuple(state["position"])
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+def _autocast(device: torch.device, precision: str):
+    dtype = PRECISIONS[precision]
+    if dtype is None or device.type != "cuda":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _as_floats(losses: dict) -> dict:
+    return {name: float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+            for name, value in losses.items()}
+
+
+def train(model: nn.Module, loss_fn: Callable[[object], dict], batches: Batches, config: TrainConfig,
+          output_dir, save_fn: Callable[[Path], object] | None = None, resume: bool = False,
+          run_info: dict | None = None, device: torch.device | None = None) -> dict:
+    """Optimise `model` on `batches` with `loss_fn`; see the module docstring.
+
+    output_dir receives checkpoint-N/ folders while training and, at the end, the artefact
+    `save_fn(output_dir)` writes (checkpoints are then deleted). run_info (any JSON-able dict,
+    e.g. the command-line settings) is recorded in run.json; --resume refuses a folder whose
+    run_info differs. Returns the last logged metrics.
+    """
+    output_dir = Path(output_dir)
+    run_info = json.loads(json.dumps(run_info or {}))  # what run.json will read back (tuples -> lists)
+    rank, world = rank_and_world()
+    device = device or next(model.parameters()).device
+    if config.precision != "fp32" and device.type != "cuda":
+        logger.warning("precision %s needs CUDA; training in fp32 on %s", config.precision, device)
+    resume_from = prepare_output_dir(output_dir, run_info, resume) if rank == 0 else None
+    if world > 1:  # rank 0 checked the folder; everyone learns the verdict
+        shared = [str(resume_from) if resume_from else None]
+        dist.broadcast_object_list(shared, src=0)
+        resume_from = Path(shared[0]) if shared[0] else None
+
+    steps_per_epoch = math.ceil(len(batches) / config.grad_accumulation)
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    torch.manual_seed(config.seed + rank)  # dropout differs across ranks, as with independent GPUs
+    random.seed(config.seed + rank)
+    np.random.seed(config.seed + rank)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    broadcast_parameters(model)
+    optimizer = build_optimizer(model, config)
+    scheduler = linear_schedule(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" and device.type == "cuda" else None
+
+    step, (epoch, next_batch) = 0, (0, 0)
+    if resume_from is not None:
+        step, (epoch, next_batch) = load_checkpoint(resume_from, model, optimizer, scheduler, scaler)
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _write_run_file(output_dir, run_info, finished=False)
+        _truncate_log(output_dir / LOG_FILE, step)
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=rank != 0)
+    examples_per_step = config.batch_size * config.grad_accumulation * world
+    logged, window, window_start = {}, [], time.perf_counter()
+    model.train()
+
+    def micro_batches():
+        """(epoch, index of the batch after this one, batch), from the resume position on, forever."""
+        e, i = epoch, next_batch
+        while True:
+            for batch in batches.epoch(e, start=i):
+                i += 1
+                yield e, i, batch
+            e, i = e + 1, 0
+
+    stream = micro_batches()
+    while step < total_steps:
+        # one optimizer step: up to grad_accumulation micro-batches, never across an epoch boundary
+        group = []
+        for e, i, batch in stream:
+            group.append(batch)
+            position = (e, i) if i < len(batches) else (e + 1, 0)
+            if len(group) == config.grad_accumulation or i == len(batches):
+                break
+        step_losses = {}
+        for batch in group:
+            with _autocast(device, config.precision):
+                losses = loss_fn(move_to(batch, device))
+            if "loss" not in losses:
+                raise ValueError(f"loss_fn must return a dict with a 'loss' entry, got keys {sorted(losses)}")
+            loss = losses["loss"] / len(group)  # the step's gradient is the mean over its micro-batches
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            for name, value in _as_floats(losses).items():
+                step_losses[name] = step_losses.get(name, 0.0) + value / len(group)
+        if not math.isfinite(step_losses["loss"]):
+            raise FloatingPointError(f"step {step + 1}: the loss is {step_losses['loss']}; lower the lr "
+                                     "or check the data (fp16 overflow? try bf16)")
+        average_gradients(model)
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        grad_norm = None
+        if config.max_grad_norm is not None:
+            grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
+        lr = scheduler.get_last_lr()[0]
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        epoch, next_batch = position
+
+        window.append(step_losses)
+        bar.update(1)
+        if step % config.log_steps == 0 or step == total_steps:
+            elapsed = time.perf_counter() - window_start
+            logged = {name: sum(w[name] for w in window) / len(window) for name in window[0]}
+            logged.update(step=step, epoch=epoch, lr=lr, examples_per_s=len(window) * examples_per_step / elapsed)
+            if grad_norm is not None:
+                logged["grad_norm"] = grad_norm
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logged.items() if k not in ("step", "epoch")})
+            if rank == 0:
+                with open(output_dir / LOG_FILE, "a", encoding="utf-8") as log:
+                    log.write(json.dumps(logged) + "\n")
+            window, window_start = [], time.perf_counter()
+        if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+            save_checkpoint(output_dir, step, (epoch, next_batch), model, optimizer, scheduler, scaler,
+                            save_fn, config)
+    bar.close()
+
+    model.eval()
+    if rank == 0:
+        if save_fn is not None:
+            save_fn(output_dir)
+        for old in checkpoints(output_dir):
+            shutil.rmtree(old)
+        _write_run_file(output_dir, run_info, finished=True)
+        logger.info("training done: %d steps; wrote %s", step, output_dir)
+    if world > 1:
+        dist.barrier()
+    return logged
