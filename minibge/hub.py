@@ -24,6 +24,12 @@ The download protocol, file by file:
 
 ``config.json`` is fetched last, so a folder that has one holds a complete download;
 :func:`resolve_model_path` relies on that.
+
+Names from the outside never become paths unchecked. A repository id must be exactly
+"org/name"; its name alone is the folder under the weights folder, so "org/.." cannot climb
+out of it. Every file name in a listing must be a plain relative path ("1_Pooling/config.json"
+is fine; "../x", "/etc/x" and "a/../../x" make us refuse the whole listing), and the folder a
+file is written into is checked once more after resolving symlinks, right before writing.
 """
 from __future__ import annotations
 
@@ -54,7 +60,7 @@ SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json",
 SHARD_INDEX = "model.safetensors.index.json"
 # What a dropped or flaky connection looks like from urllib (HTTPError, a URLError, is handled first).
 _TRANSIENT = (http.client.HTTPException, ConnectionError, TimeoutError, urllib.error.URLError)
-_HUB_ID = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")
+_HUB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*/[A-Za-z0-9_][A-Za-z0-9_.-]*")  # no "..", "/" or "\\" parts
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +85,46 @@ def hub_url(base_url: str | None = None) -> str:
     return url.rstrip("/")
 
 
+# ---------------------------------------------------------------- names from outside → paths
+def is_hub_id(name: str) -> bool:
+    """"org/name" with the characters the Hub allows, e.g. "BAAI/bge-small-en-v1.5"."""
+    return isinstance(name, str) and _HUB_ID.fullmatch(name) is not None
+
+
+def check_hub_id(repo_id: str) -> None:
+    """TypeError / ValueError unless `repo_id` is an "org/name" id that is safe to build a folder name from."""
+    if not isinstance(repo_id, str):
+        raise TypeError(f"a Hub model id is a str like 'BAAI/bge-small-en-v1.5', got {type(repo_id).__name__}")
+    if not is_hub_id(repo_id):
+        raise ValueError(f"{repo_id!r} is not a Hub model id: expected 'org/name' made of letters, digits, "
+                         f"'-', '_' and '.', neither part starting with '.', e.g. BAAI/bge-small-en-v1.5")
+
+
+def _is_relative_file_name(path: str) -> bool:
+    """A listing's file name we may join onto a folder: "config.json", "1_Pooling/config.json"."""
+    return (path != "" and not path.startswith("/") and "\\" not in path and "\0" not in path
+            and all(part not in ("", ".", "..") for part in path.split("/")))
+
+
+def _inside(folder: Path, file: Path) -> bool:
+    """Does writing `file` (a temporary file beside it, then a rename onto it) stay inside `folder`?
+
+    I resolve the *parent*, where the bytes are written, following symlinks; the file's own name
+    is a plain name. The final name may be a symlink: os.replace swaps the link, not its target.
+    """
+    return file.name not in ("", ".", "..") and file.parent.resolve().is_relative_to(folder.resolve())
+
+
+def local_folder(repo_id: str) -> Path:
+    """Where a Hub model lives on disk: the weights folder / the id's name ("bge-small-en-v1.5")."""
+    check_hub_id(repo_id)
+    weights = default_weights_dir()
+    folder = weights / repo_id.split("/")[1]
+    assert _inside(weights, folder), folder  # guaranteed by check_hub_id: the name is one plain part
+    return folder
+
+
+# ---------------------------------------------------------------- HTTP
 def _open(url: str, offset: int = 0):
     request = urllib.request.Request(url, headers={"User-Agent": "minibge"})
     if offset:
@@ -118,6 +164,14 @@ def _list_files(base: str, repo_id: str, revision: str, dest: Path) -> dict[str,
             raise HubError(f"{url} did not return a file listing: {str(page)[:200]}")
         entries += page
         url = link.group(1) if link else None
+    for entry in entries:
+        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
+            raise HubError(f"the Hub at {base} sent a malformed entry in the listing of '{repo_id}': {str(entry)[:100]}")
+        # A real Hub never lists such names; a hostile or broken mirror might. I refuse the whole
+        # listing, not just the file, because nothing else from that source can be trusted either.
+        if not _is_relative_file_name(entry["path"]):
+            raise HubError(f"refusing to download '{repo_id}' from {base}: its listing names {entry['path']!r}, "
+                           f"which points outside the model folder")
     return {entry["path"]: entry for entry in entries if entry.get("type") == "file"}
 
 
@@ -205,6 +259,18 @@ def _fetch_file(url: str, final: Path, size: int | None, sha256: str | None, pro
     log.info("fetched %s (%d bytes)", final, final.stat().st_size)
 
 
+def _shard_names(index: Path) -> list[str]:
+    """The shard files a model.safetensors.index.json names, sorted, each once."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise HubError(f"{index} is not a valid shard index (a JSON object with a weight_map)") from None
+    if not all(isinstance(shard, str) for shard in shards):
+        raise HubError(f"{index} names shards that are not file names")
+    return shards
+
+
 def download(repo_id: str, dest: Path | None = None, revision: str = "main",
              base_url: str | None = None, progress: bool = True) -> Path:
     """Fetch the model folder of `repo_id` into `dest` (default: default_weights_dir()/<name>).
@@ -213,16 +279,18 @@ def download(repo_id: str, dest: Path | None = None, revision: str = "main",
     one copy of the weights (model.safetensors, else its shards, else pytorch_model.bin).
     Re-running is cheap: complete files are verified and skipped, partial ones resumed.
     """
+    check_hub_id(repo_id)  # before any path or URL is built from it
     base = hub_url(base_url)
-    dest = Path(dest).expanduser() if dest is not None else default_weights_dir() / repo_id.split("/")[-1]
+    dest = Path(dest).expanduser() if dest is not None else local_folder(repo_id)
     listing = _list_files(base, repo_id, revision, dest)
     if "config.json" not in listing:
         raise HubError(f"'{repo_id}' has no config.json at revision '{revision}'; is it a BERT/BGE model?")
     log.info("downloading %s@%s from %s into %s", repo_id, revision, base, dest)
 
     def fetch(path: str) -> None:
-        if Path(path).is_absolute() or ".." in Path(path).parts:  # never write outside dest
-            raise HubError(f"refusing to download {path!r}: it points outside the model folder")
+        # the listing's names were checked already; this catches a symlinked subfolder too
+        if not (_is_relative_file_name(path) and _inside(dest, dest / path)):
+            raise HubError(f"refusing to download {path!r} into {dest}: it would land outside the model folder")
         entry = listing[path]
         lfs = entry.get("lfs") or {}
         url = f"{base}/{quote(repo_id)}/resolve/{quote(revision, safe='')}/{quote(path)}"
@@ -236,7 +304,7 @@ def download(repo_id: str, dest: Path | None = None, revision: str = "main",
     elif SHARD_INDEX in listing:
         # A big model is split into shards; the index maps each tensor name to its shard file.
         fetch(SHARD_INDEX)
-        shards = sorted(set(json.loads((dest / SHARD_INDEX).read_text())["weight_map"].values()))
+        shards = _shard_names(dest / SHARD_INDEX)
         missing = [shard for shard in shards if shard not in listing]
         if missing:
             raise HubError(f"{SHARD_INDEX} of '{repo_id}' names shards the repository lacks: {missing}")
@@ -251,23 +319,27 @@ def download(repo_id: str, dest: Path | None = None, revision: str = "main",
     return dest
 
 
-def is_hub_id(name: str) -> bool:
-    """"org/name" with the characters the Hub allows, e.g. "BAAI/bge-small-en-v1.5"."""
-    return bool(_HUB_ID.match(name))
-
-
 def resolve_model_path(name_or_path: str | Path, download_if_missing: bool = True) -> Path:
-    """Turn a local folder or a Hub id like "BAAI/bge-small-en-v1.5" into a local model folder."""
+    """Turn a local folder or a Hub id like "BAAI/bge-small-en-v1.5" into a local model folder.
+
+    "org/name" is also a relative path, so when it is neither an existing folder nor a model we
+    can get from the Hub, the error speaks of both: `-m models/my-model` typed in the wrong
+    directory should not read as a Hub problem only.
+    """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
     name = str(name_or_path)
     if not is_hub_id(name):
         raise HubError(f"no such model folder: {path} (and it is not a Hub id like BAAI/bge-small-en-v1.5)")
-    local = default_weights_dir() / name.split("/")[-1]
+    local = local_folder(name)
     if (local / "config.json").is_file():
         return local
+    not_a_folder = f"no folder {path.absolute()}, and as a Hub id"
     if not download_if_missing:
-        raise HubError(f"'{name}' is not downloaded yet (looked for {local / 'config.json'}); "
+        raise HubError(f"{not_a_folder}, '{name}' is not downloaded yet (looked for {local / 'config.json'}); "
                        f"call minibge.hub.download({name!r}) first")
-    return download(name, local)
+    try:
+        return download(name, local)
+    except HubError as e:
+        raise HubError(f"{not_a_folder}: {e}") from None

@@ -71,6 +71,7 @@ class FakeHub:
         self.drop_always = set()  # file paths whose every download is cut off halfway
         self.corrupt = set()     # file paths served with wrong bytes (same length)
         self.ignore_range = False
+        self.extra_entries = []  # appended to every listing as they are: e.g. malformed ones
         hub_state = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -91,7 +92,8 @@ class FakeHub:
                 if m := re.fullmatch(r"/api/models/(.+)/tree/([^/]+)", path):
                     if m.group(1) not in hub_state.repos:
                         return self.send(404, b'{"error": "Repository not found"}')
-                    return self.send(200, json.dumps(listing(hub_state.repos[m.group(1)])).encode())
+                    entries = listing(hub_state.repos[m.group(1)]) + hub_state.extra_entries
+                    return self.send(200, json.dumps(entries).encode())
                 m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
                 if not m or m.group(3) not in hub_state.repos.get(m.group(1), {}):
                     return self.send(404, b"Entry not found")
@@ -309,3 +311,84 @@ def test_repo_without_config_is_refused(fake_hub, tmp_path):
     del fake_hub.repos[REPO]["config.json"]
     with pytest.raises(HubError, match="no config.json"):
         download(REPO, tmp_path / "m", base_url=fake_hub.url, progress=False)
+
+
+# ---------------------------------------------------------------- hostile ids and listings
+def tree(folder):
+    """Every file and folder under `folder`, as relative paths."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("repo_id", ["org/..", "org/.", "org/", "../org", "/etc/passwd", "org/a/b", "org//a",
+                                     "a/../../x", "org\\..\\x", "org/name\n", "", "org/na me"])
+def test_hostile_repo_id_is_refused_before_anything_is_written(fake_hub, tmp_path, monkeypatch, repo_id):
+    weights = tmp_path / "sandbox" / "weights"
+    weights.mkdir(parents=True)
+    monkeypatch.setenv(hub.WEIGHTS_DIR_ENV, str(weights))
+    fake_hub.repos[repo_id] = dict(FILES)  # a mirror that would happily serve it
+    with pytest.raises(ValueError, match="not a Hub model id"):
+        download(repo_id, base_url=fake_hub.url, progress=False)
+    assert tree(tmp_path) == ["sandbox", "sandbox/weights"]
+    assert fake_hub.requests == []  # refused before asking the Hub anything
+
+
+@pytest.mark.parametrize("bad_name", ["../x", "/etc/x", "a/../../x", "1_Pooling/../../x", "a//b", "./x", "a\\..\\x", ""])
+def test_hostile_file_name_in_listing_is_refused(fake_hub, tmp_path, monkeypatch, bad_name):
+    weights = tmp_path / "sandbox" / "weights"
+    weights.mkdir(parents=True)
+    monkeypatch.setenv(hub.WEIGHTS_DIR_ENV, str(weights))
+    fake_hub.repos[REPO][bad_name] = b"pwned"
+    with pytest.raises(HubError, match="refusing"):
+        download(REPO, base_url=fake_hub.url, progress=False)
+    assert tree(tmp_path) == ["sandbox", "sandbox/weights"]
+    assert fake_hub.content_gets() == []  # the listing alone was enough to refuse
+
+
+@pytest.mark.parametrize("shard", ["../evil.safetensors", "a/../../evil.safetensors", "/tmp/evil.safetensors"])
+def test_hostile_shard_index_writes_nothing_outside(fake_hub, tmp_path, monkeypatch, shard):
+    weights = tmp_path / "sandbox" / "weights"
+    weights.mkdir(parents=True)
+    monkeypatch.setenv(hub.WEIGHTS_DIR_ENV, str(weights))
+    index = json.dumps({"weight_map": {"embeddings.weight": shard}}).encode()
+    fake_hub.repos[SHARDED]["model.safetensors.index.json"] = index
+    with pytest.raises(HubError, match="refusing|lacks"):
+        download(SHARDED, base_url=fake_hub.url, progress=False)
+    outside = [p for p in tree(tmp_path) if not p.startswith("sandbox/weights")]
+    assert outside == ["sandbox"]
+
+
+def test_symlinked_subfolder_cannot_lead_outside(fake_hub, tmp_path):
+    dest, elsewhere = tmp_path / "m", tmp_path / "elsewhere"
+    dest.mkdir()
+    elsewhere.mkdir()
+    (dest / "1_Pooling").symlink_to(elsewhere)  # the check is made after resolving links
+    with pytest.raises(HubError, match="refusing.*1_Pooling/config.json.*outside"):
+        download(REPO, dest, base_url=fake_hub.url, progress=False)
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("entry", [{"type": "file", "size": 3}, {"type": "file", "path": 5}, "config.json"])
+def test_malformed_listing_is_one_clear_error(fake_hub, tmp_path, entry):
+    fake_hub.extra_entries.append(entry)
+    with pytest.raises(HubError, match="malformed entry"):
+        download(REPO, tmp_path / "m", base_url=fake_hub.url, progress=False)
+    assert not (tmp_path / "m").exists()
+
+
+def test_non_string_repo_id_is_a_type_error(tmp_path):
+    with pytest.raises(TypeError, match="Hub model id is a str"):
+        download(tmp_path, progress=False)  # the classic mix-up: a folder where an id belongs
+
+
+def test_mistyped_relative_path_speaks_of_folder_and_hub(fake_hub, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(hub.WEIGHTS_DIR_ENV, str(tmp_path / "w"))
+    monkeypatch.setenv(hub.HUB_URL_ENV, fake_hub.url)
+    with pytest.raises(HubError) as info:
+        resolve_model_path("models/my-model")  # no such folder here, and no such model on the Hub
+    message = str(info.value)
+    assert f"no folder {tmp_path / 'models' / 'my-model'}" in message
+    assert "as a Hub id: model 'models/my-model' not found on the Hub" in message
+    with pytest.raises(HubError, match=r"no folder .*models/my-model, and as a Hub id, .* not downloaded yet"):
+        resolve_model_path("models/my-model", download_if_missing=False)
+    assert all_files(tmp_path) == []
