@@ -4,17 +4,44 @@ Field names are Hugging Face's, so a checkpoint's `config.json` maps onto the da
 translation table: unknown keys (`architectures`, `transformers_version`, the Chinese models'
 `pooler_*` leftovers, ...) are ignored, and a missing required key is a clear error.
 
+Every field is checked when a config is made, against the table RULES: its type (a JSON `true` is
+not 1 layer, `"384"` is not a width, `6.0` is not a layer count) and its range, then that the
+heads split hidden_size evenly. A bad config.json fails there, naming the field, the value and
+the file, rather than deep inside torch (0 heads used to be a ZeroDivisionError, a vocabulary of
+-5 a RuntimeError from nn.Embedding).
+
 The presets are every published BGE English and Chinese model, v1 and v1.5. v1 and v1.5 share
 one architecture; only the weights (and the training temperature) differ. Shapes from
 ../shared/reference/flagembedding.md §4.1; parameter counts there match the official ones.
 """
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 # the activations `hidden_act` may name; "gelu" is the exact erf form (what HF and BGE use)
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
+
+# field(s) -> (type, valid when, what valid means); every field of BertConfig appears once
+RULES = {
+    ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+     "max_position_embeddings", "type_vocab_size"): (int, lambda v: v >= 1, "at least 1"),
+    ("pad_token_id",): (int, lambda v: v >= 0, "at least 0"),
+    ("layer_norm_eps",): (float, lambda v: 0 < v < 1, "between 0 and 1"),
+    ("hidden_dropout_prob", "attention_probs_dropout_prob"): (float, lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("initializer_range",): (float, lambda v: 0 <= v < math.inf, "at least 0"),
+    ("hidden_act",): (str, lambda v: v in SUPPORTED_ACTIVATIONS, f"one of {SUPPORTED_ACTIVATIONS}"),
+    ("position_embedding_type",): (str, lambda v: v == "absolute", "'absolute' (the only kind BERT/BGE use)"),
+}
+
+
+def _has_type(value, kind: type) -> bool:
+    if isinstance(value, bool):  # bool is an int subclass in Python; in a config it is a mistake
+        return False
+    if kind is float:  # JSON writes 0.0 as 0 sometimes: an int is a fine float
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
 
 
 @dataclass
@@ -38,14 +65,19 @@ class BertConfig:
     REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
     def __post_init__(self):
+        for names, (kind, valid, meaning) in RULES.items():
+            for name in names:
+                value = getattr(self, name)
+                if not _has_type(value, kind):
+                    raise TypeError(f"{name} must be {'an' if kind is int else 'a'} {kind.__name__}, "
+                                    f"got {value!r} ({type(value).__name__})")
+                if not valid(value):
+                    raise ValueError(f"{name} must be {meaning}, got {value!r}")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
-        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; expected one of {SUPPORTED_ACTIVATIONS}")
-        if self.position_embedding_type != "absolute":
-            raise ValueError(f"position_embedding_type {self.position_embedding_type!r} is not supported; "
-                             "BERT/BGE use 'absolute'")
+        if self.pad_token_id >= self.vocab_size:
+            raise ValueError(f"pad_token_id {self.pad_token_id} is not below vocab_size {self.vocab_size}")
 
     @property
     def head_dim(self) -> int:
@@ -57,7 +89,10 @@ class BertConfig:
         if missing:
             raise ValueError(f"{source} is missing required key(s) {missing}")
         known = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
+        try:
+            return cls(**{key: value for key, value in values.items() if key in known})
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{source}: {err}") from None
 
     @classmethod
     def from_json(cls, path) -> "BertConfig":
