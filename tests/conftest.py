@@ -25,6 +25,17 @@ def require_path(path: Path, what: str) -> Path:
     pytest.skip(message)
 
 
+def require_module(name: str):
+    """Import an optional test dependency; skip without it, except under CI=true, where it must be there."""
+    import importlib
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        if IN_CI:
+            pytest.fail(f"test dependency {name!r} is not installed ({err}); CI=true requires it")
+        pytest.skip(f"{name} is not installed", allow_module_level=True)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/eval/data: STS-B, SICK, SciFact."""
@@ -142,3 +153,60 @@ def compare_with_hf(model, hf_model, input_ids, attention_mask, token_type_ids):
     # cosine in float64: in float32 even two identical 384-d vectors can come out at 0.9999996
     cls_cos = torch.nn.functional.cosine_similarity(ours[:, 0].double(), ref[:, 0].double(), dim=-1)
     return diff.max().item(), diff.mean().item(), cls_cos.min().item()
+
+
+# -----------------------------------------------------------------------------
+# Gradients: minibge vs transformers, parameter by parameter
+
+def training_pair(config, seed=1, hf_model=None):
+    """(minibge BertModel, transformers BertModel) with the same weights, both in train mode."""
+    from minibge import BertModel
+    from minibge.weights import load_state_into
+
+    hf_model = hf_model if hf_model is not None else hf_reference_model(config, seed=seed)
+    model = BertModel(config)
+    load_state_into(model, official_state_dict(hf_model))
+    return model.train(), hf_model.train()
+
+
+def pooled_loss(last_hidden, pooler_out, attention_mask, seed=0):
+    """A loss that reaches every parameter: the L2-normalised CLS vector (BGE's embedding), the masked
+    mean (all-MiniLM's) and the tanh pooler, each dotted with a fixed random direction."""
+    import torch
+
+    from minibge import cls_pool, l2_normalize, mean_pool
+
+    gen = torch.Generator().manual_seed(seed)
+    H = last_hidden.shape[-1]
+    w_cls, w_mean, w_pool = (torch.randn(H, generator=gen, dtype=last_hidden.dtype) for _ in range(3))
+    return (l2_normalize(cls_pool(last_hidden)) @ w_cls).square().sum() \
+        + (mean_pool(last_hidden, attention_mask) @ w_mean).sum() + (pooler_out @ w_pool).sum()
+
+
+def gradient_errors(model, hf_model, input_ids, attention_mask, token_type_ids):
+    """{official parameter name: relative error ‖g_ours − g_hf‖ / ‖g_hf‖} after one backward pass each."""
+    import torch
+
+    from minibge.weights import official_names
+
+    model.zero_grad(set_to_none=True)
+    hidden = model(input_ids, attention_mask, token_type_ids)
+    pooled_loss(hidden, model.pooler_output(hidden), attention_mask).backward()
+    hf_model.zero_grad(set_to_none=True)
+    out = hf_model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+    pooled_loss(out.last_hidden_state, out.pooler_output, attention_mask).backward()
+
+    hf_params = dict(hf_model.named_parameters())
+    errors = {}
+    for name, param in model.named_parameters():
+        official = official_names(model)[name]
+        ours, ref = param.grad, hf_params[official].grad
+        assert ours is not None and ref is not None, f"{official}: no gradient (ours {ours is not None}, hf {ref is not None})"
+        scale = ref.norm()
+        if official.endswith("attention.self.key.bias"):
+            # The key bias's exact gradient is zero: it adds the same q·b_k to every score in a softmax
+            # row, which the softmax ignores. Both sides hold rounding noise (~1e-10), so I measure the
+            # difference against the key weight's gradient rather than against noise.
+            scale = hf_params[official.replace(".bias", ".weight")].grad.norm()
+        errors[official] = ((ours - ref).norm() / scale.clamp(min=1e-30)).item()
+    return errors

@@ -174,6 +174,80 @@ def test_missing_path_and_unknown_hub_id(tmp_path, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
+# Saving a whole embedder, and embedding with gradients
+
+def min_cosine(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
+
+
+ROUND_TRIP_TEXTS = ["A man is playing a guitar.", "how do giant pandas eat bamboo?", "x", "",
+                    "Zwölf Boxkämpfer jagen Viktor quer über den großen Sylter Deich. " * 40]  # > 256 tokens
+
+
+def assert_reloads_alike(embedder, folder):
+    """load_embedder, SentenceTransformer and transformers' AutoModel give the base model's vectors."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    base_corpus, base_queries = embedder.encode_corpus(ROUND_TRIP_TEXTS), embedder.encode_queries(ROUND_TRIP_TEXTS)
+    reloaded = minibge.load_embedder(folder)
+    assert (reloaded.pooling, reloaded.max_length, reloaded.query_instruction) == \
+        (embedder.pooling, embedder.max_length, embedder.query_instruction)
+    st = SentenceTransformer(str(folder), device="cpu")
+    assert st.max_seq_length == embedder.max_length
+    for name, corpus, queries in [
+        ("load_embedder", reloaded.encode_corpus(ROUND_TRIP_TEXTS), reloaded.encode_queries(ROUND_TRIP_TEXTS)),
+        ("SentenceTransformer", st.encode(ROUND_TRIP_TEXTS), st.encode(ROUND_TRIP_TEXTS, prompt_name="query")),
+    ]:
+        for what, ours, base in (("corpus", corpus, base_corpus), ("queries", queries, base_queries)):
+            assert min_cosine(ours, base) >= 0.999999, \
+                f"{name} {what}: min cosine {min_cosine(ours, base):.9f}, max |diff| {np.abs(ours - base).max():.3e}"
+    hf_model = AutoModel.from_pretrained(folder).eval()
+    batch = embedder.tokenize(ROUND_TRIP_TEXTS)
+    with torch.no_grad():
+        ref, ours = hf_model(**batch).last_hidden_state, embedder.model(**batch)
+    assert torch.allclose(ref, ours, atol=1e-5), f"AutoModel: max |diff| {(ref - ours).abs().max():.3e}"
+
+
+def test_save_pretrained_round_trip_mean_pooling(minilm, tmp_path):
+    folder = minilm.save_pretrained(tmp_path / "saved")
+    assert minilm.pooling == "mean" and minilm.max_length == 256
+    assert_reloads_alike(minilm, folder)
+
+
+def test_save_pretrained_round_trip_cls_with_instruction(fake_bge, tmp_path):
+    embedder = minibge.load_embedder(fake_bge("bge-small-en-v1.5"))
+    assert embedder.pooling == "cls" and embedder.query_instruction == INSTRUCTION_EN
+    # a folder name that says nothing about BGE: the instruction must travel in the files
+    folder = embedder.save_pretrained(tmp_path / "my-finetuned-model")
+    assert_reloads_alike(embedder, folder)
+
+
+def test_saved_without_instruction_stays_without(fake_bge, tmp_path):
+    embedder = minibge.load_embedder(fake_bge("bge-small-en-v1.5"), query_instruction="")
+    folder = embedder.save_pretrained(tmp_path / "bge-small-en-v1.5-noinstruct")
+    assert minibge.load_embedder(folder).query_instruction is None
+
+
+def test_embed_carries_gradients_and_matches_encode(minilm):
+    texts = ["a first sentence", "and a somewhat longer second sentence", "three"]
+    reference = minilm.encode(texts)
+    embedded = minilm.embed(texts)
+    assert embedded.requires_grad and embedded.shape == (3, 384)
+    assert np.abs(embedded.detach().numpy() - reference).max() < 1e-5
+    embedded.sum().backward()
+    no_grad = [name for name, p in minilm.model.named_parameters() if p.grad is None and not name.startswith("pooler.")]
+    assert not no_grad, f"no gradient reached {no_grad}"  # the pooler is not part of the embedding
+    minilm.model.zero_grad(set_to_none=True)
+    batch = minilm.tokenize(texts, max_length=4)
+    assert batch["input_ids"].shape == (3, 4)
+    assert torch.allclose(minilm.embed(batch, normalize=False), minilm.embed(texts, max_length=4, normalize=False))
+    with pytest.raises(ValueError, match="input_ids and attention_mask"):
+        minilm.embed({"input_ids": batch["input_ids"]})
+
+
+# -----------------------------------------------------------------------------
 # Real BGE weights: only when someone has placed them under weights/ (the Hub is unreachable here)
 
 BGE_BASE = WEIGHTS_DIR / "bge-base-en-v1.5"

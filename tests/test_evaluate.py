@@ -12,6 +12,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import require_module
 
 from minibge.eval_data import load_beir, load_pairs_table, load_sick, load_sts_csv
 from minibge.evaluate import (classification, evaluate_task, format_markdown, per_query_metrics, rank_average,
@@ -227,7 +228,7 @@ def test_spearman_with_ties_by_hand():
 
 
 def test_spearman_against_scipy():
-    stats = pytest.importorskip("scipy.stats")
+    stats = require_module("scipy.stats")
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 6, 300), rng.integers(0, 4, 300) + 0.5 * rng.integers(0, 6, 300)
     assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
@@ -279,8 +280,8 @@ def test_classification_separable():
 
 @pytest.mark.parametrize("n_classes", [2, 5])
 def test_classification_matches_sklearn(n_classes):
-    linear = pytest.importorskip("sklearn.linear_model")
-    metrics = pytest.importorskip("sklearn.metrics")
+    linear = require_module("sklearn.linear_model")
+    metrics = require_module("sklearn.metrics")
     emb, data = _blobs(1, n_classes=n_classes, spread=3.5)  # hard enough: 65-90% accuracy
     ours = classification(emb, *data["train"], *data["test"])
     # The same protocol with sklearn doing the fit.

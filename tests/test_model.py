@@ -185,7 +185,7 @@ def test_no_mask_equals_all_ones_mask(tiny_model):
     (lambda c: dict(input_ids=torch.tensor([[1, c.vocab_size]])), "token ids must lie in"),
     (lambda c: dict(input_ids=torch.tensor([[1, -1]])), "token ids must lie in"),
     (lambda c: dict(input_ids=torch.ones(1, c.max_position_embeddings + 1, dtype=torch.long)), "max_position_embeddings"),
-    (lambda c: dict(input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4)), "attention_mask must have the shape"),
+    (lambda c: dict(input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4)), "attention_mask must be a tensor with the shape"),
     (lambda c: dict(input_ids=torch.ones(2, 5, dtype=torch.long), token_type_ids=torch.full((2, 5), 2)), "token_type_ids must lie in"),
     (lambda c: dict(input_ids=torch.ones(5, dtype=torch.long)), "2-D torch.long"),
     (lambda c: dict(input_ids=torch.ones(1, 5)), "2-D torch.long"),
@@ -193,6 +193,94 @@ def test_no_mask_equals_all_ones_mask(tiny_model):
 def test_bad_inputs_raise_value_error(tiny_model, make_input, match):
     with pytest.raises(ValueError, match=match):
         tiny_model(**make_input(tiny_model.config))
+
+
+def test_pooler_output_matches_transformers(tiny_checkpoint):
+    folder, hf_model = tiny_checkpoint
+    model = minibge.load_model(folder)
+    ids, mask, types = random_batch(model.config, batch_size=3, seq_len=12, seed=4)
+    with torch.no_grad():
+        ours = model.pooler_output(model(ids, mask, types))
+        ref = hf_model(input_ids=ids, attention_mask=mask, token_type_ids=types).pooler_output
+    assert torch.allclose(ours, ref, atol=1e-6), diff_report(ours, ref)
+    with pytest.raises(ValueError, match="no pooler"):
+        BertModel(model.config, add_pooler=False).pooler_output(ours[:, None])
+
+
+def test_forward_always_returns_the_last_hidden_state(tiny_model):
+    ids, mask, types = random_batch(tiny_model.config, 3, 9, seed=8)
+    with torch.no_grad():
+        out = tiny_model(ids, mask, types)
+        details = tiny_model.inspect(ids, mask, types)
+        first = tiny_model(ids[:1], mask[:1], types[:1])[0]
+    assert isinstance(out, torch.Tensor) and out.shape == (3, 9, TINY["hidden_size"])
+    assert torch.allclose(out[0], first, atol=1e-5), f"model(...)[0] is the first sequence: {diff_report(out[0], first)}"
+    assert len(details.hidden_states) == TINY["num_hidden_layers"] + 1 and len(details.attentions) == TINY["num_hidden_layers"]
+    assert torch.equal(details.last_hidden_state, details.hidden_states[-1])
+
+
+# -----------------------------------------------------------------------------
+# The research hook: an additive attention-score bias, the same on both paths
+
+def alibi_bias(num_heads, T):
+    """ALiBi-style symmetric distance penalty, one slope per head: (1, heads, T, T)."""
+    slopes = torch.tensor([2.0 ** (-8 * (h + 1) / num_heads) for h in range(num_heads)])
+    distance = (torch.arange(T)[None, :] - torch.arange(T)[:, None]).abs()
+    return -(slopes[:, None, None] * distance)[None]
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.lists(token_lists, min_size=1, max_size=4), per_sentence=st.booleans())
+def test_attention_bias_same_on_both_paths(tiny_model, batch, per_sentence):
+    T = max(len(s) for s in batch)
+    ids = torch.tensor([s + [0] * (T - len(s)) for s in batch])
+    mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in batch])
+    heads = TINY["num_attention_heads"]
+    bias = torch.randn(len(batch), heads, T, T) if per_sentence else alibi_bias(heads, T)
+    outs = {}
+    with torch.no_grad():
+        for impl in ("sdpa", "manual"):
+            tiny_model.set_attn_impl(impl)
+            outs[impl] = tiny_model(ids, mask, attention_bias=bias)
+        plain = tiny_model(ids, mask)
+    real = mask.bool()
+    a, b = outs["sdpa"][real], outs["manual"][real]
+    assert torch.allclose(a, b, atol=1e-5), diff_report(a, b)
+    assert not torch.allclose(a, plain[real], atol=1e-4) or T == 1, "the bias changed nothing"
+
+
+def test_zero_attention_bias_is_a_no_op(tiny_model):
+    ids, mask, _ = random_batch(tiny_model.config, 3, 10, seed=3)
+    with torch.no_grad():
+        for impl in ("sdpa", "manual"):
+            tiny_model.set_attn_impl(impl)
+            a, b = tiny_model(ids, mask), tiny_model(ids, mask, attention_bias=torch.zeros(1, 1, 10, 10))
+            assert torch.allclose(a, b, atol=1e-6), f"{impl}: {diff_report(a, b)}"
+
+
+# -----------------------------------------------------------------------------
+# attention_mask: 0/1 only
+
+@pytest.mark.parametrize("make_mask, match", [
+    (lambda m: (1 - m).float() * -10000.0, "additive mask"),                # transformers' extended mask, float
+    (lambda m: (1 - m) * -10000, "additive mask"),                          # the same as integers
+    (lambda m: (1 - m).float() * torch.finfo(torch.float32).min, "additive mask"),
+    (lambda m: m * 2, "only 0 and 1"),
+    (lambda m: m.float(), "bool or integer"),
+    (lambda m: m.float() * 0.5, "bool or integer"),
+    (lambda m: m.tolist(), "must be a tensor"),
+])
+def test_bad_attention_masks_raise_value_error(tiny_model, make_mask, match):
+    ids, mask, _ = random_batch(tiny_model.config, 3, 8, seed=9)
+    with pytest.raises(ValueError, match=match):
+        tiny_model(ids, make_mask(mask))
+
+
+def test_good_attention_masks_agree(tiny_model):
+    ids, mask, _ = random_batch(tiny_model.config, 3, 8, seed=9)
+    with torch.no_grad():
+        outs = [tiny_model(ids, m) for m in (mask, mask.bool(), mask.int(), mask.to(torch.uint8))]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 def test_bad_config_values():

@@ -11,9 +11,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import require_module
+
 from minibge.tokenizer import Tokenizer
 
-transformers = pytest.importorskip("transformers")
+transformers = require_module("transformers")
 
 MAX_LENGTHS = [2, 8, 256, 512]
 
