@@ -18,6 +18,9 @@ Results go to stdout, everything else (which model was used, progress bars, logg
 ``-v``) to stderr, so ``minibge similarity a b > out.txt`` captures only the matrix.
 A user mistake (a missing file, a bad option, an unreachable Hub) ends with one line,
 ``minibge: error: ...``, and exit status 2 for a bad command line, 1 for anything else.
+Outputs are checked for writability before any work starts. Ctrl-C (SIGINT, exit 130) and
+SIGTERM (what `timeout`, a job scheduler or `docker stop` send; exit 143) both unwind cleanly:
+an existing output file is left as it was, and no half-written file stays behind.
 """
 from __future__ import annotations
 
@@ -25,7 +28,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +96,14 @@ def _device(value: str) -> str:
     return value
 
 
+def _hub_id(value: str) -> str:
+    try:
+        hub.check_hub_id(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
 def _task(value: str) -> str:
     try:
         return task_key(value)
@@ -119,14 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     verbose = _Parser(add_help=False)
     verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                          help="log progress (INFO) to stderr")
-    model = _Parser(add_help=False)
-    group = model.add_argument_group("model options")
+    # `info` takes the model options only; the commands that embed also take the batching ones
+    model_only = _Parser(add_help=False)
+    group = model_only.add_argument_group("model options")
     group.add_argument("-m", "--model", metavar="PATH_OR_ID",
                        help=f"model folder or Hub id (default: ${MODEL_ENV}, else the first of "
                             f"{', '.join(DEFAULT_MODELS)} found in the weights folder)")
     group.add_argument("--device", type=_device, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     group.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
                        help="weights' precision; half precision applies on a GPU only (default: float32)")
+    model = _Parser(add_help=False, parents=[model_only])
+    group = model.add_argument_group("batching options")
     group.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass (default: 32)")
     group.add_argument("--max-length", type=_max_length,
                        help="truncate texts to this many tokens (default: the model's own limit)")
@@ -189,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                 _examples("minibge download BAAI/bge-small-en-v1.5",
                           "minibge download BAAI/bge-base-en-v1.5 --dest /data/models/bge-base --revision main"),
                 parents=(verbose,))
-    p.add_argument("repo_id", metavar="REPO_ID", help="Hub model id, e.g. BAAI/bge-small-en-v1.5")
+    p.add_argument("repo_id", metavar="REPO_ID", type=_hub_id, help="Hub model id, e.g. BAAI/bge-small-en-v1.5")
     p.add_argument("--dest", metavar="DIR", help="target folder (default: <weights folder>/<model name>)")
     p.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
     p.set_defaults(run=cmd_download)
@@ -198,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "Load a model and print its configuration, parameter count, pooling, maximum "
                 "length, query instruction, and where its files came from.",
                 _examples("minibge info", "minibge info -m weights/all-MiniLM-L6-v2",
-                          "minibge info -m BAAI/bge-small-en-v1.5"))
+                          "minibge info -m BAAI/bge-small-en-v1.5"),
+                parents=(verbose, model_only))
     p.set_defaults(run=cmd_info)
 
     p = command("eval", "score a model on STS-B, SICK-R and SciFact (as MTEB does)",
@@ -369,6 +386,23 @@ def cmd_eval(args) -> int:
 
 
 # ---------------------------------------------------------------- entry point
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that every `finally` removes its half-written file."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated()
+
+
+def _catch_sigterm():
+    """Make SIGTERM raise Terminated; returns the handler to restore (None off the main thread,
+    where Python cannot install one)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 success, 1 error, 2 bad usage)."""
     parser = build_parser()
@@ -378,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     package_logger.addHandler(handler)
     old_level, old_propagate = package_logger.level, package_logger.propagate
     package_logger.propagate = False  # our handler prints it; don't print it twice via the root logger
+    previous_sigterm = _catch_sigterm()
     try:
         try:
             args = parser.parse_args(argv)
@@ -406,7 +441,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM  # 143, as a shell reports a process killed by SIGTERM
     finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         package_logger.removeHandler(handler)
         package_logger.setLevel(old_level)
         package_logger.propagate = old_propagate

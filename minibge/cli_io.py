@@ -56,11 +56,21 @@ def check_readable(path: str | None, option: str) -> None:
 
 
 def check_writable(path: str | None, option: str) -> None:
+    """Fail before any work, not after it, when an output cannot be written: the path is a
+    folder, its folder is missing, or that folder refuses new files (read-only, no permission)."""
     if path is None:
         return
-    parent = Path(path).expanduser().resolve().parent
-    if not parent.is_dir():
-        raise CliError(f"{option}: folder {parent} does not exist")
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise CliError(f"{option} {path} is a folder; give a file name (e.g. {target / 'out'}{target.suffix})")
+    folder = target.absolute().parent  # where atomic_output writes its partial file and renames it
+    if not folder.is_dir():
+        raise CliError(f"{option}: folder {folder} does not exist")
+    try:  # the only honest test is to make a file there; an unnamed one where the OS allows it
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise CliError(f"{option}: cannot write to folder {folder} ({e.strerror or e})") from None
 
 
 def iter_lines(path: str) -> Iterator[tuple[int, str]]:
@@ -236,5 +246,7 @@ def format_matrix(matrix: np.ndarray, labels: list[str], row_width: int = 32, co
     header = " " * row_width + "".join(f"  {truncate(label, col_width):>{col_width}}" for label in labels)
     lines = [header]
     for label, row in zip(labels, matrix):
-        lines.append(f"{truncate(label, row_width):<{row_width}}" + "".join(f"  {x:>{col_width}.4f}" for x in row))
+        # + 0.0 turns a -0.0 (a tiny negative cosine, rounded) into 0.0, so it never prints as -0.0000
+        lines.append(f"{truncate(label, row_width):<{row_width}}"
+                     + "".join(f"  {round(float(x), 4) + 0.0:>{col_width}.4f}" for x in row))
     return "\n".join(lines)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import hub
-from .cli_io import PROG, CliError
+from .cli_io import PROG, CliError, interactive
 from .weights import PYTORCH_NAME, SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME
 
 MODEL_ENV = "MINIBGE_MODEL"
@@ -51,15 +51,19 @@ def _check_device(device: str | None) -> None:
 def _resolve(model: str | None) -> tuple[Path, str]:
     """The model's local folder, and a sentence saying where it came from."""
     name, how = _pick_model(model)
-    if Path(name).expanduser().is_dir():
-        return Path(name).expanduser(), f"local folder ({how})"
-    local = hub.default_weights_dir() / name.split("/")[-1]
-    already = (local / "config.json").is_file()
-    if not already and hub.is_hub_id(name):
-        print(f"{PROG}: {name} is not in {hub.default_weights_dir()}; downloading it", file=sys.stderr)
-    folder = hub.resolve_model_path(name)  # raises HubError for a non-folder that is not a Hub id
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path, f"local folder ({how})"
+    # "org/name" is a relative path too: I say which reading won, so a mistyped path
+    # (`-m weights/all-MiniLM-L6-v2` from another folder) is never silently taken for a Hub id.
+    already = hub.is_hub_id(name) and (hub.local_folder(name) / "config.json").is_file()
+    if hub.is_hub_id(name) and not already and interactive():
+        print(f"{PROG}: no folder {path.absolute()}; downloading {name} from the Hub into "
+              f"{hub.default_weights_dir()}", file=sys.stderr)
+    folder = hub.resolve_model_path(name)  # a HubError that speaks of both readings when neither works
     verb = "found in" if already else "downloaded into"
-    return folder, f"Hub id {name!r}, {verb} the weights folder {hub.default_weights_dir()} ({how})"
+    return folder, (f"no folder {path.absolute()}, so Hub id {name!r}, {verb} the weights folder "
+                    f"{hub.default_weights_dir()} ({how})")
 
 
 def load(args, query_instruction: str | None = None):
@@ -69,7 +73,8 @@ def load(args, query_instruction: str | None = None):
     _check_device(args.device)
     folder, origin = _resolve(args.model)
     print(f"{PROG}: model {folder.name} from {folder} [{origin}]", file=sys.stderr)
-    embedder = load_embedder(folder, device=args.device, dtype=args.dtype, max_length=args.max_length,
+    embedder = load_embedder(folder, device=args.device, dtype=args.dtype,
+                             max_length=getattr(args, "max_length", None),  # `info` has no --max-length
                              query_instruction=query_instruction)
     return embedder, folder, origin
 

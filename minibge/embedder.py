@@ -153,7 +153,11 @@ class Embedder:
         order = np.argsort([-len(text) for text in sentences], kind="stable")
         starts = range(0, len(sentences), batch_size)
         if show_progress_bar is None:
-            show_progress_bar = len(sentences) >= PROGRESS_BAR_MIN_TEXTS
+            # as sentence-transformers: a bar when logging asks for INFO; otherwise only for big
+            # inputs at a terminal, never into a log file
+            import sys
+            show_progress_bar = logger.getEffectiveLevel() <= logging.INFO or (
+                len(sentences) >= PROGRESS_BAR_MIN_TEXTS and sys.stderr is not None and sys.stderr.isatty())
         if show_progress_bar:
             from tqdm.auto import tqdm
             starts = tqdm(starts, desc="Batches", unit="batch")

@@ -5,16 +5,20 @@ tests need no model at all.
 """
 import io
 import json
+import logging
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from minibge.cli import main
+from minibge.cli_io import format_matrix
 
 from conftest import REPO_ROOT
 
@@ -65,7 +69,9 @@ def test_every_command_has_help(command, capsys):
     assert out.startswith(f"usage: minibge {command}")
     assert "examples:" in out and f"minibge {command}" in out.split("examples:")[1]
     if command != "download":
-        assert "--model" in out and "--batch-size" in out
+        assert "--model" in out
+    # info embeds nothing, so it offers no batching options it would ignore
+    assert ("--batch-size" in out and "--max-length" in out) == (command not in ("download", "info"))
 
 
 def test_bad_command_line_is_one_line_and_exit_2(capsys):
@@ -216,3 +222,138 @@ def test_eval_stsb_matches_published(minilm_dir, shared_data, tmp_path, capsys):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "82.03" and cells[3] == "82.03"  # measured, published
     assert table_md.read_text().strip() == out.strip()
+
+
+def test_similarity_never_prints_negative_zero():
+    text = format_matrix(np.array([[1.0, -0.00001], [-0.0, 1.0]]), ["a", "b"])
+    assert "-0.0000" not in text and text.count("0.0000") == 2
+
+
+# ---------------------------------------------------------------- hardening: ids, paths, outputs, signals
+def dead_hub_url():
+    with socket.socket() as s:  # a port nobody listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("repo_id", ["org/..", "org/", "../x", "/etc/x", "a/../../x"])
+def test_download_refuses_hostile_ids_before_asking_the_hub(repo_id, tmp_path, monkeypatch, capsys):
+    from test_hub import FILES, FakeHub
+
+    mirror = FakeHub()
+    mirror.repos[repo_id] = dict(FILES)  # it would serve them, if asked
+    try:
+        weights = tmp_path / "weights"
+        weights.mkdir()
+        monkeypatch.setenv("MINIBGE_WEIGHTS_DIR", str(weights))
+        monkeypatch.setenv("MINIBGE_HUB_URL", mirror.url)
+        assert main(["download", repo_id]) == 2
+        assert "is not a Hub model id" in one_error_line(capsys.readouterr().err)
+        assert mirror.requests == [] and list(tmp_path.rglob("*")) == [weights]
+    finally:
+        mirror.server.shutdown()
+        mirror.server.server_close()
+
+
+def test_mistyped_model_path_speaks_of_folder_and_hub(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MINIBGE_WEIGHTS_DIR", str(tmp_path / "weights"))
+    monkeypatch.setenv("MINIBGE_HUB_URL", dead_hub_url())
+    assert main(["info", "-m", "models/my-model"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"no folder {tmp_path / 'models' / 'my-model'}, and as a Hub id: could not reach the Hub" in line
+    assert list(tmp_path.rglob("*")) == []
+
+
+def test_relative_path_from_elsewhere_says_how_it_was_read(minilm_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # weights/all-MiniLM-L6-v2 does not exist here...
+    monkeypatch.setenv("MINIBGE_WEIGHTS_DIR", str(minilm_dir.parent))  # ...but a model of that name is cached
+    assert main(["info", "-m", "weights/all-MiniLM-L6-v2"]) == 0
+    err = capsys.readouterr().err
+    assert (f"no folder {tmp_path / 'weights' / 'all-MiniLM-L6-v2'}, so Hub id 'weights/all-MiniLM-L6-v2', "
+            f"found in the weights folder {minilm_dir.parent}") in err
+
+
+@pytest.mark.parametrize("command", [["encode", "hello"], ["eval", "--data-dir", "."]])
+def test_output_that_is_a_folder_is_refused_before_any_work(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "isdir.npy"
+    folder.mkdir()
+    # a missing model: had the output been checked after loading, the error would be about the model
+    assert main([*command, "-m", str(tmp_path / "no-model"), "--output", str(folder)]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"--output {folder} is a folder" in line and ".partial" not in line
+    assert list(tmp_path.rglob("*")) == [folder]
+
+
+@pytest.mark.parametrize("command, output", [(["encode", "hello"], "out.npy"),
+                                             (["eval", "--data-dir", "."], "results.json")])
+def test_read_only_output_folder_is_refused_before_any_work(command, output, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: let the OS's answer to a normal user be simulated
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr("minibge.cli_io.tempfile.TemporaryFile", refuse)
+    try:
+        assert main([*command, "-m", str(tmp_path / "no-model"), "--output", str(locked / output)]) == 1
+        line = one_error_line(capsys.readouterr().err)
+        assert f"--output: cannot write to folder {locked} (Permission denied)" in line
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_during_encode_keeps_the_old_output_and_leaves_no_partial(minilm_dir, tmp_path, sig, status):
+    source = tmp_path / "texts.txt"
+    source.write_text("".join(f"sentence number {i} of a long file\n" for i in range(50_000)))
+    out = tmp_path / "out.npy"
+    out.write_bytes(b"the previous results")
+    partial = tmp_path / "out.npy.partial"
+    proc = subprocess.Popen([sys.executable, "-m", "minibge", "encode", "-m", str(minilm_dir),
+                             "--input", str(source), "--output", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+                            # a child of a shell that ignores SIGINT would inherit that; undo it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 300  # a guard against hanging, not a timing assertion
+        while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert partial.exists(), f"encode ended before it could be interrupted: {proc.poll()}"
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == status, stderr
+    assert stderr.strip().splitlines()[-1] == f"minibge: {'terminated' if sig == signal.SIGTERM else 'interrupted'}"
+    assert "Traceback" not in stderr and stdout == ""
+    assert out.read_bytes() == b"the previous results"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npy", "texts.txt"]
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_python_api_shows_no_progress_bar_in_logs(embedder, monkeypatch, capsys):
+    monkeypatch.setattr("minibge.embedder.PROGRESS_BAR_MIN_TEXTS", 4)  # "a big input", cheaply
+    texts = ["a", "b", "c", "d", "e"]
+    embedder.encode(texts, batch_size=2)  # stderr is captured here: not a terminal
+    assert "Batches" not in capsys.readouterr().err
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    embedder.encode(texts, batch_size=2)  # a person at a terminal sees the bar
+    assert "Batches" in terminal.getvalue()
+    monkeypatch.undo()
+    logger = logging.getLogger("minibge")
+    old = logger.level
+    logger.setLevel(logging.INFO)  # as sentence-transformers: INFO logging asks for bars, wherever they go
+    try:
+        embedder.encode(texts[:2], batch_size=2)
+    finally:
+        logger.setLevel(old)
+    assert "Batches" in capsys.readouterr().err
