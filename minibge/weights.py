@@ -21,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import hub
 from .config import BertConfig
 from .model import BertModel
 
@@ -158,7 +159,7 @@ def load_state_into(model: BertModel, state: dict, source: str = "checkpoint") -
 
 def load_model(path, attn_impl: str = "sdpa", device=None, dtype=None) -> BertModel:
     """A checkpoint folder → BertModel in eval mode, every tensor checked on the way in."""
-    directory = Path(path)
+    directory = hub.resolve_model_path(path) if hub.is_hub_id(str(path)) else Path(path)  # as load_embedder
     if not directory.is_dir():
         raise FileNotFoundError(f"model folder not found: {directory}")
     if not (directory / CONFIG_NAME).exists():

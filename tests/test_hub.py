@@ -392,3 +392,19 @@ def test_mistyped_relative_path_speaks_of_folder_and_hub(fake_hub, tmp_path, mon
     with pytest.raises(HubError, match=r"no folder .*models/my-model, and as a Hub id, .* not downloaded yet"):
         resolve_model_path("models/my-model", download_if_missing=False)
     assert all_files(tmp_path) == []
+
+
+def test_load_model_takes_a_hub_id_like_load_embedder(tmp_path, monkeypatch):
+    import torch
+
+    import minibge
+    from conftest import TINY
+
+    monkeypatch.setenv(hub.WEIGHTS_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(hub.HUB_URL_ENV, dead_url())  # already in the weights folder: no network needed
+    torch.manual_seed(0)
+    model = minibge.BertModel(minibge.BertConfig(**TINY))
+    minibge.save_pretrained(model, tmp_path / "tiny-bge")
+    loaded = minibge.load_model(REPO)  # "test-org/tiny-bge"
+    for (name, ours), theirs in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(ours, theirs), name
