@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="JSON", help="write the list of result dicts to this JSON file")
     p.add_argument("--markdown", metavar="FILE", help="write the markdown table to this file too")
     p.set_defaults(run=cmd_eval)
+
+    from .cli_train import add_training_commands  # finetune, mine (imported here: it imports this module)
+    add_training_commands(commands, parents=[verbose])
     return parser
 
 

@@ -1,0 +1,156 @@
+"""The contrastive loss BGE is fine-tuned with: InfoNCE over in-batch, hard and cross-device negatives.
+
+A batch holds B queries and, for each, a group of G passages: its positive first, then G−1 hard
+negatives. The passages arrive flattened, query-major, so query i's group is rows [i·G, (i+1)·G):
+
+    q  (B, D)        p  (B·G, D) = [ p⁺₀ n₀₁ … n₀,G−1 | p⁺₁ n₁₁ … | … | p⁺_B−1 … ]
+                                     └── group of q₀ ──┘ └─ q₁ ─┘
+
+With unit-length embeddings the scores are cosines divided by a temperature τ (BGE: 0.01 for
+v1, FlagEmbedding's default 0.02), and the loss is a softmax cross-entropy that asks each query
+to pick out its own positive:
+
+    s_ij = q_i · p_j / τ                                         (B, B·G)
+    L    = −1/B Σ_i log( exp(s_i,iG) / Σ_j exp(s_ij) )           target column i·G
+
+So every query's negatives are its own G−1 hard negatives *plus* every passage of every other
+query in the batch ("in-batch negatives"): B·G − 1 negatives for the price of B·G encodings.
+With in-batch negatives off, the softmax runs over the query's own group only (target 0):
+
+    L    = −1/B Σ_i log( exp(s_i,iG) / Σ_{k<G} exp(s_i,iG+k) )
+
+Cross-device negatives: under torch.distributed each of W ranks gathers every rank's q and p,
+so the softmax sees W·B·G passages. all_gather returns copies without gradient, so I put this
+rank's own tensors back into their slots: its loss reaches its own encoder activations, and the
+other ranks' rows act as constants. Every rank then computes the *same* global loss L, but rank
+r back-propagates only the part of ∂L/∂θ that flows through its own rows, g_r; the full gradient
+is Σ_r g_r. Data parallelism averages gradients over ranks, giving (1/W) Σ_r g_r = ∇L / W, so I
+multiply the gradient entering the local slots by W (the loss value itself is left untouched):
+the averaged gradient then equals the single-process gradient on the concatenated batch exactly.
+
+Knowledge distillation: given teacher scores t (B, G) for each group (e.g. from a cross-encoder),
+add the soft-target cross-entropy between softmax(t) and the student's group scores
+(FlagEmbedding's kl_div mode: the KL divergence plus the teacher's entropy, a constant):
+
+    L_kd = −1/B Σ_i Σ_k softmax(t_i)_k · log softmax(s_i,iG : iG+G)_k
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+MAX_TEMPERATURE_NORMALIZED = 0.5  # FlagEmbedding refuses hotter softmaxes over cosines (commit 34d24e8)
+
+
+def check_pairs(q: torch.Tensor, p: torch.Tensor, temperature: float) -> int:
+    """Validate the shapes and the temperature; returns the group size G."""
+    if not isinstance(q, torch.Tensor) or not isinstance(p, torch.Tensor):
+        raise TypeError(f"q and p must be tensors, got {type(q).__name__} and {type(p).__name__}")
+    if q.dim() != 2 or p.dim() != 2:
+        raise ValueError(f"q must be (B, D) and p (B·G, D); got shapes {tuple(q.shape)} and {tuple(p.shape)}")
+    if q.shape[0] == 0 or q.shape[1] != p.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)} and p {tuple(p.shape)} need B ≥ 1 and the same dimension D")
+    if p.shape[0] % q.shape[0] != 0:
+        raise ValueError(f"p must hold a group of G passages per query: {p.shape[0]} passages "
+                         f"for {q.shape[0]} queries is not a multiple")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if temperature > MAX_TEMPERATURE_NORMALIZED and _unit_length(q) and _unit_length(p):
+        raise ValueError(f"temperature {temperature} is too high for normalised embeddings: cosines lie in "
+                         f"[-1, 1], so the softmax would be nearly flat. Use ≤ {MAX_TEMPERATURE_NORMALIZED} "
+                         "(BGE uses 0.01–0.02)")
+    return p.shape[0] // q.shape[0]
+
+
+def _unit_length(x: torch.Tensor) -> bool:
+    return bool(torch.allclose(x.detach().norm(dim=-1), torch.ones((), dtype=x.dtype, device=x.device), atol=1e-3))
+
+
+def group_scores(q: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Each query against its own group only: (B, G), positive in column 0."""
+    B, D = q.shape
+    groups = p.view(B, -1, D)                             # (B, G, D)
+    return torch.einsum("bd,bgd->bg", q, groups) / temperature
+
+
+# -----------------------------------------------------------------------------
+# Cross-device gathering
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by `factor` on the way back."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def gather_across_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's x, concatenated in rank order; this rank's slot keeps its autograd graph.
+
+    The gradient flowing back into the local slot is multiplied by the world size, so that
+    averaging gradients over ranks yields the gradient of the global loss (module docstring).
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    gathered = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(gathered, x.detach().contiguous())  # copies: no gradient flows through these
+    gathered[rank] = _ScaleGradient.apply(x, float(world))
+    return torch.cat(gathered)  # (W·n, D)
+
+
+def distributed_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+# -----------------------------------------------------------------------------
+# The losses
+
+def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float = 0.02, in_batch_negatives: bool = True,
+             cross_device: bool = False) -> torch.Tensor:
+    """InfoNCE for q (B, D) against query-major passage groups p (B·G, D), positive first; a scalar.
+
+    in_batch_negatives: every passage of the batch is a candidate (target column i·G); off, only
+    the query's own group (target 0). cross_device: under torch.distributed, the batch is the
+    union of all ranks' batches (needs in_batch_negatives; there is nothing to share without them).
+    """
+    G = check_pairs(q, p, temperature)
+    if not in_batch_negatives:
+        scores = group_scores(q, p, temperature)                       # (B, G)
+        target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        return F.cross_entropy(scores, target)
+    if cross_device and distributed_world_size() > 1:
+        q, p = gather_across_ranks(q), gather_across_ranks(p)          # (W·B, D), (W·B·G, D)
+    scores = q @ p.T / temperature                                     # (B, B·G)
+    target = torch.arange(q.shape[0], device=q.device) * G             # query i's positive is column i·G
+    return F.cross_entropy(scores, target)
+
+
+def distillation_loss(q: torch.Tensor, p: torch.Tensor, teacher_scores: torch.Tensor,
+                      temperature: float = 0.02) -> torch.Tensor:
+    """Soft-target cross-entropy between softmax(teacher_scores) (B, G) and the student's group scores."""
+    G = check_pairs(q, p, temperature)
+    if tuple(teacher_scores.shape) != (q.shape[0], G):
+        raise ValueError(f"teacher_scores must be (B, G) = {(q.shape[0], G)}, got {tuple(teacher_scores.shape)}")
+    targets = teacher_scores.to(q.dtype).softmax(dim=-1)               # no teacher temperature, as in FlagEmbedding
+    log_probs = group_scores(q, p, temperature).log_softmax(dim=-1)    # (B, G)
+    return -(targets * log_probs).sum(dim=-1).mean()
+
+
+def contrastive_loss(q: torch.Tensor, p: torch.Tensor, temperature: float = 0.02, in_batch_negatives: bool = True,
+                     cross_device: bool = False, teacher_scores: torch.Tensor | None = None) -> dict:
+    """What a fine-tuning step back-propagates: {"loss", "info_nce"[, "distill"]}.
+
+    Distillation uses this rank's groups only (the local slice, as FlagEmbedding does): its mean
+    over B local queries, averaged over ranks, is the mean over all W·B queries.
+    """
+    losses = {"info_nce": info_nce(q, p, temperature, in_batch_negatives, cross_device)}
+    losses["loss"] = losses["info_nce"]
+    if teacher_scores is not None:
+        losses["distill"] = distillation_loss(q, p, teacher_scores, temperature)
+        losses["loss"] = losses["loss"] + losses["distill"]
+    return losses

@@ -1,0 +1,280 @@
+"""Contrastive fine-tuning and hard-negative mining: data, sampling, the CLI's bad-input handling,
+exact resume, the output folder's loadability, and torchrun. Models are tiny and random, with a
+small WordPiece vocabulary written by the test, so nothing here needs real weights."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import minibge.finetune as finetune_module
+from minibge import BertConfig, BertModel, Embedder, load_embedder
+from minibge.cli import main
+from minibge.finetune import DataError, GroupCollator, TrainExample, read_train_file, sample_group
+from minibge.mine import mine_hard_negatives
+from minibge.tokenizer import Tokenizer
+
+from conftest import REPO_ROOT, TINY, diff_report, require_module
+
+WORDS = ("cat dog fish bird tree car road house river city blue red green small big old new fast slow "
+         "paper model query answer protein cell gene drug trial").split()
+INSTRUCTION = "find: "
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    """A tiny random encoder saved as a complete embedder folder with *mean* pooling and an instruction."""
+    folder = tmp_path_factory.mktemp("base")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz",
+             *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"), ":", ".", ","]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**TINY))
+    embedder = Embedder(model, Tokenizer.from_pretrained(folder), pooling="mean", max_length=48,
+                        query_instruction=INSTRUCTION, name="tiny")
+    return embedder.save_pretrained(folder)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def training_rows(n=24, n_neg=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def words(k):
+        return " ".join(WORDS[i] for i in torch.randint(len(WORDS), (k,), generator=gen).tolist())
+    return [{"query": f"q{i} " + words(3), "pos": [words(8)], "neg": [words(8) for _ in range(n_neg)]} for i in range(n)]
+
+
+def finetune_args(model, train, out, *extra):
+    return ["finetune", "-m", str(model), "--train", str(train), "--out", str(out), "--batch-size", "4",
+            "--group-size", "3", "--lr", "1e-3", "--temperature", "0.05", "--query-max-length", "8",
+            "--passage-max-length", "16", *extra]
+
+
+# -----------------------------------------------------------------------------
+# Sampling and collation
+
+def test_sample_group_puts_one_positive_first_then_distinct_negatives():
+    ex = TrainExample("q", ["p1", "p2"], [f"n{i}" for i in range(10)], pos_scores=[1.0, 2.0],
+                      neg_scores=[float(-i) for i in range(10)])
+    for seed in range(20):
+        group, scores = sample_group(ex, 5, torch.Generator().manual_seed(seed))
+        assert group[0] in ex.pos and len(group) == 5
+        assert len(set(group[1:])) == 4 and set(group[1:]) <= set(ex.neg), group
+        assert scores == [{"p1": 1.0, "p2": 2.0}[group[0]]] + [-float(n[1:]) for n in group[1:]]
+    again = sample_group(ex, 5, torch.Generator().manual_seed(3))
+    assert again == sample_group(ex, 5, torch.Generator().manual_seed(3)), "the generator decides everything"
+
+
+def test_sample_group_tiles_too_few_negatives():
+    ex = TrainExample("q", ["p"], ["n0", "n1"])
+    group, scores = sample_group(ex, 8, torch.Generator().manual_seed(0))
+    negatives = group[1:]
+    assert len(negatives) == 7 and scores is None
+    assert sorted(set(negatives)) == ["n0", "n1"] and min(negatives.count("n0"), negatives.count("n1")) >= 3
+    assert sample_group(ex, 1, torch.Generator())[0] == ["p"]
+
+
+def test_collator_shapes_instruction_and_prompt(base_model):
+    embedder = load_embedder(base_model)
+    collate = GroupCollator(embedder, group_size=3, query_max_length=6, passage_max_length=10)
+    examples = [TrainExample("cat dog", ["tree " * 20], ["car", "road"]),
+                TrainExample("fish", ["bird"], ["red"], prompt="")]
+    batch = collate(examples, torch.Generator().manual_seed(0))
+    assert batch["query"]["input_ids"].shape[0] == 2 and batch["query"]["input_ids"].shape[1] <= 6
+    assert tuple(batch["passages"]["input_ids"].shape) == (6, 10)  # B·G rows, the long positive cut to 10
+    assert collate.query_text(examples[0]) == INSTRUCTION + "cat dog"  # the model's own instruction
+    assert collate.query_text(examples[1]) == "fish"                   # a line's prompt wins
+    assert GroupCollator(embedder, query_instruction="").query_text(examples[0]) == "cat dog"
+
+
+# -----------------------------------------------------------------------------
+# Reading the data: every mistake names its line
+
+@pytest.mark.parametrize("line, message", [
+    ('{"query": "a", "pos": ["b"]', "line 2: bad JSON"),
+    ('["a", "b"]', "line 2: expected a JSON object"),
+    ('{"pos": ["b"]}', 'line 2: "query" must be'),
+    ('{"query": "lonely query", "pos": []}', "line 2: query 'lonely query' has no positive"),
+    ('{"query": "a", "pos": ["b"], "neg": "c", "neg_scores": [1, 2]}', 'line 2: "neg_scores" must be a list of 1'),
+])
+def test_bad_lines_are_named(tmp_path, line, message):
+    path = write_jsonl(tmp_path / "t.jsonl", [training_rows(1)[0], line, training_rows(1)[0]])
+    with pytest.raises(DataError, match=message):
+        read_train_file(path)
+    assert len(read_train_file(path, skip_bad_lines=True)) == 2
+
+
+def test_empty_file_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="no training examples"):
+        read_train_file(write_jsonl(tmp_path / "t.jsonl", ["", "  "]))
+
+
+def test_cli_bad_input_is_one_line_and_exit_1(base_model, tmp_path, capsys):
+    rows = training_rows(8)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*rows[:2], "{not json", *rows[2:]])
+    assert main(finetune_args(base_model, bad, tmp_path / "out")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "line 3" in err[0] and err[0].startswith("minibge: error:"), err
+    assert not (tmp_path / "out").exists(), "nothing is written for bad data"
+
+    assert main(finetune_args(base_model, bad, tmp_path / "out", "--skip-bad-lines", "--max-steps", "1")) == 0
+    assert "line 3 skipped" in capsys.readouterr().err
+
+    no_positive = write_jsonl(tmp_path / "nopos.jsonl", [*rows[:3], {"query": "orphan question", "neg": ["x"]}])
+    assert main(finetune_args(base_model, no_positive, tmp_path / "o2")) == 1
+    assert "'orphan question' has no positive" in capsys.readouterr().err
+
+    assert main(finetune_args(base_model, write_jsonl(tmp_path / "empty.jsonl", []), tmp_path / "o3")) == 1
+    assert "no training examples" in capsys.readouterr().err
+
+    no_negatives = write_jsonl(tmp_path / "noneg.jsonl", [{"query": "q", "pos": ["p"]}] * 8)
+    assert main(finetune_args(base_model, no_negatives, tmp_path / "o4")) == 1
+    assert "has no negatives" in capsys.readouterr().err
+    assert main(finetune_args(base_model, no_negatives, tmp_path / "o4", "--group-size", "1", "--max-steps", "1")) == 0
+
+
+def test_cli_refuses_an_occupied_output_folder(base_model, tmp_path, capsys):
+    train = write_jsonl(tmp_path / "t.jsonl", training_rows(8))
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "precious.txt").write_text("keep me")
+    for extra in ([], ["--resume"]):
+        assert main(finetune_args(base_model, train, occupied, *extra)) == 1
+        assert "not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in occupied.iterdir()) == ["precious.txt"]
+
+
+# -----------------------------------------------------------------------------
+# The result, and resuming
+
+def crash_after(n_batches):
+    """A stand-in for finetune.contrastive_step whose loss function dies (like Ctrl-C) on batch n+1."""
+    plain_step = finetune_module.contrastive_step
+
+    def crashing_step(*args, **kwargs):
+        loss_fn, calls = plain_step(*args, **kwargs), []
+
+        def wrapped(batch):
+            calls.append(1)
+            if len(calls) > n_batches:
+                raise KeyboardInterrupt
+            return loss_fn(batch)
+        return wrapped
+    return crashing_step
+
+
+def test_output_is_a_complete_embedder_folder(base_model, tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", training_rows(16))
+    out = tmp_path / "out"
+    assert main(finetune_args(base_model, train, out, "--epochs", "2")) == 0
+    tuned = load_embedder(out)
+    assert (tuned.pooling, tuned.max_length, tuned.query_instruction) == ("mean", 48, INSTRUCTION)
+    before, after = load_file(base_model / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(before) == set(after), "the official tensor names are kept"
+    assert any(not torch.equal(before[k], after[k]) for k in before), "training changed nothing"
+    assert not list(out.glob("checkpoint-*")), "checkpoints are removed at the end"
+
+    texts = ["cat dog tree", "protein cell gene drug"]
+    ours = torch.from_numpy(tuned.encode(texts))
+    transformers = require_module("transformers")
+    hf = transformers.AutoModel.from_pretrained(out).eval()
+    batch = tuned.tokenize(texts)
+    with torch.no_grad():
+        hidden = hf(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    hf_mean = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    assert torch.allclose(ours, hf_mean, atol=1e-5), f"transformers: {diff_report(ours, hf_mean)}"
+    st = require_module("sentence_transformers").SentenceTransformer(str(out), device="cpu")
+    st_vectors = torch.from_numpy(st.encode(texts))
+    assert torch.allclose(ours, st_vectors, atol=1e-5), f"sentence-transformers: {diff_report(ours, st_vectors)}"
+
+
+def test_resume_after_a_crash_ends_with_the_same_weights(base_model, tmp_path, monkeypatch):
+    train = write_jsonl(tmp_path / "t.jsonl", training_rows(20))
+    args = ["--epochs", "2", "--save-steps", "3"]  # 5 steps per epoch, 10 in all
+    assert main(finetune_args(base_model, train, tmp_path / "straight", *args)) == 0
+
+    monkeypatch.setattr(finetune_module, "contrastive_step", crash_after(7))  # dies in step 8, after checkpoint 6
+    assert main(finetune_args(base_model, train, tmp_path / "crashed", *args)) == 130
+    assert [p.name for p in (tmp_path / "crashed").glob("checkpoint-*")] == ["checkpoint-6"]
+    monkeypatch.undo()
+    assert main(finetune_args(base_model, train, tmp_path / "crashed", *args, "--resume")) == 0
+
+    straight, resumed = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "crashed" / "model.safetensors")
+    for name in straight:
+        assert torch.allclose(straight[name].float(), resumed[name].float(), atol=1e-6, rtol=0), \
+            f"{name}: {diff_report(straight[name].float(), resumed[name].float())}"
+    log = [json.loads(line)["step"] for line in (tmp_path / "crashed" / "train_log.jsonl").read_text().splitlines()]
+    assert log == [10], "the log has each step once"
+
+
+def test_resume_refuses_a_different_run(base_model, tmp_path, capsys, monkeypatch):
+    train = write_jsonl(tmp_path / "t.jsonl", training_rows(20))
+    monkeypatch.setattr(finetune_module, "contrastive_step", crash_after(2))
+    assert main(finetune_args(base_model, train, tmp_path / "run", "--save-steps", "1")) == 130
+    monkeypatch.undo()
+    assert main(finetune_args(base_model, train, tmp_path / "run", "--save-steps", "1", "--resume",
+                              "--temperature", "0.1")) == 1
+    assert "different run (it differs in temperature)" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# Mining
+
+def test_mining_takes_the_rank_window_and_drops_positives(base_model, tmp_path):
+    embedder = load_embedder(base_model)
+    pool = [" ".join(WORDS[i:i + 4]) for i in range(len(WORDS) - 4)]
+    examples = [TrainExample(WORDS[i] + " " + WORDS[i + 1], [pool[i]], []) for i in range(4)]
+    mined = mine_hard_negatives(embedder, examples, pool, window=(2, 8), negatives=4, seed=0)
+    q = torch.from_numpy(embedder.encode_queries([ex.query for ex in examples]))
+    ranking = (q @ torch.from_numpy(embedder.encode(pool)).T).argsort(dim=1, descending=True)
+    for ex, record, ranks in zip(examples, mined, ranking.tolist()):
+        window = {pool[j] for j in ranks[2:8]} - set(ex.pos)
+        assert record["pos"] == ex.pos and len(record["neg"]) == 4 and len(set(record["neg"])) == 4
+        assert set(record["neg"]) <= window, "negatives come from ranks 2-8 only"
+    # a window with fewer candidates than asked for: topped up with other pool passages, never positives
+    topped = mine_hard_negatives(embedder, examples, pool, window=(0, 2), negatives=6)
+    assert all(len(r["neg"]) == 6 and not set(r["neg"]) & set(r["pos"]) for r in topped)
+
+
+def test_mine_cli_writes_the_training_format(base_model, tmp_path, capsys):
+    rows = training_rows(6, n_neg=2)
+    train = write_jsonl(tmp_path / "t.jsonl", rows)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"title": "t", "text": " ".join(WORDS[i:i + 5])} for i in range(20)])
+    out = tmp_path / "mined.jsonl"
+    assert main(["mine", "-m", str(base_model), "--input", str(train), "--output", str(out), "--corpus", str(corpus),
+                 "--range", "1-10", "--negatives", "3"]) == 0
+    mined = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [m["query"] for m in mined] == [r["query"] for r in rows]
+    assert all(len(m["neg"]) == 3 and all(n.startswith("t ") for n in m["neg"]) for m in mined)
+    assert main(["mine", "-m", str(base_model), "--input", str(train), "--output", str(out), "--range", "9-3"]) == 2
+    assert "start < end" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# torchrun: two CPU processes, gloo, cross-device negatives
+
+@pytest.mark.slow
+def test_torchrun_two_processes(base_model, tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", training_rows(16))
+    out = tmp_path / "out"
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "minibge",
+                             *finetune_args(base_model, train, out, "--epochs", "2", "--log-steps", "1")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["finished"] and run["run"]["cross_device"] is True
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4], "16 queries / (4 per rank × 2 ranks) = 2 steps per epoch, logged once each"
+    assert load_embedder(out).pooling == "mean"
