@@ -365,7 +365,8 @@ def format_markdown(results: Sequence[Mapping], model_name: str | None = None) -
     for r in results:
         published = _published(r.get("reference", {}), model_name)
         pub = "–" if published is None else f"{published:.2f}"
-        diff = "–" if published is None else f"{r['main_score'] - published:+.2f}"
+        # rounded first, then + 0.0: a -0.0 (a tiny negative difference) prints as +0.00, not -0.00
+        diff = "–" if published is None else f"{round(r['main_score'] - published, 2) + 0.0:+.2f}"
         metric = r.get("main_metric", "main_score")
         lines.append(f"| {r.get('task_name', r.get('task', '?'))} | {metric} | {r['main_score']:.2f} | {pub} | {diff} |")
     return "\n".join(lines)

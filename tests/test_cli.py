@@ -19,6 +19,7 @@ import pytest
 
 from minibge.cli import main
 from minibge.cli_io import format_matrix
+from minibge.evaluate import format_markdown
 
 from conftest import REPO_ROOT
 
@@ -210,6 +211,7 @@ def test_model_from_environment(minilm_dir, monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------- eval
+@pytest.mark.slow  # embeds all of STS-B: about a minute of CPU
 def test_eval_stsb_matches_published(minilm_dir, shared_data, tmp_path, capsys):
     results_json, table_md = tmp_path / "results.json", tmp_path / "results.md"
     assert main(["eval", "-m", str(minilm_dir), "--task", "stsb", "--data-dir", str(shared_data),
@@ -224,9 +226,11 @@ def test_eval_stsb_matches_published(minilm_dir, shared_data, tmp_path, capsys):
     assert table_md.read_text().strip() == out.strip()
 
 
-def test_similarity_never_prints_negative_zero():
+def test_tables_never_print_negative_zero():
     text = format_matrix(np.array([[1.0, -0.00001], [-0.0, 1.0]]), ["a", "b"])
     assert "-0.0000" not in text and text.count("0.0000") == 2
+    row = format_markdown([{"task": "stsb", "main_score": 82.0297, "reference": {"m": 82.0325}}], "m")
+    assert row.splitlines()[-1] == "| stsb | main_score | 82.03 | 82.03 | +0.00 |"
 
 
 # ---------------------------------------------------------------- hardening: ids, paths, outputs, signals
