@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -272,14 +273,17 @@ def _shard_names(index: Path) -> list[str]:
 
 
 def download(repo_id: str, dest: Path | None = None, revision: str = "main",
-             base_url: str | None = None, progress: bool = True) -> Path:
+             base_url: str | None = None, progress: bool | None = None) -> Path:
     """Fetch the model folder of `repo_id` into `dest` (default: default_weights_dir()/<name>).
 
     Only what minibge needs is fetched: config, tokenizer and sentence-transformers files, and
     one copy of the weights (model.safetensors, else its shards, else pytorch_model.bin).
     Re-running is cheap: complete files are verified and skipped, partial ones resumed.
+    progress=None shows per-file bars only when stderr is a terminal, so logs stay clean.
     """
     check_hub_id(repo_id)  # before any path or URL is built from it
+    if progress is None:
+        progress = sys.stderr is not None and sys.stderr.isatty()
     base = hub_url(base_url)
     dest = Path(dest).expanduser() if dest is not None else local_folder(repo_id)
     listing = _list_files(base, repo_id, revision, dest)

@@ -259,7 +259,7 @@ def test_stale_final_file_is_replaced(fake_hub, tmp_path):
 
 
 def test_sharded_weights(fake_hub, tmp_path):
-    dest = download(SHARDED, tmp_path / "s", base_url=fake_hub.url)  # with the tqdm bar on
+    dest = download(SHARDED, tmp_path / "s", base_url=fake_hub.url, progress=True)  # with the tqdm bar on
     assert all_files(dest) == sorted(SHARD_FILES)
     for name, data in SHARD_FILES.items():
         assert (dest / name).read_bytes() == data
@@ -408,3 +408,10 @@ def test_load_model_takes_a_hub_id_like_load_embedder(tmp_path, monkeypatch):
     loaded = minibge.load_model(REPO)  # "test-org/tiny-bge"
     for (name, ours), theirs in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(ours, theirs), name
+
+
+def test_no_progress_bars_in_logs_by_default(fake_hub, tmp_path, capsys):
+    download(REPO, tmp_path / "m", base_url=fake_hub.url)  # stderr is captured: not a terminal
+    assert capsys.readouterr().err == ""
+    download(SHARDED, tmp_path / "s", base_url=fake_hub.url, progress=True)
+    assert "model-00001-of-00002" in capsys.readouterr().err  # the bar, when asked for
