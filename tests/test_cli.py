@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from minibge.cli_io import format_matrix
 from minibge.evaluate import format_markdown
 
 from conftest import REPO_ROOT
+from test_hub import FILES, FakeHub, dead_url
 
 TEXTS = ["A man is eating food.", "Un homme mange du pain — très bon.", "The stock market fell sharply today."]
 
@@ -113,10 +113,7 @@ def test_missing_input_file(tmp_path, capsys):
 
 
 def test_download_with_unreachable_hub(tmp_path, monkeypatch, capsys):
-    with socket.socket() as s:  # a port nobody listens on once this socket is closed
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("MINIBGE_HUB_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MINIBGE_HUB_URL", dead_url())
     assert main(["download", "BAAI/bge-small-en-v1.5", "--dest", str(tmp_path / "bge")]) == 1
     captured = capsys.readouterr()
     assert "could not reach the Hub" in one_error_line(captured.err)
@@ -234,16 +231,8 @@ def test_tables_never_print_negative_zero():
 
 
 # ---------------------------------------------------------------- hardening: ids, paths, outputs, signals
-def dead_hub_url():
-    with socket.socket() as s:  # a port nobody listens on once this socket is closed
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
 @pytest.mark.parametrize("repo_id", ["org/..", "org/", "../x", "/etc/x", "a/../../x"])
 def test_download_refuses_hostile_ids_before_asking_the_hub(repo_id, tmp_path, monkeypatch, capsys):
-    from test_hub import FILES, FakeHub
-
     mirror = FakeHub()
     mirror.repos[repo_id] = dict(FILES)  # it would serve them, if asked
     try:
@@ -262,7 +251,7 @@ def test_download_refuses_hostile_ids_before_asking_the_hub(repo_id, tmp_path, m
 def test_mistyped_model_path_speaks_of_folder_and_hub(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MINIBGE_WEIGHTS_DIR", str(tmp_path / "weights"))
-    monkeypatch.setenv("MINIBGE_HUB_URL", dead_hub_url())
+    monkeypatch.setenv("MINIBGE_HUB_URL", dead_url())
     assert main(["info", "-m", "models/my-model"]) == 1
     line = one_error_line(capsys.readouterr().err)
     assert f"no folder {tmp_path / 'models' / 'my-model'}, and as a Hub id: could not reach the Hub" in line

@@ -6,11 +6,11 @@ all-MiniLM-L6-v2. Whatever a block writes (save_pretrained) lands in that tempor
 the Hub points at a closed port, so a block that needed the network would fail here, not pass.
 """
 import re
-import socket
 
 import pytest
 
 from conftest import REPO_ROOT
+from test_hub import dead_url
 
 README = REPO_ROOT / "README.md"
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
@@ -28,8 +28,6 @@ def test_readme_python_block_runs_as_written(number, minilm_dir, tmp_path, monke
     (tmp_path / "weights" / minilm_dir.name).symlink_to(minilm_dir)  # what a fresh clone has after the set-up
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MINIBGE_WEIGHTS_DIR", str(tmp_path / "weights"))
-    with socket.socket() as s:  # a port nobody listens on once this socket is closed
-        s.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("MINIBGE_HUB_URL", f"http://127.0.0.1:{s.getsockname()[1]}")
+    monkeypatch.setenv("MINIBGE_HUB_URL", dead_url())
     block = python_blocks()[number]
     exec(compile(block, f"README.md python block {number + 1}", "exec"), {"__name__": "__readme__"})
