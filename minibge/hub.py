@@ -61,7 +61,8 @@ SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json",
 SHARD_INDEX = "model.safetensors.index.json"
 # What a dropped or flaky connection looks like from urllib (HTTPError, a URLError, is handled first).
 _TRANSIENT = (http.client.HTTPException, ConnectionError, TimeoutError, urllib.error.URLError)
-_HUB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*/[A-Za-z0-9_][A-Za-z0-9_.-]*")  # no "..", "/" or "\\" parts
+# "org/name": two parts, each starting with a letter, digit or "_", so neither can be "." or ".."
+_HUB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*/[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 log = logging.getLogger(__name__)
 
