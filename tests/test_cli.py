@@ -1,7 +1,9 @@
-"""The `minibge` command line, run in-process through main() (plus two real subprocesses).
+"""The `minibge` command line, run in-process through main() (plus real subprocesses where a
+signal or a fresh interpreter is the point).
 
 Model-using tests run the real all-MiniLM-L6-v2 (the `minilm_dir` fixture); the error-path
-tests need no model at all.
+tests need no model at all. The hardening tests check that a mistake is one line on stderr,
+found before any work, and leaves nothing on disk that was not there before.
 """
 import io
 import json
@@ -299,7 +301,7 @@ def test_read_only_output_folder_is_refused_before_any_work(command, output, tmp
         locked.chmod(0o755)
 
 
-@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_signal_during_encode_keeps_the_old_output_and_leaves_no_partial(minilm_dir, tmp_path, sig, status):
     source = tmp_path / "texts.txt"
     source.write_text("".join(f"sentence number {i} of a long file\n" for i in range(50_000)))
