@@ -1,9 +1,9 @@
 """FlagEmbedding's `FlagModel`, with minibge underneath: change the import line, keep the code.
 
-BGE's model card shows this snippet; with `from minibge import FlagModel` it runs unchanged:
+BGE's model card shows this (abridged); with `from minibge import FlagModel` it runs unchanged:
 
-    model = FlagModel("BAAI/bge-large-zh-v1.5",
-                      query_instruction_for_retrieval="为这个句子生成表示以用于检索相关文章：", use_fp16=True)
+    model = FlagModel("BAAI/bge-large-zh-v1.5", use_fp16=True,
+                      query_instruction_for_retrieval="为这个句子生成表示以用于检索相关文章：")
     q = model.encode_queries(["query_1", "query_2"])    # instruction + query,  (2, 1024) numpy
     p = model.encode_corpus(["样例文档-1", "样例文档-2"])  # passages as they are, (2, 1024) numpy
     scores = q @ p.T                                     # cosine similarities
@@ -19,8 +19,8 @@ How FlagModel's arguments map onto the embedder (FlagEmbedding ≥ 1.3 semantics
                                       (load_embedder and MiniBGEEmbeddings pick BGE's instruction
                                       from the model's name or config): FlagModel code always says
                                       which instruction it wants, so I keep its meaning.
-    pooling_method="cls"              used whatever the folder's 1_Pooling/config.json says, as
-                                      FlagEmbedding does (pass "mean" for all-MiniLM-L6-v2)
+    pooling_method="cls"              wins over the folder's 1_Pooling/config.json, as in
+                                      FlagEmbedding (pass "mean" for all-MiniLM-L6-v2)
     use_fp16                          float16 weights on a GPU; on a CPU one warning and float32.
                                       FlagEmbedding's default is True, minibge's False (exact by default)
     query_max_length / passage_max_length
@@ -91,7 +91,10 @@ class FlagModel:
                        convert_to_numpy: bool | None = None):
         """Queries with the retrieval instruction prepended (if one was given) → (N, D), or (D,) for one str."""
         max_length = self.query_max_length if max_length is None else max_length
-        return self.embedder.encode_queries(queries, **self._options(batch_size, max_length, convert_to_numpy))
+        # read at each call, so that setting model.query_instruction_for_retrieval later works as in FlagEmbedding
+        instruction = self.query_instruction_for_retrieval or ""  # "": none (None would be the embedder's own)
+        return self.embedder.encode_queries(queries, instruction=instruction,
+                                            **self._options(batch_size, max_length, convert_to_numpy))
 
     def encode_corpus(self, corpus, batch_size: int | None = None, max_length: int | None = None,
                       convert_to_numpy: bool | None = None):

@@ -87,12 +87,15 @@ def test_no_instruction_unless_given(fake_bge):
     assert_close(model.encode_queries(QUERIES[0]), queries[0], "one query as a str")
     assert_close(model.encode_corpus(QUERIES), embedder.encode(QUERIES), "encode_corpus: no instruction")
     assert_close(model.encode(QUERIES), embedder.encode(QUERIES), "encode: no instruction")
+    model.query_instruction_for_retrieval = None  # changed after construction, as FlagEmbedding allows
+    assert_close(model.encode_queries(QUERIES), embedder.encode(QUERIES), "instruction set to None later")
 
 
 def test_pooling_method_wins_over_the_folder(fake_bge):
     folder = fake_bge("bge-small-en-v1.5")
     (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_cls_token": false, "pooling_mode_mean_tokens": true}')
+    (folder / "1_Pooling" / "config.json").write_text(
+        '{"pooling_mode_cls_token": false, "pooling_mode_mean_tokens": true}')
     assert minibge.load_embedder(folder).pooling == "mean"
     cls_model, mean_model = FlagModel(folder), FlagModel(folder, pooling_method="mean")
     assert cls_model.embedder.pooling == "cls" and mean_model.embedder.pooling == "mean"
