@@ -178,7 +178,7 @@ def pooled_loss(last_hidden, pooler_out, attention_mask, seed=0):
 
     gen = torch.Generator().manual_seed(seed)
     H = last_hidden.shape[-1]
-    w_cls, w_mean, w_pool = (torch.randn(H, generator=gen, dtype=last_hidden.dtype) for _ in range(3))
+    w_cls, w_mean, w_pool = (torch.randn(H, generator=gen, dtype=last_hidden.dtype).to(last_hidden.device) for _ in range(3))
     return (l2_normalize(cls_pool(last_hidden)) @ w_cls).square().sum() \
         + (mean_pool(last_hidden, attention_mask) @ w_mean).sum() + (pooler_out @ w_pool).sum()
 
