@@ -51,10 +51,9 @@ def usage_run(minilm_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("usage")
     (folder / "weights").mkdir()
     (folder / "weights" / "all-MiniLM-L6-v2").symlink_to(minilm_dir, target_is_directory=True)
-    here = os.getcwd()
+    here, runs = os.getcwd(), []
     os.chdir(folder)
     try:
-        runs = []
         for code, _ in usage_examples():
             namespace = {"__name__": "__usage__"}
             if runs:
@@ -63,9 +62,9 @@ def usage_run(minilm_dir, tmp_path_factory):
             with contextlib.redirect_stdout(stdout):
                 exec(compile(code, f"{USAGE}:block{len(runs)}", "exec"), namespace)
             runs.append((namespace, stdout.getvalue()))
-        yield folder, runs
     finally:
         os.chdir(here)
+    return folder, runs
 
 
 @pytest.mark.slow  # loads the model five ways: ~15 s on one idle core
