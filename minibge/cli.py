@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_train import add_training_commands  # finetune, mine (imported here: it imports this module)
     add_training_commands(commands, parents=[verbose])
+    from .bench import add_bench_command  # minibge bench: speed against transformers, ST, ONNX Runtime
+    add_bench_command(commands, parents=[verbose])
     from .cli_lab import add_lab_command  # the divergence lab (imported here: it imports this module)
     add_lab_command(commands, parents=[verbose, model])
     return parser

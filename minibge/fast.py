@@ -30,25 +30,51 @@ shares every weight with it (it reads model.py's modules, it never copies their 
 FastEncoder is for inference: it skips dropout, and the fused weight is a snapshot, so build
 it again after changing the model's weights (or its dtype / device).
 """
+import functools
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import BertModel
+from .embedder import Embedder
+from .model import BertModel, l2_normalize
+from .tokenizer import check_texts
+
+logger = logging.getLogger(__name__)
 
 ATTENTION_MODES = ("buckets", "padded", "nested")
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 class Packing:
-    """Where the real tokens of a right-padded (B, T) batch sit once packed into (N, ·)."""
+    """Where the real tokens of a (B, T) batch sit once packed into (N, ·), N = Σ lengths."""
 
-    def __init__(self, attention_mask: torch.Tensor):
-        B, T = attention_mask.shape
-        self.shape = (B, T)
-        self.lengths = attention_mask.sum(dim=1)                                  # (B,)
-        self.token_index = attention_mask.flatten().nonzero().squeeze(1)           # (N,) into B*T
-        self.offsets = F.pad(self.lengths.cumsum(0), (1, 0))                       # (B+1,) cu_seqlens
-        self.positions = self.token_index % T                                      # (N,) 0..len-1 per sentence
+    def __init__(self, lengths: torch.Tensor, token_index: torch.Tensor, max_len: int):
+        self.shape = (lengths.numel(), max_len)
+        self.lengths = lengths                                                    # (B,)
+        self.token_index = token_index                                            # (N,) into B*T
+        self.offsets = F.pad(lengths.cumsum(0), (1, 0))                           # (B+1,) cu_seqlens
+        self.positions = token_index % max_len                                    # (N,) each token's position id
         self._buckets = None
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> "Packing":
+        """Any 0/1 mask (B, T); positions stay the model's 0..T-1, whatever the padding side."""
+        token_index = attention_mask.flatten().nonzero().squeeze(1)
+        return cls(attention_mask.sum(dim=1), token_index, attention_mask.shape[1])
+
+    @classmethod
+    def from_lengths(cls, lengths: torch.Tensor) -> "Packing":
+        """Right-padded sentences of these lengths, as the tokenizer makes them, without the padding."""
+        T = int(lengths.max())
+        starts = torch.arange(lengths.numel(), device=lengths.device) * T
+        offsets = F.pad(lengths.cumsum(0), (1, 0))
+        within = torch.arange(int(offsets[-1]), device=lengths.device) - offsets[:-1].repeat_interleave(lengths)
+        return cls(lengths, starts.repeat_interleave(lengths) + within, T)
 
     @property
     def num_tokens(self) -> int:
@@ -124,63 +150,206 @@ def attend_nested(qkv, packing: Packing, num_heads: int):
 ATTEND = {"buckets": attend_buckets, "padded": attend_padded, "nested": attend_nested}
 
 
-class FastEncoder:
+class FastEncoder(nn.Module):
     """BertModel's forward on packed real tokens with a fused QKV. Same call, same result:
 
         fast = FastEncoder(model)
         fast(input_ids, attention_mask)   # ≈ model(input_ids, attention_mask), zeros at padding
+
+    It is a Module holding the model (shared, not copied) and one fused (3H, H) Linear per layer,
+    so that .to(), int8 quantisation (quantize_dynamic swaps every Linear) and torch.compile
+    all see the whole thing.
     """
 
     def __init__(self, model: BertModel, attention: str = "buckets", fuse_qkv: bool = True):
+        super().__init__()
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         if model.training:
             raise ValueError("FastEncoder is for inference: call model.eval() first (it skips dropout)")
         self.model = model
-        self.attend = ATTEND[attention]
         self.attention = attention
-        self.fuse_qkv = fuse_qkv
-        self.qkv = [self.qkv_projection(layer.attention) for layer in model.layers]
-
-    def qkv_projection(self, attention):
-        """(weight (3H, H), bias (3H,)) of the fused projection, or the three Linears to call in turn."""
-        parts = (attention.query, attention.key, attention.value)
-        if not self.fuse_qkv:
-            return parts
-        with torch.no_grad():
-            return (torch.cat([p.weight for p in parts]), torch.cat([p.bias for p in parts]))
+        self.attend = ATTEND[attention]
+        self.qkv = nn.ModuleList(fused_qkv(layer.attention) for layer in model.layers) if fuse_qkv else None
+        self.tails = None  # compiled block tails, see compile_tails
+        self.eval()
 
     def project_qkv(self, i: int, x):
-        if self.fuse_qkv:
-            return F.linear(x, *self.qkv[i])                        # (N, H) → (N, 3H)
-        return torch.cat([linear(x) for linear in self.qkv[i]], dim=-1)
-
-    def embed(self, input_ids, packing: Packing, token_type_ids=None):
-        """The embedding module on the packed tokens: (N, H), positions restarting per sentence."""
-        ids = input_ids.flatten()[packing.token_index]
-        types = None if token_type_ids is None else token_type_ids.flatten()[packing.token_index][None]
-        return self.model.embeddings(ids[None], types, position_ids=packing.positions[None])[0]
+        """(N, H) → (N, 3H): q | k | v side by side."""
+        if self.qkv is not None:
+            return self.qkv[i](x)
+        attention = self.model.layers[i].attention
+        return torch.cat([attention.query(x), attention.key(x), attention.value(x)], dim=-1)
 
     def layer(self, i: int, x, packing: Packing):
         """One post-LN block on packed tokens (N, H), using the model's own modules."""
         block = self.model.layers[i]
-        attention = block.attention
-        y = self.attend(self.project_qkv(i, x), packing, attention.num_heads)     # (N, H)
-        x = block.attention_norm(x + attention.output(y))
-        return block.ffn_norm(x + block.feed_forward(x))
+        y = self.attend(self.project_qkv(i, x), packing, block.attention.num_heads)  # (N, H)
+        return self.tails[i](x, y) if self.tails is not None else block_tail(block, x, y)
 
-    def packed(self, input_ids, attention_mask=None, token_type_ids=None):
-        """(N, H) final hidden states of the real tokens, and their Packing."""
+    def compile_tails(self) -> float:
+        """torch.compile what follows attention in each block (token-wise, so the only shape that
+        varies is N: dynamic=True). Inductor fuses bias + GELU and residual + LayerNorm there.
+        Attention stays eager: its Python loop over length buckets would break the graph anyway.
+        Returns the compile time in seconds (compiled on a first call with a dummy batch)."""
+        start = time.perf_counter()
+        self.tails = [torch.compile(functools.partial(block_tail, block), dynamic=True) for block in self.model.layers]
+        weight = self.model.embeddings.word_embeddings.weight
+        with torch.inference_mode():
+            for tail in self.tails:
+                for n in (7, 13):  # two sizes, so the dynamic graph is the one cached
+                    x = torch.zeros(n, weight.shape[1], dtype=weight.dtype, device=weight.device)
+                    tail(x, x)
+        return time.perf_counter() - start
+
+    def encode_packed(self, token_ids, packing: Packing, token_type_ids=None):
+        """Packed token ids (N,) → final hidden states (N, H)."""
+        types = None if token_type_ids is None else token_type_ids[None]
+        x = self.model.embeddings(token_ids[None], types, position_ids=packing.positions[None])[0]  # (N, H)
+        for i in range(len(self.model.layers)):
+            x = self.layer(i, x, packing)
+        return x
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        """(B, T, H) last hidden state, zeros at padded positions (model() leaves garbage there)."""
         self.model.check_inputs(input_ids, attention_mask, token_type_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        packing = Packing(attention_mask)
-        x = self.embed(input_ids, packing, token_type_ids)
-        for i in range(len(self.model.layers)):
-            x = self.layer(i, x, packing)
-        return x, packing
+        packing = Packing.from_mask(attention_mask)
+        pick = lambda t: None if t is None else t.flatten()[packing.token_index]  # (B, T) → (N,)
+        return packing.unpack(self.encode_packed(pick(input_ids), packing, pick(token_type_ids)))
 
-    def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
-        """(B, T, H) last hidden state, zeros at padded positions (model() leaves garbage there)."""
-        x, packing = self.packed(input_ids, attention_mask, token_type_ids)
-        return packing.unpack(x)
+
+def block_tail(block, x, y):
+    """Everything in a block after attention, all token-wise: out-projection, residual, LayerNorm,
+    feed-forward, residual, LayerNorm. x: the block's input (N, H); y: attention's heads (N, H)."""
+    x = block.attention_norm(x + block.attention.output(y))
+    return block.ffn_norm(x + block.feed_forward(x))
+
+
+def fused_qkv(attention) -> nn.Linear:
+    """One Linear(H, 3H) whose weight is [W_q; W_k; W_v] (rows stacked), bias [b_q; b_k; b_v]."""
+    parts = (attention.query, attention.key, attention.value)
+    H = attention.query.in_features
+    weight = parts[0].weight
+    linear = nn.Linear(H, 3 * H, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(torch.cat([p.weight for p in parts]))
+        linear.bias.copy_(torch.cat([p.bias for p in parts]))
+    return linear
+
+
+def pool_packed(x, packing: Packing, pooling: str):
+    """Sentence vectors straight from packed tokens (N, H) → (B, H), no padded tensor in between."""
+    if pooling == "cls":
+        return x[packing.offsets[:-1]]  # each sentence's first token
+    if pooling == "mean":
+        sentence = torch.repeat_interleave(torch.arange(packing.lengths.numel(), device=x.device), packing.lengths)
+        sums = x.new_zeros(packing.lengths.numel(), x.shape[-1]).index_add_(0, sentence, x)  # (B, H)
+        return sums / packing.lengths[:, None].to(x.dtype).clamp(min=1e-9)
+    raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+
+
+# -----------------------------------------------------------------------------
+# Encoding texts: batches by exact token length and a token budget
+
+def token_budget_batches(lengths, max_tokens: int, max_texts: int) -> list:
+    """Split positions 0..n-1, already sorted by length (longest first), into consecutive batches
+    of at most max_texts texts and max_tokens real tokens (a text longer than the budget goes
+    alone). Unpadded, a batch costs its real tokens, so the budget bounds memory and time alike."""
+    batches, start, tokens = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and (i - start == max_texts or tokens + n > max_tokens):
+            batches.append(range(start, i))
+            start, tokens = i, 0
+        tokens += n
+    if start < len(lengths):
+        batches.append(range(start, len(lengths)))
+    return batches
+
+
+class FastEmbedder(Embedder):
+    """An Embedder whose encode() runs FastEncoder. embed() (the path with gradients, for training)
+    stays the plain model's; encode / encode_queries / encode_corpus go through iter_batches below.
+
+        fast = FastEmbedder(load_embedder("weights/all-MiniLM-L6-v2"))
+        fast.encode(texts)          # ≈ embedder.encode(texts): per-text cosine ≥ 0.99999
+
+    Differences from Embedder.iter_batches, each for speed:
+    - texts are tokenized a window at a time and sorted by *exact token length* (not characters),
+      so sentences of equal length meet in one attention bucket;
+    - a batch holds at most batch_size texts *and* max_tokens real tokens;
+    - no padding anywhere: token ids are packed straight from the tokenizer's lists.
+    """
+
+    def __init__(self, embedder: Embedder, attention: str = "buckets", fuse_qkv: bool = True,
+                 max_tokens: int = 16384, window: int = 16384):
+        super().__init__(embedder.model, embedder.tokenizer, embedder.pooling, embedder.max_length,
+                         embedder.query_instruction, embedder.name)
+        if max_tokens < 1 or window < 1:
+            raise ValueError(f"max_tokens and window must be positive, got {max_tokens} and {window}")
+        self.encoder = FastEncoder(embedder.model, attention=attention, fuse_qkv=fuse_qkv)
+        self.max_tokens = max_tokens
+        self.window = window
+
+    @torch.inference_mode()
+    def embed_packed(self, ids_lists: list, normalize: bool) -> torch.Tensor:
+        """Token id lists → (b, D) sentence vectors, in list order."""
+        device = self.device
+        lengths = torch.tensor([len(ids) for ids in ids_lists], device=device)
+        token_ids = torch.tensor([t for ids in ids_lists for t in ids], device=device)  # (N,)
+        packing = Packing.from_lengths(lengths)
+        pooled = pool_packed(self.encoder.encode_packed(token_ids, packing), packing, self.pooling)
+        return l2_normalize(pooled) if normalize else pooled
+
+    def iter_batches(self, sentences: list[str], batch_size: int = 32, max_length: int | None = None,
+                     normalize_embeddings: bool = True, show_progress_bar: bool | None = None):
+        """Yield (indices, embeddings (b, D) float32) in order of decreasing token length per window."""
+        check_texts(sentences)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        max_length = self.max_length if max_length is None else min(max_length, self.max_length)
+        windows = range(0, len(sentences), self.window)
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+            windows = tqdm(windows, desc="Windows", unit="window")
+        for first in windows:
+            ids_lists = self.tokenizer.encode_batch(sentences[first:first + self.window], max_length)
+            order = np.argsort([-len(ids) for ids in ids_lists], kind="stable")
+            lengths = [len(ids_lists[i]) for i in order]
+            for batch in token_budget_batches(lengths, self.max_tokens, batch_size):
+                members = order[batch.start:batch.stop]
+                vectors = self.embed_packed([ids_lists[i] for i in members], normalize_embeddings)
+                yield members + first, vectors.float()
+
+
+# -----------------------------------------------------------------------------
+# Optional speed modes: they change the numbers a little, so their STS-B score goes beside their speed
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: the CPU multiplies bf16 in hardware (elsewhere bf16 is emulated, slower)."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def speed_options(fast: FastEmbedder, compile: bool = False, precision: str = "fp32") -> FastEmbedder:
+    """Apply in place, to fast.encoder *and the model it shares*: precision "bf16" (weights and
+    activations; only where the CPU has native bf16) or "int8" (dynamic quantisation: int8 weights,
+    activations quantised per batch, in every Linear), then optionally torch.compile."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16":
+        if fast.device.type == "cpu" and not cpu_has_native_bf16():
+            raise ValueError("this CPU has no native bf16 (avx512_bf16 / amx_bf16): bf16 would be slower than fp32")
+        fast.encoder.to(torch.bfloat16)
+    elif precision == "int8":
+        if fast.device.type != "cpu":
+            raise ValueError("int8 dynamic quantisation runs on the CPU only")
+        torch.ao.quantization.quantize_dynamic(fast.encoder, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    if compile:
+        fast.compile_seconds = fast.encoder.compile_tails()
+        logger.info("torch.compile of %d block tails: %.1f s", len(fast.encoder.tails), fast.compile_seconds)
+    return fast

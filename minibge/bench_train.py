@@ -1,0 +1,98 @@
+"""The training-step half of `minibge bench`: one contrastive step, minibge vs transformers.
+
+A step is what `minibge finetune` repeats: embed B queries and B·G passages with dropout on,
+InfoNCE over in-batch negatives (temperature 0.02), backward, AdamW. Both sides start from the
+same checkpoint, see the same token ids (minibge's tokenizer, right-padded per batch) and use
+the same loss code; only the encoder differs: minibge's BertModel or transformers' BertModel
+(SDPA), pooled the checkpoint's way. Steps alternate between the two, after one warm-up each,
+and the median over steps is reported as real (unpadded) tokens per second.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from .bench import PeakRSS
+from .embedder import load_embedder
+from .losses import info_nce
+from .model import POOLING, l2_normalize
+
+QUERIES, GROUP, QUERY_LEN, PASSAGE_LEN = 16, 2, 32, 128  # FlagEmbedding's default max lengths
+
+
+def training_batches(embedder, queries: list[str], passages: list[str]):
+    """The same tokenized (query batch, passage batch) for both encoders."""
+    take = lambda texts, n: [texts[i % len(texts)] for i in range(n)]  # cycles through short lists
+    q = embedder.tokenize(take(queries, QUERIES), max_length=QUERY_LEN)
+    p = embedder.tokenize(take(passages, QUERIES * GROUP), max_length=PASSAGE_LEN)
+    return q, p
+
+
+def minibge_step(embedder, optimizer):
+    def step(q, p):
+        loss = info_nce(embedder.embed(q), embedder.embed(p), temperature=0.02)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+    return step
+
+
+def transformers_step(model, pooling: str, optimizer):
+    def embed(batch):
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return l2_normalize(POOLING[pooling](hidden, batch["attention_mask"]))
+
+    def step(q, p):
+        loss = info_nce(embed(q), embed(p), temperature=0.02)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+    return step
+
+
+def train_step_benchmark(folder, queries: list[str], passages: list[str], steps: int = 5) -> list[dict]:
+    """Median seconds and tokens/s of a contrastive step, minibge and transformers, interleaved."""
+    import transformers
+
+    embedder = load_embedder(folder, device="cpu")
+    embedder.model.train()
+    reference = transformers.AutoModel.from_pretrained(str(folder), attn_implementation="sdpa").train()
+    steps_by_name = {
+        "minibge BertModel": minibge_step(embedder, torch.optim.AdamW(embedder.model.parameters(), lr=1e-5)),
+        "transformers BertModel (SDPA)": transformers_step(reference, embedder.pooling,
+                                                           torch.optim.AdamW(reference.parameters(), lr=1e-5)),
+    }
+    q, p = training_batches(embedder, queries, passages)
+    tokens = int(q["attention_mask"].sum() + p["attention_mask"].sum())
+    times = {name: [] for name in steps_by_name}
+    memory = dict.fromkeys(steps_by_name, 0.0)
+    for name, step in steps_by_name.items():
+        step(q, p)  # warm-up
+    for _ in range(steps):
+        for name, step in steps_by_name.items():
+            with PeakRSS() as rss:
+                start = time.perf_counter()
+                step(q, p)
+                times[name].append(time.perf_counter() - start)
+            memory[name] = max(memory[name], rss.extra_mb)
+    reference_median = statistics.median(times["transformers BertModel (SDPA)"])
+    rows = []
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        rows.append({"step": name, "median_s": median, "min_s": min(seconds), "max_s": max(seconds),
+                     "tokens_per_s": tokens / median, "vs_transformers": reference_median / median,
+                     "peak_extra_mb": memory[name], "tokens": tokens,
+                     "batch": f"{QUERIES} queries ≤ {QUERY_LEN} tokens + {QUERIES * GROUP} passages ≤ {PASSAGE_LEN}"})
+    return rows
+
+
+def markdown(rows: list[dict], model_name: str) -> str:
+    lines = [f"### Contrastive training step, {model_name}: {rows[0]['batch']} ({rows[0]['tokens']} real tokens)", "",
+             "| step | tokens/s | × transformers | median s (min–max) | peak extra MB |", "|---|---|---|---|---|"]
+    lines += [f"| {r['step']} | {r['tokens_per_s']:,.0f} | {r['vs_transformers']:.2f} | "
+              f"{r['median_s']:.2f} ({r['min_s']:.2f}–{r['max_s']:.2f}) | {r['peak_extra_mb']:.0f} |" for r in rows]
+    return "\n".join(lines) + "\n"
