@@ -6,8 +6,10 @@
 
 The dev split is 20% of the 809 train queries (seeded shuffle), scored against the full corpus
 exactly as `minibge eval --task scifact` scores the test queries (evaluate.retrieval).
+$SCIFACT_DIR overrides where the BEIR folder is (default ../shared/eval/data/scifact).
 """
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -17,7 +19,7 @@ sys.path.insert(0, str(REPO))
 
 from minibge.eval_data import load_beir  # noqa: E402
 
-SCIFACT = REPO.parent / "shared" / "eval" / "data" / "scifact"
+SCIFACT = Path(os.environ.get("SCIFACT_DIR", REPO.parent / "shared" / "eval" / "data" / "scifact"))
 DEV_FRACTION, SEED = 0.2, 0
 
 
@@ -53,15 +55,15 @@ def subset(out: Path) -> None:
     print(f"wrote {len(lines)} of {len(fit_queries)} fit queries to {out / 'train_fit.mined.jsonl'}")
 
 
-def dev_eval(out: Path, model: str) -> None:
+def dev_eval_score(model: str) -> dict:
     from minibge import load_embedder
     from minibge.evaluate import retrieval
 
     corpus, queries, qrels = load_beir(SCIFACT, split="train")
     _, dev = split_ids(qrels)
     scores = retrieval(load_embedder(model), corpus, {q: queries[q] for q in dev}, {q: qrels[q] for q in dev})
-    print(json.dumps({"model": model, "dev_queries": len(dev), "ndcg_at_10": round(scores["ndcg_at_10"], 2),
-                      "recall_at_100": round(scores["recall_at_100"], 2)}))
+    return {"model": model, "dev_queries": len(dev), "ndcg_at_10": round(scores["ndcg_at_10"], 2),
+            "recall_at_100": round(scores["recall_at_100"], 2)}
 
 
 if __name__ == "__main__":
@@ -71,4 +73,4 @@ if __name__ == "__main__":
     elif command == "subset":
         subset(folder)
     else:
-        dev_eval(folder, sys.argv[3])
+        print(json.dumps(dev_eval_score(sys.argv[3])))

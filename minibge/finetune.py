@@ -135,6 +135,11 @@ def check_group_size(examples: list[TrainExample], group_size: int, path="the tr
                             f"use --group-size 1 (in-batch negatives only)")
 
 
+def query_text(example: TrainExample, instruction: str | None) -> str:
+    """What the encoder sees for a query: its own "prompt" if the line has one, else the instruction."""
+    return (example.prompt if example.prompt is not None else instruction or "") + example.query
+
+
 # -----------------------------------------------------------------------------
 # Sampling a group and collating a batch
 
@@ -170,7 +175,7 @@ class GroupCollator:
         self.distill = distill
 
     def query_text(self, example: TrainExample) -> str:
-        return (example.prompt if example.prompt is not None else self.query_instruction or "") + example.query
+        return query_text(example, self.query_instruction)
 
     def __call__(self, examples: list[TrainExample], generator: torch.Generator) -> dict:
         passages, scores = [], []

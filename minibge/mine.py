@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .finetune import DataError, TrainExample
+from .finetune import DataError, TrainExample, query_text
 from .search import top_k
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def mine_hard_negatives(embedder, examples: list[TrainExample], pool: list[str] 
     if pool is None:
         pool = list(dict.fromkeys(text for ex in examples for text in ex.pos + ex.neg))
     instruction = embedder.query_instruction if query_instruction is None else query_instruction
-    queries = [(ex.prompt if ex.prompt is not None else instruction or "") + ex.query for ex in examples]
+    queries = [query_text(ex, instruction) for ex in examples]
 
     logger.info("mining: %d queries against a pool of %d passages, ranks %d-%d", len(queries), len(pool), start, end)
     q = torch.from_numpy(embedder.encode(queries, batch_size=batch_size, show_progress_bar=show_progress_bar))

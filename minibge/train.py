@@ -412,11 +412,17 @@ def train(model: nn.Module, loss_fn: Callable[[object], dict], batches: Batches,
     device = device or next(model.parameters()).device
     if config.precision != "fp32" and device.type != "cuda":
         logger.warning("precision %s needs CUDA; training in fp32 on %s", config.precision, device)
-    resume_from = prepare_output_dir(output_dir, run_info, resume) if rank == 0 else None
-    if world > 1:  # rank 0 checked the folder; everyone learns the verdict
-        shared = [str(resume_from) if resume_from else None]
-        dist.broadcast_object_list(shared, src=0)
-        resume_from = Path(shared[0]) if shared[0] else None
+    verdict = [None, None]  # (checkpoint to resume from, error message): rank 0 checks the folder
+    if rank == 0:
+        try:
+            verdict[0] = prepare_output_dir(output_dir, run_info, resume)
+        except ValueError as err:
+            verdict[1] = str(err)
+    if world > 1:  # everyone learns the verdict, so a refusal stops every rank rather than hanging them
+        dist.broadcast_object_list(verdict, src=0)
+    resume_from, refusal = verdict
+    if refusal:
+        raise ValueError(refusal)
 
     steps_per_epoch = math.ceil(len(batches) / config.grad_accumulation)
     total_steps = config.max_steps or config.epochs * steps_per_epoch
