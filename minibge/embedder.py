@@ -18,6 +18,7 @@ Texts longer than max_length tokens are truncated (the tail is dropped, [SEP] ke
 """
 import json
 import logging
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -114,10 +115,18 @@ class Embedder:
         return (f"Embedder({self.name!r}, dim={self.dimension}, pooling={self.pooling!r}, "
                 f"max_length={self.max_length}, device={self.device})")
 
+    def length_limit(self, max_length: int | None) -> int:
+        """The caller's max_length, never above the embedder's own limit (which is the default)."""
+        if max_length is None:
+            return self.max_length
+        if isinstance(max_length, bool) or not isinstance(max_length, int):
+            raise TypeError(f"max_length must be an int, got {type(max_length).__name__}")
+        return min(max_length, self.max_length)
+
     def tokenize(self, texts: list[str], max_length: int | None = None) -> dict:
         """Texts → {"input_ids", "attention_mask"} (B, T) long tensors on the model's device, right-padded,
         each text cut to max_length tokens (the embedder's own limit by default, never above it)."""
-        max_length = self.max_length if max_length is None else min(max_length, self.max_length)
+        max_length = self.length_limit(max_length)
         input_ids, attention_mask = self.tokenizer.pad(self.tokenizer.encode_batch(texts, max_length))
         return {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device)}
 
@@ -147,15 +156,14 @@ class Embedder:
         character length, as sentence-transformers does: a cheap proxy for token length.
         """
         check_texts(sentences)
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        max_length = self.max_length if max_length is None else min(max_length, self.max_length)
+        max_length = self.length_limit(max_length)
         order = np.argsort([-len(text) for text in sentences], kind="stable")
         starts = range(0, len(sentences), batch_size)
         if show_progress_bar is None:
             # as sentence-transformers: a bar when logging asks for INFO; otherwise only for big
             # inputs at a terminal, never into a log file
-            import sys
             show_progress_bar = logger.getEffectiveLevel() <= logging.INFO or (
                 len(sentences) >= PROGRESS_BAR_MIN_TEXTS and sys.stderr is not None and sys.stderr.isatty())
         if show_progress_bar:

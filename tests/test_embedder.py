@@ -32,6 +32,7 @@ def fake_bge(tmp_path, minilm_dir):
     return make
 
 
+@pytest.mark.slow
 def test_matches_sentence_transformers_on_stsb(minilm, minilm_dir, shared_data):
     from sentence_transformers import SentenceTransformer
     s1, s2, _ = load_sts_csv(shared_data / "stsbenchmark" / "sts-test.csv")
@@ -245,6 +246,10 @@ def test_embed_carries_gradients_and_matches_encode(minilm):
     assert torch.allclose(minilm.embed(batch, normalize=False), minilm.embed(texts, max_length=4, normalize=False))
     with pytest.raises(ValueError, match="input_ids and attention_mask"):
         minilm.embed({"input_ids": batch["input_ids"]})
+    with pytest.raises(TypeError, match="max_length must be an int"):
+        minilm.embed(texts, max_length="8")
+    with pytest.raises(ValueError, match="batch_size"):
+        minilm.encode(texts, batch_size=True)
 
 
 # -----------------------------------------------------------------------------
