@@ -25,6 +25,7 @@ it from a checkpoint folder, truncates, pads and checks its inputs.
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -113,6 +114,7 @@ class Tokenizer:
         tok.no_truncation()
         tok.no_padding()
         self._tok = tok
+        self._truncation_lock = threading.Lock()
         self.specials = dict(specials)
         self.config = dict(config or {})  # tokenizer_config.json as read, written back by save_pretrained
         self.model_max_length = model_max_length
@@ -173,15 +175,17 @@ class Tokenizer:
             return []
         # I let the library truncate rather than slicing afterwards: it is what transformers does,
         # so "drop the tail of the text, keep the final [SEP]" is exactly the same on both sides.
-        # (It mutates the tokenizer, so one instance should not be shared across threads.)
-        self._tok.enable_truncation(max_length)
-        try:
-            encodings = self._tok.encode_batch(list(texts), add_special_tokens=True)
-        except TypeError:
-            _check_encodable(texts)  # the library's own message here is cryptic
-            raise
-        finally:
-            self._tok.no_truncation()
+        # Truncation is a setting on the shared tokenizer, so the lock keeps two threads (LangChain's
+        # async calls, a web server) from encoding with each other's setting.
+        with self._truncation_lock:
+            self._tok.enable_truncation(max_length)
+            try:
+                encodings = self._tok.encode_batch(list(texts), add_special_tokens=True)
+            except TypeError:
+                _check_encodable(texts)  # the library's own message here is cryptic
+                raise
+            finally:
+                self._tok.no_truncation()
         return [enc.ids for enc in encodings]
 
     def convert_ids_to_tokens(self, ids) -> list[str]:
