@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .cli import _examples, _Formatter, _max_length, _positive_int
 from .cli_io import PROG, CliError, atomic_output, check_readable, check_writable, progress_setting
+from .retromae import VARIANTS
 from .train import PRECISIONS, TrainConfig
 
 
@@ -153,7 +154,7 @@ def add_training_commands(commands, parents) -> None:
     p.add_argument("--max-length", type=_max_length, default=512, help="tokens per text (default: 512)")
     p.add_argument("--encoder-mask", type=_probability, default=0.3, help="encoder mask ratio (default: 0.3)")
     p.add_argument("--decoder-mask", type=_probability, default=0.5, help="decoder mask ratio (default: 0.5)")
-    p.add_argument("--variant", choices=["bge", "retromae"], default="bge",
+    p.add_argument("--variant", choices=VARIANTS, default="bge",
                    help="query stream: FlagEmbedding's (through the embeddings' LayerNorm) or the paper's "
                         "(raw position rows) (default: bge)")
     p.set_defaults(run=cmd_pretrain)

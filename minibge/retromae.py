@@ -49,11 +49,14 @@ Where the two upstream codebases differ (../shared/reference/flagembedding.md §
     input                    pre-tokenized ids        jsonl {"text"}           texts (tokenized here)
     nothing to predict       loss NaN                 loss NaN                 loss 0 (an empty text is fine)
     padded query rows        see nothing              see nothing              see h_X (fused kernels may NaN)
+    [UNK] / [MASK] in text   decoder may hide them    decoder may hide them    never masked by either mask
     head on                  every position           every position           labelled positions (same value)
 
-The collator matches transformers' DataCollatorForWholeWordMask (count = max(1, round(L·p)) with L
-counting [CLS]/[SEP]; words that would overshoot the count are skipped), but draws every random
-number from a torch.Generator so a batch is a pure function of its seed (what train.py's resume needs).
+The whole-word rule is that of transformers 4.x's DataCollatorForWholeWordMask, which both upstream
+collators subclass (transformers 5 replaced it with per-token Bernoulli draws): count = max(1, round(L·p))
+with L counting [CLS]/[SEP], words visited in random order, a word that would overshoot the count
+skipped. Every random number comes from a torch.Generator, so a batch is a pure function of its seed
+(what train.py's exact resume needs).
 """
 import logging
 from pathlib import Path
@@ -98,8 +101,7 @@ class RetroMAECollator:
                 raise ValueError(f"{name} must lie strictly between 0 and 1, got {p!r}")
         if not isinstance(decoder_mask_pool, int) or decoder_mask_pool < 1:
             raise ValueError(f"decoder_mask_pool must be a positive int, got {decoder_mask_pool!r}")
-        mask_token_id = getattr(tokenizer, "mask_token_id", None)
-        if mask_token_id is None:
+        if tokenizer.mask_token_id is None:
             raise ValueError("the tokenizer has no [MASK] token, which masked-LM pre-training needs")
         self.tokenizer = tokenizer
         self.encoder_mlm_probability = encoder_mlm_probability
@@ -107,23 +109,17 @@ class RetroMAECollator:
         self.max_length = max_length  # checked by tokenizer.encode_batch on first use
         self.generator = generator
         self.decoder_mask_pool = decoder_mask_pool
-        self.mask_token_id = mask_token_id
-        # Two per-id lookups, built once: is this a "##" continuation piece, is it a special token?
-        vocab = tokenizer._tok.get_vocab(with_added_tokens=True)  # {token: id}
-        self.is_piece = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
-        self.is_piece[[i for token, i in vocab.items() if token.startswith("##")]] = True
-        added = tokenizer._tok.get_added_tokens_decoder()  # {id: AddedToken}: [PAD] [UNK] [CLS] [SEP] [MASK]
-        self.special_ids = {i for i, token in added.items() if token.special}
-        self.special_ids |= {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}
+        self.mask_token_id = tokenizer.mask_token_id
+        self.special_tokens = set(tokenizer.specials.values())  # [CLS] [SEP] [PAD] [UNK] [MASK]
 
     def words(self, ids: list[int]) -> list[list[int]]:
         """Token positions grouped into whole words: a token, then the "##" pieces right after it.
         Special tokens belong to no word, so they can never be masked."""
         words = []
-        for pos, token_id in enumerate(ids):
-            if token_id in self.special_ids:
+        for pos, token in enumerate(self.tokenizer.convert_ids_to_tokens(ids)):
+            if token in self.special_tokens:
                 continue
-            if words and self.is_piece[token_id] and words[-1][-1] == pos - 1:
+            if words and token.startswith("##") and words[-1][-1] == pos - 1:
                 words[-1].append(pos)  # "##s" continues "cell"
             else:
                 words.append([pos])

@@ -72,6 +72,7 @@ def test_run_writes_a_checkpoint_transformers_and_minibge_load(tiny_bert, tmp_pa
     assert not torch.equal(trained.head.bias, torch.zeros_like(trained.head.bias))
 
 
+@pytest.mark.slow  # three short runs
 def test_interrupted_run_resumes_to_the_same_weights(tiny_bert, corpus, tmp_path, monkeypatch):
     whole = tmp_path / "whole"
     pretrain(tiny_bert, corpus, whole, config(save_steps=2))
