@@ -131,7 +131,9 @@ def attend_padded(qkv, packing: Packing, num_heads: int):
     """Back to (B, T) for one masked SDPA call, then packed again. qkv (N, 3H) → (N, H)."""
     B, T = packing.shape
     padded = packing.unpack(qkv)                                                    # (B, T, 3H)
-    key_mask = (torch.arange(T, device=qkv.device) < packing.lengths[:, None])[:, None, None, :]  # (B, 1, 1, T)
+    key_mask = torch.zeros(B * T, dtype=torch.bool, device=qkv.device)
+    key_mask[packing.token_index] = True                                            # True = a real token
+    key_mask = key_mask.view(B, 1, 1, T)                                            # (B, 1, 1, T)
     y = F.scaled_dot_product_attention(*split_heads(padded, num_heads), attn_mask=key_mask)
     return merge_heads(y)[packing.token_index]
 

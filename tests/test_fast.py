@@ -1,0 +1,169 @@
+"""minibge.fast computes what the plain model computes: every speed path against the plain path.
+
+The bar is the issue's: per-text cosine ≥ 0.99999 in fp32 (in practice the differences are float
+rounding, ~1e-7), and the hidden states of real tokens within 1e-5.
+"""
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, random_batch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minibge import BertConfig, BertModel, Embedder, cls_pool, load_embedder, mean_pool
+from minibge.eval_data import load_sts_csv
+from minibge.fast import (ATTENTION_MODES, FastEmbedder, FastEncoder, Packing, pool_packed, speed_options,
+                          token_budget_batches)
+
+COSINE_BAR = 0.99999
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return BertModel(BertConfig(**{**TINY, **overrides})).eval()
+
+
+MODEL = tiny_model()
+
+
+def min_cosine(a, b):
+    a, b = torch.as_tensor(np.asarray(a)).double(), torch.as_tensor(np.asarray(b)).double()
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item()
+
+
+def assert_same_hidden(fast_out, ref, mask, what):
+    real = mask.bool()
+    diff = (fast_out - ref)[real].abs()
+    assert diff.max() < 1e-5, f"{what}: max |diff| {diff.max():.3e}, mean {diff.mean():.3e}"
+    assert fast_out[~real].abs().sum() == 0, f"{what}: padded positions are not zero"
+    cos = min_cosine(fast_out[:, 0], ref[:, 0])
+    assert cos >= COSINE_BAR, f"{what}: min CLS cosine {cos:.8f}"
+
+
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(1, 6), seq_len=st.integers(2, 24), seed=st.integers(0, 10_000),
+       mode=st.sampled_from(ATTENTION_MODES), fuse=st.booleans(), with_types=st.booleans())
+def test_fast_encoder_equals_model(batch, seq_len, seed, mode, fuse, with_types):
+    ids, mask, types = random_batch(MODEL.config, batch, seq_len, seed=seed)
+    mask[:, 0] = 1  # every text has at least its [CLS]
+    types = types if with_types else None
+    with torch.inference_mode():
+        ref = MODEL(ids, mask, types)
+        out = FastEncoder(MODEL, attention=mode, fuse_qkv=fuse)(ids, mask, types)
+    assert_same_hidden(out, ref, mask, f"attention={mode} fuse_qkv={fuse}")
+
+
+def test_fast_encoder_without_mask_and_with_left_padding():
+    ids, _, _ = random_batch(MODEL.config, 3, 9, seed=3)
+    left = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9, [0, 0, 0, 0, 0, 1, 1, 1, 1]])
+    with torch.inference_mode():
+        assert_same_hidden(FastEncoder(MODEL)(ids), MODEL(ids), torch.ones_like(ids), "no mask")
+        # positions stay the model's absolute 0..T-1 whatever the padding side, as in model()
+        for mode in ATTENTION_MODES:
+            out, ref = FastEncoder(MODEL, attention=mode)(ids, left), MODEL(ids, left)
+            assert (out - ref)[left.bool()].abs().max() < 1e-5, f"left padding, {mode}"
+
+
+def test_fused_qkv_is_one_linear_with_stacked_weights():
+    fast = FastEncoder(MODEL)
+    attention = MODEL.layers[1].attention
+    x = torch.randn(5, MODEL.config.hidden_size)
+    expected = torch.cat([attention.query(x), attention.key(x), attention.value(x)], dim=-1)
+    assert torch.allclose(fast.qkv[1](x), expected, atol=1e-6)
+    assert fast.qkv[1].weight.shape == (3 * MODEL.config.hidden_size, MODEL.config.hidden_size)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_pool_packed_matches_padded_pooling(pooling):
+    ids, mask, _ = random_batch(MODEL.config, 5, 11, seed=4)
+    fast = FastEncoder(MODEL)
+    with torch.inference_mode():
+        packing = Packing.from_mask(mask)
+        packed = fast.encode_packed(ids.flatten()[packing.token_index], packing)
+        ref = {"cls": cls_pool, "mean": mean_pool}[pooling](MODEL(ids, mask), mask)
+    got = pool_packed(packed, packing, pooling)
+    assert (got - ref).abs().max() < 1e-5, f"{pooling}: max |diff| {(got - ref).abs().max():.3e}"
+
+
+def test_packing_from_lengths_matches_a_right_padded_mask():
+    lengths = torch.tensor([4, 1, 3])
+    mask = (torch.arange(4)[None, :] < lengths[:, None]).long()
+    a, b = Packing.from_lengths(lengths), Packing.from_mask(mask)
+    for name in ("token_index", "positions", "offsets", "lengths"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert [L for L, _ in a.buckets()] == [1, 3, 4]
+
+
+@settings(max_examples=50, deadline=None)
+@given(lengths=st.lists(st.integers(1, 50), max_size=40), max_tokens=st.integers(1, 120), max_texts=st.integers(1, 9))
+def test_token_budget_batches_cover_everything_within_budget(lengths, max_tokens, max_texts):
+    lengths = sorted(lengths, reverse=True)
+    batches = token_budget_batches(lengths, max_tokens, max_texts)
+    assert [i for b in batches for i in b] == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= max_texts
+        assert len(b) == 1 or sum(lengths[i] for i in b) <= max_tokens, (list(b), max_tokens)
+
+
+def test_inference_only():
+    with pytest.raises(ValueError, match="eval"):
+        FastEncoder(tiny_model().train())
+    with pytest.raises(ValueError, match="attention"):
+        FastEncoder(MODEL, attention="flash")
+
+
+# -----------------------------------------------------------------------------
+# Texts in: FastEmbedder against Embedder
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir):
+    return load_embedder(minilm_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def stsb_texts(shared_data):
+    s1, s2, _ = load_sts_csv(shared_data / "stsbenchmark" / "sts-test.csv")
+    return list(dict.fromkeys(s1 + s2))[:120]
+
+
+TEXTS = ["A man is playing a guitar.", "x", "", "how do giant pandas eat bamboo?",
+         "Zwölf Boxkämpfer jagen Viktor quer über den großen Sylter Deich. " * 30, "a b c d"]
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_fast_embedder_matches_encode_tiny(minilm, pooling):
+    model = tiny_model(seed=1, vocab_size=30522, max_position_embeddings=512)
+    plain = Embedder(model, minilm.tokenizer, pooling=pooling, max_length=128)
+    for options in ({}, {"attention": "padded"}, {"attention": "nested", "fuse_qkv": False}):
+        fast = FastEmbedder(plain, max_tokens=40, window=4, **options)  # forces several windows and batches
+        got, ref = fast.encode(TEXTS, batch_size=3), plain.encode(TEXTS, batch_size=3)
+        assert got.shape == ref.shape and got.dtype == np.float32
+        assert min_cosine(got, ref) >= COSINE_BAR, f"{options}: min cosine {min_cosine(got, ref):.8f}"
+    assert fast.encode("one string").shape == (plain.dimension,)
+    with pytest.raises(ValueError, match="batch_size"):
+        fast.encode(TEXTS, batch_size=0)
+
+
+@pytest.mark.parametrize("attention", ATTENTION_MODES)
+def test_fast_embedder_matches_encode_real_minilm(minilm, stsb_texts, attention):
+    fast = FastEmbedder(minilm, attention=attention)
+    got, ref = fast.encode(stsb_texts), minilm.encode(stsb_texts)
+    assert min_cosine(got, ref) >= COSINE_BAR, f"{attention}: min cosine {min_cosine(got, ref):.8f}"
+    queries = fast.encode_queries(stsb_texts[:5], instruction="query: ")
+    assert min_cosine(queries, minilm.encode_queries(stsb_texts[:5], instruction="query: ")) >= COSINE_BAR
+
+
+def test_int8_is_close_but_not_equal(minilm, stsb_texts, minilm_dir):
+    fast = speed_options(FastEmbedder(load_embedder(minilm_dir, device="cpu")), precision="int8")
+    cos = min_cosine(fast.encode(stsb_texts[:40]), minilm.encode(stsb_texts[:40]))
+    assert 0.8 < cos < 0.99999, f"int8 min cosine {cos:.6f}"  # quantised: close, visibly not exact
+    with pytest.raises(ValueError, match="precision"):
+        speed_options(fast, precision="fp8")
+
+
+@pytest.mark.slow
+def test_compiled_tails_match(minilm, stsb_texts, minilm_dir):
+    fast = speed_options(FastEmbedder(load_embedder(minilm_dir, device="cpu")), compile=True)
+    assert fast.compile_seconds > 0
+    got, ref = fast.encode(stsb_texts), minilm.encode(stsb_texts)
+    assert min_cosine(got, ref) >= COSINE_BAR, f"compiled: min cosine {min_cosine(got, ref):.8f}"
