@@ -19,29 +19,27 @@ sentence-transformers, ONNX Runtime with its BERT graph optimizer. The reference
 Useful work is counted the same for every peer, from the real (unpadded) token counts: for a text
 of n tokens, each of L layers costs 2·n·(4H² + 2HI) FLOPs in its matmuls and 4·n²·H in attention.
 The matmul peak is a (2048 × 2048) fp32 product timed in the same run, under the same threads.
-The contrastive training step (models/training step benchmark) lives in bench_train.py.
+The peers live in bench_peers.py, the contrastive training-step benchmark in bench_train.py.
 """
 from __future__ import annotations
 
-import atexit
 import datetime
 import json
 import logging
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
+from .bench_peers import all_peers
 from .config import preset
 from .embedder import Embedder, load_embedder
 from .eval_data import load_beir, load_sts_csv
@@ -55,7 +53,6 @@ DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "eval" / "data"
 RANDOM_PRESETS = {"bge-small": "bge-small-en-v1.5", "bge-base": "bge-base-en-v1.5"}
 MODELS = ("minilm", *RANDOM_PRESETS)
 WORKLOADS = ("stsb", "scifact")
-BATCH_SIZE = 32
 
 
 # -----------------------------------------------------------------------------
@@ -151,162 +148,6 @@ class PeakRSS:
     @property
     def extra_mb(self) -> float:
         return (self.peak - self.base) / 2**20
-
-
-# -----------------------------------------------------------------------------
-# Peers: each turns a checkpoint folder into texts → (N, D) unit vectors, float32 numpy
-
-@dataclass
-class Peer:
-    name: str
-    build: Callable          # (folder, embedder) -> encode(texts) -> np.ndarray
-    encode: Callable | None = None
-    skipped: str | None = None
-    setup_s: float = 0.0
-    times: dict = field(default_factory=dict)        # workload -> [seconds per round]
-    memory: dict = field(default_factory=dict)       # workload -> peak extra MB
-    vectors: dict = field(default_factory=dict)      # workload -> (N, D) from the first round
-
-
-def minibge_peer(attn_impl: str):
-    def build(folder, embedder):
-        plain = load_embedder(folder, device="cpu", attn_impl=attn_impl)
-        return lambda texts: plain.encode(texts, batch_size=BATCH_SIZE)
-    return build
-
-
-def fast_peer(**options):
-    def build(folder, embedder):
-        from .fast import FastEmbedder, speed_options
-        fast = speed_options(FastEmbedder(load_embedder(folder, device="cpu"), **options.get("encoder", {})),
-                             **options.get("speed", {}))
-        return lambda texts: fast.encode(texts, batch_size=options.get("batch_size", BATCH_SIZE))
-    return build
-
-
-def pool_numpy(hidden, mask, pooling: str) -> np.ndarray:
-    """CLS or masked mean, then L2 normalisation, on (B, T, H) numpy arrays."""
-    if pooling == "cls":
-        pooled = hidden[:, 0]
-    else:
-        weights = mask[..., None].astype(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / np.clip(weights.sum(1), 1e-9, None)
-    return pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
-
-
-def length_sorted_loop(tokenize, run, texts, max_length, batch_size=BATCH_SIZE):
-    """FlagEmbedding's encode loop: tokenize everything unpadded, sort by token count (longest first),
-    pad each batch to its own longest text, run, restore the input order."""
-    ids = tokenize(texts, max_length)
-    order = np.argsort([-len(x) for x in ids], kind="stable")
-    out = None
-    for start in range(0, len(texts), batch_size):
-        rows = order[start:start + batch_size]
-        longest = max(len(ids[i]) for i in rows)
-        input_ids = np.zeros((len(rows), longest), dtype=np.int64)
-        mask = np.zeros_like(input_ids)
-        for r, i in enumerate(rows):
-            input_ids[r, :len(ids[i])], mask[r, :len(ids[i])] = ids[i], 1
-        vectors = run(input_ids, mask)
-        out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32) if out is None else out
-        out[rows] = vectors
-    return out
-
-
-def transformers_peer(folder, embedder):
-    """transformers' BertModel with SDPA, run as FlagEmbedding runs it (its own fast tokenizer)."""
-    import transformers
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
-    model = transformers.AutoModel.from_pretrained(str(folder), attn_implementation="sdpa").eval()
-
-    def run(input_ids, mask):
-        with torch.inference_mode():
-            hidden = model(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
-        return pool_numpy(hidden.numpy(), mask, embedder.pooling)
-
-    tokenize = lambda texts, n: tokenizer(texts, truncation=True, max_length=n, padding=False)["input_ids"]
-    return lambda texts: length_sorted_loop(tokenize, run, texts, embedder.max_length)
-
-
-def sentence_transformers_peer(folder, embedder):
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(folder), device="cpu")
-    return lambda texts: model.encode(texts, batch_size=BATCH_SIZE, normalize_embeddings=True)
-
-
-class LastHiddenState(torch.nn.Module):
-    """transformers' BertModel with plain tensor inputs and output, as the ONNX exporter wants it."""
-
-    def __init__(self, bert):
-        super().__init__()
-        self.bert = bert
-
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        return self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                         token_type_ids=token_type_ids).last_hidden_state
-
-
-def onnx_peer(optimize: bool):
-    """ONNX Runtime on transformers' BertModel exported to ONNX, optionally through the BERT
-    optimizer (fused Attention, EmbedLayerNormalization, BiasGelu, SkipLayerNormalization)."""
-    def build(folder, embedder):
-        import onnxruntime as ort
-        import transformers
-
-        work = Path(tempfile.mkdtemp(prefix="minibge-onnx-"))
-        atexit.register(shutil.rmtree, work, ignore_errors=True)
-        path = work / "model.onnx"
-        bert = transformers.AutoModel.from_pretrained(str(folder), attn_implementation="eager").eval()
-        model = LastHiddenState(bert)
-        example = torch.ones(2, 8, dtype=torch.long)
-        axes = {0: "batch", 1: "tokens"}
-        with torch.no_grad():
-            torch.onnx.export(model, (example, example, torch.zeros_like(example)), str(path), dynamo=False,
-                              input_names=["input_ids", "attention_mask", "token_type_ids"],
-                              output_names=["last_hidden_state"], opset_version=17,
-                              dynamic_axes={"input_ids": axes, "attention_mask": axes, "token_type_ids": axes,
-                                            "last_hidden_state": axes})
-        if optimize:
-            from onnxruntime.transformers.optimizer import optimize_model
-            config = embedder.model.config
-            optimized = optimize_model(str(path), model_type="bert", num_heads=config.num_attention_heads,
-                                       hidden_size=config.hidden_size)
-            logger.info("onnxruntime fused operators: %s", optimized.get_fused_operator_statistics())
-            path = work / "model.optimized.onnx"
-            optimized.save_model_to_file(str(path))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-        def run(input_ids, mask):
-            hidden = session.run(["last_hidden_state"], {"input_ids": input_ids, "attention_mask": mask,
-                                                         "token_type_ids": np.zeros_like(input_ids)})[0]
-            return pool_numpy(hidden, mask, embedder.pooling)
-
-        tokenize = lambda texts, n: embedder.tokenizer.encode_batch(texts, n)
-        return lambda texts: length_sorted_loop(tokenize, run, texts, embedder.max_length)
-    return build
-
-
-def all_peers(speed_options: bool = True) -> list[Peer]:
-    """Every peer, the reference (sentence-transformers) first."""
-    peers = [Peer("sentence-transformers encode", sentence_transformers_peer),
-             Peer("minibge encode (sdpa)", minibge_peer("sdpa")),
-             Peer("minibge encode (manual)", minibge_peer("manual")),
-             Peer("minibge fast (buckets, fused QKV)", fast_peer()),
-             Peer("transformers BertModel SDPA, FlagEmbedding loop", transformers_peer),
-             Peer("ONNX Runtime, no graph optimizer", onnx_peer(optimize=False)),
-             Peer("ONNX Runtime + BERT optimizer", onnx_peer(optimize=True))]
-    if speed_options:
-        peers += [Peer("minibge fast (padded attention)", fast_peer(encoder={"attention": "padded"})),
-                  Peer("minibge fast (nested attention)", fast_peer(encoder={"attention": "nested"})),
-                  Peer("minibge fast (separate Q, K, V)", fast_peer(encoder={"fuse_qkv": False})),
-                  Peer("minibge fast + torch.compile", fast_peer(speed={"compile": True})),
-                  Peer("minibge fast, bf16", fast_peer(speed={"precision": "bf16"})),
-                  Peer("minibge fast, int8 dynamic", fast_peer(speed={"precision": "int8"}))]
-    return peers
 
 
 # -----------------------------------------------------------------------------
@@ -445,7 +286,7 @@ def markdown(results: dict, command: str) -> str:
     for (model, workload) in dict.fromkeys((r["model"], r["workload"]) for r in results["rows"]):
         rows = [r for r in results["rows"] if r["model"] == model and r["workload"] == workload]
         lines += [f"### {model}, {workload}: {rows[0]['texts']} texts, {rows[0]['mean_tokens']:.0f} tokens on average",
-                  "", header, "|" + "---|" * header.count("|")[:-1] if False else "|---" * (header.count("|") - 1) + "|"]
+                  "", header, "|---" * (header.count("|") - 1) + "|"]
         for r in rows:
             if "skipped" in r:
                 lines.append(f"| {r['peer']} | skipped: {r['skipped']} |" + " |" * 7)

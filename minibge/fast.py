@@ -14,7 +14,8 @@ shares every weight with it (it reads model.py's modules, it never copies their 
        b b ⬚ ⬚ ⬚          ──►       └─ seq 0 ─┘└ 1 ┘└─ 2 ──┘
        c c c c ⬚                    offsets (cu_seqlens) = [0, 5, 7, 11]
 
-   Attention then runs in one of three ways (`attention=`), all the same function:
+   Attention then runs in one of three ways (`attention=`; "auto" picks buckets on a CPU and
+   padded on a GPU, as measured in docs/benchmarks.md), all the same function:
      "buckets"  group the sentences by exact length; each group is a dense (b, L) batch with no
                 mask at all, so SDPA may take its fastest kernel. Best on the CPU, where the
                 calls are cheap and batches built by token length have one or two lengths.
@@ -46,7 +47,7 @@ from .tokenizer import check_texts
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_MODES = ("buckets", "padded", "nested")
+ATTENTION_MODES = ("auto", "buckets", "padded", "nested")
 PRECISIONS = ("fp32", "bf16", "int8")
 
 
@@ -163,12 +164,16 @@ class FastEncoder(nn.Module):
     all see the whole thing.
     """
 
-    def __init__(self, model: BertModel, attention: str = "buckets", fuse_qkv: bool = True):
+    def __init__(self, model: BertModel, attention: str = "auto", fuse_qkv: bool = True):
         super().__init__()
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         if model.training:
             raise ValueError("FastEncoder is for inference: call model.eval() first (it skips dropout)")
+        if attention == "auto":
+            # measured (docs/benchmarks.md): per-bucket calls are cheap on a CPU and lose on a GPU,
+            # where one masked kernel over the re-padded batch wins (and jagged tensors cost more)
+            attention = "padded" if next(model.parameters()).device.type == "cuda" else "buckets"
         self.model = model
         self.attention = attention
         self.attend = ATTEND[attention]
@@ -284,7 +289,7 @@ class FastEmbedder(Embedder):
     - no padding anywhere: token ids are packed straight from the tokenizer's lists.
     """
 
-    def __init__(self, embedder: Embedder, attention: str = "buckets", fuse_qkv: bool = True,
+    def __init__(self, embedder: Embedder, attention: str = "auto", fuse_qkv: bool = True,
                  max_tokens: int = 16384, window: int = 16384):
         super().__init__(embedder.model, embedder.tokenizer, embedder.pooling, embedder.max_length,
                          embedder.query_instruction, embedder.name)

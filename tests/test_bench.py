@@ -1,14 +1,22 @@
-"""The benchmark scripts run end to end (tiny shapes, CPU) and report what they should.
+"""The benchmarks run end to end (tiny shapes, CPU) and report what they should.
 
 Timings are never asserted: only that every section ran and that the numbers it reports are
 the ones the equivalence checks promise.
 """
 import json
 
-from minibge import bench_gpu
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, require_module
+
+from minibge import BertConfig, BertModel, Embedder, bench_gpu, load_embedder
+from minibge.bench import Workload, build_peers, encoder_flops, markdown, run_rounds, summarise
+from minibge.bench_peers import all_peers
 
 
 def test_gpu_script_smoke_runs_every_section(tmp_path):
+    require_module("transformers")  # the script runs without it, but then there is nothing to compare
     status = bench_gpu.main(["--out", str(tmp_path), "--smoke"])
     results = json.loads((tmp_path / "results.json").read_text())
     errors = "\n".join(e["traceback"] for e in results["errors"])
@@ -24,3 +32,71 @@ def test_gpu_script_smoke_runs_every_section(tmp_path):
     fp32 = [r for r in results["equivalence"] if r["impl"] == "minibge vs transformers"]
     assert fp32 and fp32[0]["max_abs_diff"] < 1e-4, fp32
     assert "## Throughput" in (tmp_path / "results.md").read_text()
+
+
+# -----------------------------------------------------------------------------
+# minibge bench (CPU): the machinery on a tiny checkpoint, a handful of texts
+
+TEXTS = ["A man is playing a guitar.", "A woman slices an onion.", "how do giant pandas eat bamboo?",
+         "x", "Stocks fell sharply on Monday after the report. " * 12, "The cat sat on the mat."]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(minilm_dir, tmp_path_factory):
+    """A tiny random BERT with the real uncased tokenizer, saved as a complete embedder folder."""
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**{**TINY, "vocab_size": 30522, "max_position_embeddings": 512})).eval()
+    tokenizer = load_embedder(minilm_dir, device="cpu").tokenizer
+    return Embedder(model, tokenizer, pooling="cls", max_length=64).save_pretrained(tmp_path_factory.mktemp("tiny"))
+
+
+def run_peers(folder, names, rounds=2):
+    require_module("transformers")
+    require_module("sentence_transformers")
+    embedder = load_embedder(folder, device="cpu")
+    workloads = [Workload("pairs", TEXTS, (TEXTS[:3], TEXTS[3:], [1.0, 3.0, 2.0])), Workload("docs", TEXTS[::-1])]
+    peers = [p for p in all_peers() if p.name in names]
+    assert len(peers) == len(names), [p.name for p in peers]
+    build_peers(peers, folder, embedder, workloads)
+    run_rounds(peers, workloads, rounds)
+    return summarise("tiny", embedder, peers, workloads, peak_gflops=100.0)
+
+
+def test_bench_rows_agree_and_report(tiny_folder):
+    names = ["sentence-transformers encode", "minibge encode (sdpa)", "minibge encode (manual)",
+             "minibge fast (default: buckets, fused QKV)", "transformers BertModel SDPA, FlagEmbedding loop"]
+    rows = run_peers(tiny_folder, names)
+    skipped = [r for r in rows if "skipped" in r]
+    assert not skipped, skipped
+    assert len(rows) == 2 * len(names)
+    for r in rows:
+        assert r["rounds"] == 2 and r["median_s"] > 0 and r["texts_per_s"] > 0, r
+        # every peer computes the same vectors: float rounding apart
+        assert r["max_one_minus_cos"] < 1e-5, (r["peer"], r["workload"], r["max_one_minus_cos"])
+    pairs = [r for r in rows if r["workload"] == "pairs"]
+    assert all(r["stsb_spearman"] is not None for r in pairs)
+    assert len({round(r["stsb_spearman"], 6) for r in pairs}) == 1, [r["stsb_spearman"] for r in pairs]
+    report = markdown({"machine": {"date": "d", "cores": 2, "cpu": "c", "cpu_flags": [], "torch": "t",
+                                   "torch_cpu_capability": "x", "threads": 1, "load_average": None},
+                       "peak_gflops": 100.0, "rows": rows}, "minibge bench")
+    for name in names:
+        assert name in report
+
+
+@pytest.mark.slow
+def test_onnx_runtime_peers_agree(tiny_folder):
+    require_module("onnxruntime")
+    require_module("onnx")
+    rows = run_peers(tiny_folder, ["sentence-transformers encode", "minibge encode (sdpa)",
+                                   "ONNX Runtime, no graph optimizer", "ONNX Runtime + BERT optimizer"], rounds=1)
+    assert not [r for r in rows if "skipped" in r], rows
+    assert max(r["max_one_minus_cos"] for r in rows) < 1e-5, [(r["peer"], r["max_one_minus_cos"]) for r in rows]
+
+
+def test_encoder_flops_counts_real_tokens():
+    config = BertConfig(**TINY)
+    H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    one = L * (2 * 10 * (4 * H * H + 2 * H * I) + 4 * 10 * 10 * H)
+    assert encoder_flops(config, [10]) == one
+    assert encoder_flops(config, [10, 10]) == 2 * one  # no padding term: a batch costs its texts
+    assert np.isclose(encoder_flops(config, [5]) * 2, encoder_flops(config, [10]) - 4 * L * 50 * H)
