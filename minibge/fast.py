@@ -28,8 +28,8 @@ shares every weight with it (it reads model.py's modules, it never copies their 
 
        (N, 3H) ─view─► (N, 3, heads, D)      (no copy until attention needs (heads, L, D))
 
-FastEncoder is for inference: it skips dropout, and the fused weight is a snapshot, so build
-it again after changing the model's weights (or its dtype / device).
+FastEncoder is for inference: it skips dropout. The fused weight is a copy, re-made whenever the
+model's q/k/v weights have changed (an optimizer step, .to()), so encoding after training is safe.
 """
 import functools
 import logging
@@ -177,9 +177,29 @@ class FastEncoder(nn.Module):
         self.model = model
         self.attention = attention
         self.attend = ATTEND[attention]
-        self.qkv = nn.ModuleList(fused_qkv(layer.attention) for layer in model.layers) if fuse_qkv else None
+        self.qkv, self.fused_from = None, None
+        if fuse_qkv:
+            self.sync()
         self.tails = None  # compiled block tails, see compile_tails
         self.eval()
+
+    def qkv_signature(self) -> list:
+        """Identifies the weights the fused copy was made from: storage, in-place version, dtype."""
+        return [(p.data_ptr(), p._version, p.dtype) for layer in self.model.layers
+                for linear in (layer.attention.query, layer.attention.key, layer.attention.value)
+                for p in (linear.weight, linear.bias)]
+
+    def sync(self) -> None:
+        """(Re)build the fused QKV Linears when the model's q/k/v weights changed since they were
+        made (an optimizer step bumps a tensor's version, .to() moves its storage): encoding after
+        fine-tuning must not use the old weights. Quantised (int8) layers are a snapshot by design."""
+        if self.qkv is not None and not isinstance(self.qkv[0], nn.Linear) or \
+                not isinstance(self.model.layers[0].attention.query, nn.Linear):
+            return
+        signature = self.qkv_signature()
+        if signature != self.fused_from:
+            self.qkv = nn.ModuleList(fused_qkv(layer.attention) for layer in self.model.layers)
+            self.fused_from = signature
 
     def project_qkv(self, i: int, x):
         """(N, H) → (N, 3H): q | k | v side by side."""
@@ -303,6 +323,8 @@ class FastEmbedder(Embedder):
     def embed_packed(self, ids_lists: list, normalize: bool) -> torch.Tensor:
         """Token id lists → (b, D) sentence vectors, in list order."""
         device = self.device
+        if self.encoder.qkv is not None:
+            self.encoder.sync()
         lengths = torch.tensor([len(ids) for ids in ids_lists], device=device)
         token_ids = torch.tensor([t for ids in ids_lists for t in ids], device=device)  # (N,)
         packing = Packing.from_lengths(lengths)

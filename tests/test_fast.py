@@ -167,3 +167,20 @@ def test_compiled_tails_match(minilm, stsb_texts, minilm_dir):
     assert fast.compile_seconds > 0
     got, ref = fast.encode(stsb_texts), minilm.encode(stsb_texts)
     assert min_cosine(got, ref) >= COSINE_BAR, f"compiled: min cosine {min_cosine(got, ref):.8f}"
+
+
+def test_fused_weights_follow_training_and_dtype_changes():
+    model = tiny_model(seed=2)
+    fast = FastEncoder(model)
+    ids, mask, _ = random_batch(model.config, 3, 10, seed=5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    model(ids, mask).square().mean().backward()
+    optimizer.step()  # in place: the fused copy is now stale until sync() sees the new versions
+    model.eval()
+    fast.sync()
+    with torch.inference_mode():
+        assert_same_hidden(fast(ids, mask), model(ids, mask), mask, "after an optimizer step")
+    model.double()
+    fast.sync()
+    assert fast.qkv[0].weight.dtype == torch.float64
