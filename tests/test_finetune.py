@@ -172,6 +172,7 @@ def crash_after(n_batches):
     return crashing_step
 
 
+@pytest.mark.slow  # imports transformers and sentence-transformers
 def test_output_is_a_complete_embedder_folder(base_model, tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", training_rows(16))
     out = tmp_path / "out"
@@ -198,6 +199,7 @@ def test_output_is_a_complete_embedder_folder(base_model, tmp_path):
     assert torch.allclose(ours, st_vectors, atol=1e-5), f"sentence-transformers: {diff_report(ours, st_vectors)}"
 
 
+@pytest.mark.slow  # three short trainings; train.py's own resume tests are in the quick tier
 def test_resume_after_a_crash_ends_with_the_same_weights(base_model, tmp_path, monkeypatch):
     train = write_jsonl(tmp_path / "t.jsonl", training_rows(20))
     args = ["--epochs", "2", "--save-steps", "3"]  # 5 steps per epoch, 10 in all
