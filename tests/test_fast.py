@@ -123,7 +123,7 @@ def minilm(minilm_dir):
 @pytest.fixture(scope="module")
 def stsb_texts(shared_data):
     s1, s2, _ = load_sts_csv(shared_data / "stsbenchmark" / "sts-test.csv")
-    return list(dict.fromkeys(s1 + s2))[:120]
+    return list(dict.fromkeys(s1 + s2))[:60]
 
 
 TEXTS = ["A man is playing a guitar.", "x", "", "how do giant pandas eat bamboo?",
