@@ -269,7 +269,8 @@ class RetroMAEForPretraining(nn.Module):
     @classmethod
     def from_pretrained(cls, path, variant: str = "bge", attn_impl: str = "sdpa") -> "RetroMAEForPretraining":
         """A checkpoint folder (or Hub id) → encoder + head + decoder. A BertForMaskedLM / BertForPreTraining
-        checkpoint brings its MLM head; one of our outputs also brings its decoder; the rest starts fresh."""
+        checkpoint brings its MLM head; one of our outputs also brings its decoder; the rest starts fresh.
+        Returned in eval mode, like load_model's encoder: call .train() to train (train.py does)."""
         folder = resolve_model_path(path)
         model = cls(load_model(folder, attn_impl=attn_impl), variant)
         state = read_state_dict(folder)
@@ -287,7 +288,7 @@ class RetroMAEForPretraining(nn.Module):
             copy_checked(model.decoder, {ours: stored[official] for ours, official in names.items() if official in stored},
                          str(folder / DECODER_NAME))
             logger.info("loaded the RetroMAE decoder from %s", folder / DECODER_NAME)
-        return model
+        return model.eval()
 
     # ---- the forward pass, in the order of the module docstring
 
