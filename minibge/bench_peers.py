@@ -170,7 +170,7 @@ def all_peers(speed_options: bool = True) -> list[Peer]:
     peers = [Peer("sentence-transformers encode", sentence_transformers_peer),
              Peer("minibge encode (sdpa)", minibge_peer("sdpa")),
              Peer("minibge encode (manual)", minibge_peer("manual")),
-             Peer("minibge fast (default: buckets, fused QKV)", fast_peer()),
+             Peer("minibge fast (default: buckets, fused QKV, oneDNN)", fast_peer()),
              Peer("transformers BertModel SDPA, FlagEmbedding loop", transformers_peer),
              Peer("ONNX Runtime, no graph optimizer", onnx_peer(optimize=False)),
              Peer("ONNX Runtime + BERT optimizer", onnx_peer(optimize=True))]
@@ -178,6 +178,7 @@ def all_peers(speed_options: bool = True) -> list[Peer]:
         peers += [Peer("minibge fast (padded attention)", fast_peer(encoder={"attention": "padded"})),
                   Peer("minibge fast (nested attention)", fast_peer(encoder={"attention": "nested"})),
                   Peer("minibge fast (separate Q, K, V)", fast_peer(encoder={"fuse_qkv": False})),
+                  Peer("minibge fast, MKL sgemm (no oneDNN prepacking)", fast_peer(encoder={"prepack": False})),
                   Peer("minibge fast + torch.compile", fast_peer(speed={"compile": True})),
                   Peer("minibge fast, bf16", fast_peer(speed={"precision": "bf16"})),
                   Peer("minibge fast, int8 dynamic", fast_peer(speed={"precision": "int8"}))]

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.mkldnn import MkldnnLinear
 
 from .embedder import Embedder
 from .model import BertModel, l2_normalize
@@ -160,57 +161,76 @@ ATTEND = {"buckets": attend_buckets, "padded": attend_padded, "nested": attend_n
 
 
 class FastEncoder(nn.Module):
-    """BertModel's forward on packed real tokens with a fused QKV. Same call, same result:
+    """BertModel's forward on packed real tokens, with a fused QKV and prepacked weights:
 
         fast = FastEncoder(model)
         fast(input_ids, attention_mask)   # ≈ model(input_ids, attention_mask), zeros at padding
 
-    It is a Module holding the model (shared, not copied) and one fused (3H, H) Linear per layer,
-    so that .to(), int8 quantisation (quantize_dynamic swaps every Linear) and torch.compile
-    all see the whole thing.
+    It holds the model (shared, not copied) and, per block, the four matmuls as this path runs
+    them (`self.linears[i]`: "qkv", "output", "up", "down"), so that .to(), int8 quantisation
+    (quantize_dynamic swaps every nn.Linear) and torch.compile see the whole thing.
+
+    prepack (CPU, fp32): the four matmuls run through oneDNN with weights reordered once into its
+    blocked layout (torch.utils.mkldnn.MkldnnLinear), instead of MKL's sgemm. On the AMD EPYC
+    development machine MKL's fp32 GEMM runs at about a third of oneDNN's speed (docs/benchmarks.md),
+    which is most of the gap to ONNX Runtime. It costs one extra copy of those weights.
     """
 
-    def __init__(self, model: BertModel, attention: str = "auto", fuse_qkv: bool = True):
+    def __init__(self, model: BertModel, attention: str = "auto", fuse_qkv: bool = True, prepack: bool | None = None):
         super().__init__()
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         if model.training:
             raise ValueError("FastEncoder is for inference: call model.eval() first (it skips dropout)")
+        weight = model.embeddings.word_embeddings.weight
         if attention == "auto":
             # measured (docs/benchmarks.md): per-bucket calls are cheap on a CPU and lose on a GPU,
             # where one masked kernel over the re-padded batch wins (and jagged tensors cost more)
-            attention = "padded" if next(model.parameters()).device.type == "cuda" else "buckets"
+            attention = "padded" if weight.device.type == "cuda" else "buckets"
+        if prepack is None:
+            prepack = weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
         self.model = model
         self.attention = attention
         self.attend = ATTEND[attention]
-        self.qkv, self.fused_from = None, None
-        if fuse_qkv:
-            self.sync()
+        self.fuse_qkv, self.prepack = fuse_qkv, prepack
+        self.linears, self.built_from = None, None
+        self.sync()
         self.tails = None  # compiled block tails, see compile_tails
         self.eval()
 
-    def qkv_signature(self) -> list:
-        """Identifies the weights the fused copy was made from: storage, in-place version, dtype."""
-        return [(p.data_ptr(), p._version, p.dtype) for layer in self.model.layers
-                for linear in (layer.attention.query, layer.attention.key, layer.attention.value)
-                for p in (linear.weight, linear.bias)]
+    def weight_signature(self) -> list:
+        """Identifies the weights the fast path's copies were made from: storage, in-place version, dtype."""
+        return [(p.data_ptr(), p._version, p.dtype) for block in self.model.layers for p in block.parameters()]
 
     def sync(self) -> None:
-        """(Re)build the fused QKV Linears when the model's q/k/v weights changed since they were
-        made (an optimizer step bumps a tensor's version, .to() moves its storage): encoding after
-        fine-tuning must not use the old weights. Quantised (int8) layers are a snapshot by design."""
-        if self.qkv is not None and not isinstance(self.qkv[0], nn.Linear) or \
-                not isinstance(self.model.layers[0].attention.query, nn.Linear):
+        """(Re)build the per-block matmuls when the model's weights changed since they were made (an
+        optimizer step bumps a tensor's version, .to() moves its storage): encoding after fine-tuning
+        must not use old copies. Quantised (int8) layers are a snapshot by design: left alone."""
+        if not isinstance(self.model.layers[0].attention.query, nn.Linear):
             return
-        signature = self.qkv_signature()
-        if signature != self.fused_from:
-            self.qkv = nn.ModuleList(fused_qkv(layer.attention) for layer in self.model.layers)
-            self.fused_from = signature
+        signature = self.weight_signature()
+        if signature != self.built_from:
+            self.linears = nn.ModuleList(self.block_linears(block) for block in self.model.layers)
+            self.built_from = signature
+
+    def block_linears(self, block) -> nn.ModuleDict:
+        attention, ffn = block.attention, block.feed_forward
+        weight = attention.output.weight
+        packable = self.prepack and weight.device.type == "cpu" and weight.dtype == torch.float32
+        pack = (lambda linear: MkldnnLinear(linear, torch.float32)) if packable else (lambda linear: linear)
+        linears = {"output": pack(attention.output), "up": pack(ffn.up), "down": pack(ffn.down)}
+        if self.fuse_qkv:
+            linears["qkv"] = pack(fused_qkv(attention))
+        return nn.ModuleDict(linears)
+
+    def set_prepack(self, prepack: bool) -> None:
+        self.prepack, self.built_from = prepack, None
+        self.sync()
 
     def project_qkv(self, i: int, x):
         """(N, H) → (N, 3H): q | k | v side by side."""
-        if self.qkv is not None:
-            return self.qkv[i](x)
+        if "qkv" in self.linears[i]:
+            return self.linears[i]["qkv"](x)
         attention = self.model.layers[i].attention
         return torch.cat([attention.query(x), attention.key(x), attention.value(x)], dim=-1)
 
@@ -218,15 +238,19 @@ class FastEncoder(nn.Module):
         """One post-LN block on packed tokens (N, H), using the model's own modules."""
         block = self.model.layers[i]
         y = self.attend(self.project_qkv(i, x), packing, block.attention.num_heads)  # (N, H)
-        return self.tails[i](x, y) if self.tails is not None else block_tail(block, x, y)
+        return self.tails[i](x, y) if self.tails is not None else block_tail(block, self.linears[i], x, y)
 
     def compile_tails(self) -> float:
         """torch.compile what follows attention in each block (token-wise, so the only shape that
-        varies is N: dynamic=True). Inductor fuses bias + GELU and residual + LayerNorm there.
-        Attention stays eager: its Python loop over length buckets would break the graph anyway.
-        Returns the compile time in seconds (compiled on a first call with a dummy batch)."""
+        varies is N: dynamic=True), with Inductor's weight freezing, which prepacks the matmul
+        weights itself and fuses bias + GELU and residual + LayerNorm. Attention stays eager: its
+        Python loop over length buckets would break the graph anyway. Returns the compile time in
+        seconds (compiled on first calls with dummy batches)."""
         start = time.perf_counter()
-        self.tails = [torch.compile(functools.partial(block_tail, block), dynamic=True) for block in self.model.layers]
+        self.set_prepack(False)  # Inductor packs the plain Linears; it cannot trace oneDNN's
+        self.tails = [torch.compile(functools.partial(block_tail, block, linears), dynamic=True,
+                                    options={"freezing": True})
+                      for block, linears in zip(self.model.layers, self.linears)]
         weight = self.model.embeddings.word_embeddings.weight
         with torch.inference_mode():
             for tail in self.tails:
@@ -253,11 +277,11 @@ class FastEncoder(nn.Module):
         return packing.unpack(self.encode_packed(pick(input_ids), packing, pick(token_type_ids)))
 
 
-def block_tail(block, x, y):
+def block_tail(block, linears, x, y):
     """Everything in a block after attention, all token-wise: out-projection, residual, LayerNorm,
     feed-forward, residual, LayerNorm. x: the block's input (N, H); y: attention's heads (N, H)."""
-    x = block.attention_norm(x + block.attention.output(y))
-    return block.ffn_norm(x + block.feed_forward(x))
+    x = block.attention_norm(x + linears["output"](y))
+    return block.ffn_norm(x + linears["down"](block.feed_forward.act(linears["up"](x))))
 
 
 def fused_qkv(attention) -> nn.Linear:
@@ -316,12 +340,12 @@ class FastEmbedder(Embedder):
     """
 
     def __init__(self, embedder: Embedder, attention: str = "auto", fuse_qkv: bool = True,
-                 max_tokens: int = 16384, window: int = 16384):
+                 prepack: bool | None = None, max_tokens: int = 16384, window: int = 16384):
         super().__init__(embedder.model, embedder.tokenizer, embedder.pooling, embedder.max_length,
                          embedder.query_instruction, embedder.name)
         if max_tokens < 1 or window < 1:
             raise ValueError(f"max_tokens and window must be positive, got {max_tokens} and {window}")
-        self.encoder = FastEncoder(embedder.model, attention=attention, fuse_qkv=fuse_qkv)
+        self.encoder = FastEncoder(embedder.model, attention=attention, fuse_qkv=fuse_qkv, prepack=prepack)
         self.max_tokens = max_tokens
         self.window = window
 
@@ -329,8 +353,7 @@ class FastEmbedder(Embedder):
     def embed_packed(self, ids_lists: list, normalize: bool) -> torch.Tensor:
         """Token id lists → (b, D) sentence vectors, in list order."""
         device = self.device
-        if self.encoder.qkv is not None:
-            self.encoder.sync()
+        self.encoder.sync()
         lengths = torch.tensor([len(ids) for ids in ids_lists], device=device)
         token_ids = torch.tensor([t for ids in ids_lists for t in ids], device=device)  # (N,)
         packing = Packing.from_lengths(lengths)
@@ -376,6 +399,8 @@ def speed_options(fast: FastEmbedder, compile: bool = False, precision: str = "f
     activations quantised per batch, in every Linear), then optionally torch.compile."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "fp32":
+        fast.encoder.set_prepack(False)  # bf16 / int8 take the plain Linears (oneDNN packs fp32 here)
     if precision == "bf16":
         if fast.device.type == "cpu" and not cpu_has_native_bf16():
             raise ValueError("this CPU has no native bf16 (avx512_bf16 / amx_bf16): bf16 would be slower than fp32")

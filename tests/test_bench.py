@@ -64,7 +64,7 @@ def run_peers(folder, names, rounds=2):
 
 def test_bench_rows_agree_and_report(tiny_folder):
     names = ["sentence-transformers encode", "minibge encode (sdpa)", "minibge encode (manual)",
-             "minibge fast (default: buckets, fused QKV)", "transformers BertModel SDPA, FlagEmbedding loop"]
+             "minibge fast (default: buckets, fused QKV, oneDNN)", "transformers BertModel SDPA, FlagEmbedding loop"]
     rows = run_peers(tiny_folder, names)
     skipped = [r for r in rows if "skipped" in r]
     assert not skipped, skipped

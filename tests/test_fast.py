@@ -42,15 +42,15 @@ def assert_same_hidden(fast_out, ref, mask, what):
 
 @settings(max_examples=15, deadline=None)
 @given(batch=st.integers(1, 6), seq_len=st.integers(2, 24), seed=st.integers(0, 10_000),
-       mode=st.sampled_from(ATTENTION_MODES), fuse=st.booleans(), with_types=st.booleans())
-def test_fast_encoder_equals_model(batch, seq_len, seed, mode, fuse, with_types):
+       mode=st.sampled_from(ATTENTION_MODES), fuse=st.booleans(), prepack=st.booleans(), with_types=st.booleans())
+def test_fast_encoder_equals_model(batch, seq_len, seed, mode, fuse, prepack, with_types):
     ids, mask, types = random_batch(MODEL.config, batch, seq_len, seed=seed)
     mask[:, 0] = 1  # every text has at least its [CLS]
     types = types if with_types else None
     with torch.inference_mode():
         ref = MODEL(ids, mask, types)
-        out = FastEncoder(MODEL, attention=mode, fuse_qkv=fuse)(ids, mask, types)
-    assert_same_hidden(out, ref, mask, f"attention={mode} fuse_qkv={fuse}")
+        out = FastEncoder(MODEL, attention=mode, fuse_qkv=fuse, prepack=prepack)(ids, mask, types)
+    assert_same_hidden(out, ref, mask, f"attention={mode} fuse_qkv={fuse} prepack={prepack}")
 
 
 def test_fast_encoder_without_mask_and_with_left_padding():
@@ -65,12 +65,15 @@ def test_fast_encoder_without_mask_and_with_left_padding():
 
 
 def test_fused_qkv_is_one_linear_with_stacked_weights():
-    fast = FastEncoder(MODEL)
     attention = MODEL.layers[1].attention
     x = torch.randn(5, MODEL.config.hidden_size)
     expected = torch.cat([attention.query(x), attention.key(x), attention.value(x)], dim=-1)
-    assert torch.allclose(fast.qkv[1](x), expected, atol=1e-6)
-    assert fast.qkv[1].weight.shape == (3 * MODEL.config.hidden_size, MODEL.config.hidden_size)
+    fused = FastEncoder(MODEL, prepack=False).linears[1]["qkv"]
+    assert fused.weight.shape == (3 * MODEL.config.hidden_size, MODEL.config.hidden_size)
+    with torch.inference_mode():
+        for prepack in (False, True):
+            got = FastEncoder(MODEL, prepack=prepack).linears[1]["qkv"](x)
+            assert torch.allclose(got, expected, atol=1e-5), f"prepack={prepack}: {(got - expected).abs().max():.3e}"
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
@@ -169,9 +172,10 @@ def test_compiled_tails_match(minilm, stsb_texts, minilm_dir):
     assert min_cosine(got, ref) >= COSINE_BAR, f"compiled: min cosine {min_cosine(got, ref):.8f}"
 
 
-def test_fused_weights_follow_training_and_dtype_changes():
+@pytest.mark.parametrize("prepack", [False, True])
+def test_fused_weights_follow_training_and_dtype_changes(prepack):
     model = tiny_model(seed=2)
-    fast = FastEncoder(model)
+    fast = FastEncoder(model, prepack=prepack)
     ids, mask, _ = random_batch(model.config, 3, 10, seed=5)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     model.train()
@@ -183,4 +187,7 @@ def test_fused_weights_follow_training_and_dtype_changes():
         assert_same_hidden(fast(ids, mask), model(ids, mask), mask, "after an optimizer step")
     model.double()
     fast.sync()
-    assert fast.qkv[0].weight.dtype == torch.float64
+    assert fast.linears[0]["qkv"].weight.dtype == torch.float64  # float64: plain (unpacked) Linears
+    with torch.inference_mode():
+        ids = ids[:, :4]
+        assert (fast(ids) - model(ids)).abs().max() < 1e-10
