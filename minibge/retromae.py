@@ -64,13 +64,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .embedder import Embedder
 from .hub import resolve_model_path
 from .model import BertModel, EncoderLayer, activation
 from .tokenizer import Tokenizer
-from .weights import KEY_MAP, SAFETENSORS_NAME, load_model, read_state_dict, save_pretrained
+from .weights import KEY_MAP, SAFETENSORS_NAME, load_model, read_state_dict, save_pretrained, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -350,10 +350,9 @@ class RetroMAEForPretraining(nn.Module):
         tensors = load_file(directory / SAFETENSORS_NAME)
         head = self.head.state_dict()
         tensors.update({official: head[ours].detach().cpu().contiguous() for ours, official in HEAD_NAMES.items()})
-        save_file(tensors, directory / SAFETENSORS_NAME, metadata={"format": "pt"})
+        write_safetensors(tensors, directory / SAFETENSORS_NAME)
         decoder = self.decoder.state_dict()
-        save_file({official: decoder[ours].detach().cpu().contiguous()
-                   for ours, official in decoder_names(self.decoder).items()},
-                  directory / DECODER_NAME, metadata={"format": "pt"})
+        write_safetensors({official: decoder[ours].detach().cpu().contiguous()
+                           for ours, official in decoder_names(self.decoder).items()}, directory / DECODER_NAME)
         return directory
 

@@ -15,6 +15,7 @@ No Linear is transposed: HF BERT stores nn.Linear weights as (out, in), exactly 
 """
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -174,6 +175,15 @@ def load_model(path, attn_impl: str = "sdpa", device=None, dtype=None) -> BertMo
     return model.to(device=device, dtype=dtype).eval()
 
 
+def write_safetensors(tensors: dict, path: Path) -> None:
+    """save_file with metadata {"format": "pt"} (what transformers expects), and the file mode every
+    other file gets: safetensors creates its files owner-only (0600) whatever the umask says."""
+    save_file(tensors, path, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_pretrained(model: BertModel, directory) -> Path:
     """Write config.json + model.safetensors exactly as the official BAAI files are laid out:
     unprefixed official names, the pooler when the model has one, and the int64 position_ids
@@ -183,6 +193,6 @@ def save_pretrained(model: BertModel, directory) -> Path:
     ours = model.state_dict()
     tensors = {official: ours[name].detach().cpu().contiguous() for name, official in official_names(model).items()}
     tensors[POSITION_IDS] = torch.arange(model.config.max_position_embeddings).unsqueeze(0)  # (1, P) int64
-    save_file(tensors, directory / SAFETENSORS_NAME, metadata={"format": "pt"})
+    write_safetensors(tensors, directory / SAFETENSORS_NAME)
     (directory / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
     return directory

@@ -167,3 +167,11 @@ def test_sharded_index_naming_a_missing_shard(tmp_path, tiny_checkpoint):
     (folder / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="names shard model-00002"):
         minibge.load_model(folder)
+
+
+def test_saved_weights_follow_the_umask(tmp_path):
+    # safetensors alone writes 0600 files; a saved model should be as readable as its config.json
+    import os
+    folder = minibge.BertModel(BertConfig(**TINY)).save_pretrained(tmp_path / "saved")
+    modes = {name: os.stat(folder / name).st_mode & 0o777 for name in ("model.safetensors", "config.json")}
+    assert modes["model.safetensors"] == modes["config.json"], modes
