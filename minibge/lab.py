@@ -329,7 +329,7 @@ def format_table(rows: list[dict]) -> str:
              "STS-B Spearman (dot product) | why it matters |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for row in rows:
-        delta = row["spearman_cosine"] - base["spearman_cosine"]
+        delta = round(row["spearman_cosine"] - base["spearman_cosine"], 2) + 0.0  # + 0.0: never print -0.00
         lines.append(f"| {row['title']} | {row['hidden_max_diff']:.3g} | {row['vector_cosine']:.4f} | "
                      f"{row['spearman_cosine']:.2f} | {'' if row is base else f'{delta:+.2f}'} | "
                      f"{row['spearman_dot']:.2f} | {row['why']} |")
