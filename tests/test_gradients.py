@@ -40,6 +40,7 @@ def test_gradients_match_transformers_tiny():
         assert_gradients_match(model, hf_model, random_batch(config, 5, 24, seed=seed), f"tiny seed {seed}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["bge-small-en-v1.5", "bge-small-zh-v1.5"])
 def test_gradients_match_transformers_on_presets(name):
     config = no_dropout(minibge.preset(name))
@@ -47,6 +48,7 @@ def test_gradients_match_transformers_on_presets(name):
     assert_gradients_match(model, hf_model, random_batch(config, 3, 40, seed=4), name)
 
 
+@pytest.mark.slow
 def test_gradients_match_transformers_on_real_minilm(minilm_dir):
     from transformers import AutoModel
     hf_model = AutoModel.from_pretrained(minilm_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)

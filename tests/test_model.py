@@ -31,7 +31,8 @@ def preset_pairs():
     return build
 
 
-@pytest.mark.parametrize("name", PRESET_SHAPES)
+@pytest.mark.parametrize("name", [name if "small" in name else pytest.param(name, marks=pytest.mark.slow)
+                                  for name in PRESET_SHAPES])  # base and large: the slow tier
 def test_matches_transformers_on_every_preset(preset_pairs, name):
     model, hf_model = preset_pairs(name)
     ids, mask, types = random_batch(model.config, batch_size=4, seq_len=48, seed=3)
