@@ -211,6 +211,7 @@ def assert_reloads_alike(embedder, folder):
     assert torch.allclose(ref, ours, atol=1e-5), f"AutoModel: max |diff| {(ref - ours).abs().max():.3e}"
 
 
+@pytest.mark.slow  # real MiniLM through three libraries
 def test_save_pretrained_round_trip_mean_pooling(minilm, tmp_path):
     folder = minilm.save_pretrained(tmp_path / "saved")
     assert minilm.pooling == "mean" and minilm.max_length == 256

@@ -108,6 +108,7 @@ def lab_rows(minilm_dir, shared_data):
     return run_lab(embedder, s1, s2, gold, probe_size=6)
 
 
+@pytest.mark.slow  # real checkpoint, every mistake
 def test_lab_measures_every_applicable_mistake_on_minilm(lab_rows):
     rows = {row["name"]: row for row in lab_rows}
     assert lab_rows[0]["name"] == "correct" and len(lab_rows) == 1 + len(MISTAKES) - 1  # all but mean-for-cls
@@ -134,6 +135,7 @@ def test_lab_page_names_its_command(lab_rows):
     assert all(m.title in page for m in MISTAKES if m.name != "mean-for-cls")
 
 
+@pytest.mark.slow  # real checkpoint, every mistake
 def test_lab_command_writes_the_page(minilm_dir, shared_data, tmp_path, capsys):
     out = tmp_path / "lab.md"
     status = main(["lab", "-m", str(minilm_dir), "--data-dir", str(shared_data), "--limit", "6",

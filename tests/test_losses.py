@@ -139,6 +139,7 @@ def _rank_main(rank, init_file, results):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns two processes
 def test_two_gloo_ranks_equal_one_process_on_the_whole_batch(tmp_path):
     """Same loss on every rank as one process on the concatenated batch, and the same averaged
     gradient (the world-size factor in losses.gather_across_ranks is what makes this hold)."""

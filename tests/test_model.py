@@ -130,7 +130,7 @@ def encode_padded(model, sequences):
         return model(ids, mask)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(seq=token_lists, extra_pad=st.integers(1, 16), attn_impl=st.sampled_from(["sdpa", "manual"]))
 def test_padding_does_not_change_real_positions(tiny_model, seq, extra_pad, attn_impl):
     tiny_model.set_attn_impl(attn_impl)
@@ -145,7 +145,7 @@ def test_padding_does_not_change_real_positions(tiny_model, seq, extra_pad, attn
     assert torch.allclose(alone, padded, atol=1e-5), diff_report(alone, padded)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(batch=st.lists(token_lists, min_size=2, max_size=6), data=st.data())
 def test_output_independent_of_companions_and_order(tiny_model, batch, data):
     tiny_model.set_attn_impl("sdpa")
@@ -159,7 +159,7 @@ def test_output_independent_of_companions_and_order(tiny_model, batch, data):
             assert torch.allclose(alone, other, atol=1e-5), diff_report(alone, other)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(batch=st.lists(token_lists, min_size=1, max_size=5))
 def test_sdpa_equals_manual(tiny_model, batch):
     outs = {}
@@ -230,7 +230,7 @@ def alibi_bias(num_heads, T):
     return -(slopes[:, None, None] * distance)[None]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(batch=st.lists(token_lists, min_size=1, max_size=4), per_sentence=st.booleans())
 def test_attention_bias_same_on_both_paths(tiny_model, batch, per_sentence):
     T = max(len(s) for s in batch)

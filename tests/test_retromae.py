@@ -331,6 +331,7 @@ def test_short_texts_give_no_nan(tokenizer):
     assert out["encoder_loss"] == 0 and out["decoder_loss"] == 0
 
 
+@pytest.mark.slow  # a hundred optimizer steps
 def test_losses_fall_when_overfitting_one_batch(tokenizer):
     torch.manual_seed(0)
     model = RetroMAEForPretraining(BertModel(tiny_config(tokenizer, hidden_dropout_prob=0.0,
