@@ -147,7 +147,8 @@ def test_fast_embedder_matches_encode_tiny(minilm, pooling):
         fast.encode(TEXTS, batch_size=0)
 
 
-@pytest.mark.parametrize("attention", ATTENTION_MODES)
+@pytest.mark.parametrize("attention", [mode if mode == "auto" else pytest.param(mode, marks=pytest.mark.slow)
+                                       for mode in ATTENTION_MODES])  # the tiny-model tests cover every mode quickly
 def test_fast_embedder_matches_encode_real_minilm(minilm, stsb_texts, attention):
     fast = FastEmbedder(minilm, attention=attention)
     got, ref = fast.encode(stsb_texts), minilm.encode(stsb_texts)
