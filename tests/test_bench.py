@@ -59,7 +59,7 @@ def run_peers(folder, names, rounds=2):
     assert len(peers) == len(names), [p.name for p in peers]
     build_peers(peers, folder, embedder, workloads)
     run_rounds(peers, workloads, rounds)
-    return summarise("tiny", embedder, peers, workloads, peak_gflops=100.0)
+    return summarise("tiny", embedder, peers, workloads)
 
 
 def test_bench_rows_agree_and_report(tiny_folder):
