@@ -330,15 +330,18 @@ def check_padding_mask(attention_mask):
     mask (0 for tokens, -10000 or finfo.min for padding), would be silently misread by `.bool()`."""
     if attention_mask.dtype == torch.bool:
         return
-    additive_hint = (" It looks like transformers' additive mask (0 = attend, a large negative number = padding);"
-                     " pass the tokenizer's 0/1 attention_mask instead.")
-    looks_additive = attention_mask.numel() and bool((attention_mask <= 0).all()) and bool((attention_mask < 0).any())
+
+    def additive_hint():  # only worked out once the mask is known to be wrong: forward() stays cheap
+        looks_additive = bool((attention_mask <= 0).all()) and bool((attention_mask < 0).any())
+        return (" It looks like transformers' additive mask (0 = attend, a large negative number = padding);"
+                " pass the tokenizer's 0/1 attention_mask instead.") if looks_additive else ""
+
     if attention_mask.is_floating_point() or attention_mask.is_complex():
         raise ValueError(f"attention_mask must be bool or integer 0/1 (1 = real token, 0 = padding), got dtype "
-                         f"{attention_mask.dtype}." + (additive_hint if looks_additive else " Convert a 0./1. mask with .long()."))
+                         f"{attention_mask.dtype}." + (additive_hint() or " Convert a 0./1. mask with .long()."))
     if attention_mask.numel() and (attention_mask.min() < 0 or attention_mask.max() > 1):
         raise ValueError(f"attention_mask must hold only 0 and 1 (1 = real token, 0 = padding), got values in "
-                         f"[{attention_mask.min().item()}, {attention_mask.max().item()}]." + (additive_hint if looks_additive else ""))
+                         f"[{attention_mask.min().item()}, {attention_mask.max().item()}]." + additive_hint())
 
 
 # -----------------------------------------------------------------------------
