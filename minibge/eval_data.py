@@ -23,7 +23,7 @@ import gzip
 import json
 import logging
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Mapping, Sequence, Union
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +165,11 @@ def load_sick(path_or_paths: PathLike | Sequence[PathLike]) -> tuple[list[str], 
         s2 += b
         scores += c
     return s1, s2, scores
+
+
+def document_text(doc: Mapping) -> str:
+    """A BEIR document as MTEB embeds it: title + " " + text, stripped (either may be missing)."""
+    return ((doc.get("title") or "") + " " + (doc.get("text") or "")).strip()
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:

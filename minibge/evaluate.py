@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .eval_data import load_beir, load_sick, load_sts_csv
+from .eval_data import document_text, load_beir, load_sick, load_sts_csv
 from .search import top_k
 from .tokenizer import check_texts
 
@@ -186,7 +186,7 @@ def _search(embedder, corpus, queries, k, batch_size, chunk_size, show_progress_
     def doc_chunks():  # embedded one chunk at a time, just before top_k scores it
         for start in range(0, len(doc_ids), chunk_size):
             ids = doc_ids[start:start + chunk_size]
-            texts = [((corpus[d].get("title") or "") + " " + (corpus[d].get("text") or "")).strip() for d in ids]
+            texts = [document_text(corpus[d]) for d in ids]
             logger.info("encoding documents %d-%d of %d", start + 1, start + len(ids), len(doc_ids))
             yield F.normalize(_encode(embedder.encode_corpus, texts, batch_size, True, show_progress_bar), dim=1)
 

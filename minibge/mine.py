@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .eval_data import document_text
 from .finetune import DataError, TrainExample, query_text
 from .search import top_k
 
@@ -47,7 +48,9 @@ def read_corpus(path) -> list[str]:
                 continue
             try:
                 obj = json.loads(line)
-                text = ((obj.get("title") or "") + " " + obj["text"]).strip()  # the text evaluate.py embeds
+                if not isinstance(obj["text"], str):
+                    raise TypeError
+                text = document_text(obj)  # the text evaluate.py embeds
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise DataError(f"{path} line {number}: expected a JSON object with a \"text\" string") from None
             texts.append(text)
