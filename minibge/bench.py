@@ -11,8 +11,9 @@ everything here happens in one process, under one thread count, on one checkpoin
             time peer.encode(texts)
 
 and each peer gets its median over rounds, its spread (min..max), and its ratio to
-sentence-transformers' median. Peers: minibge encode (both attention paths), minibge.fast's
-FastEmbedder (each speed option), transformers' BertModel (SDPA) driven as FlagEmbedding drives it,
+sentence-transformers' median. Peers: minibge encode (the default fast path, each of its options
+and speed modes, and the plain path with both attention implementations), transformers'
+BertModel (SDPA) driven as FlagEmbedding drives it,
 sentence-transformers, ONNX Runtime with its BERT graph optimizer. The references are optional
 (`pip install minibge[bench]`); a peer whose library is missing is listed as skipped.
 
@@ -39,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import onednn
 from .bench_peers import all_peers
 from .config import preset
 from .embedder import Embedder, load_embedder
@@ -102,14 +104,12 @@ def encoder_flops(config, lengths) -> float:
 
 def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
     """GFLOP/s of the best of a few fp32 (size × size) products under the current thread count,
-    through torch.mm (MKL) and through oneDNN with a prepacked weight, whichever is faster: on
-    some CPUs (AMD EPYC here) the two differ by 3×, and the peak should be the machine's."""
+    through torch.mm (MKL) and through oneDNN (minibge/onednn.py), whichever is faster: on some
+    CPUs (AMD EPYC here) the two differ by 2×, and the peak should be the machine's."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     products = [lambda: a @ b]
-    if torch.backends.mkldnn.is_available():
-        from torch.utils.mkldnn import MkldnnLinear
-        packed = MkldnnLinear(torch.nn.Linear(size, size, bias=False), torch.float32)
-        products.append(lambda: packed(a))
+    if onednn.available(a):
+        products.append(lambda: onednn.linear(a, b))
     best = float("inf")
     with torch.inference_mode():
         for product in products:
@@ -204,7 +204,7 @@ def sts_spearman(workload: Workload, vectors) -> float | None:
 def summarise(model_name, embedder, peers, workloads) -> list[dict]:
     rows = []
     reference = peers[0]
-    plain = next((p for p in peers if p.name == "minibge encode (sdpa)" and p.vectors), None)
+    plain = next((p for p in peers if p.name == "minibge plain path (sdpa)" and p.vectors), None)
     for workload in workloads:
         lengths = [len(ids) for ids in embedder.tokenizer.encode_batch(workload.texts, embedder.max_length)]
         flops = encoder_flops(embedder.model.config, lengths)
@@ -296,7 +296,7 @@ def markdown(results: dict, command: str) -> str:
              "the peers).", "",
              f"Command: `{command}`", ""]
     header = ("| peer | texts/s | tokens/s | × sentence-transformers | median s (min–max) | GFLOP/s (% peak) "
-              "| peak extra MB | 1 − cos vs minibge | STS-B ρ |")
+              "| peak extra MB | 1 − cos vs plain | STS-B ρ |")
     for (model, workload) in dict.fromkeys((r["model"], r["workload"]) for r in results["rows"]):
         rows = [r for r in results["rows"] if r["model"] == model and r["workload"] == workload]
         lines += [f"### {model}, {workload}: {rows[0]['texts']} texts, {rows[0]['mean_tokens']:.0f} tokens on average",

@@ -5,8 +5,9 @@ speed and agreement. The reference libraries are imported inside their builders 
 itself never needs them, and a missing one makes its peer "skipped", nothing more.
 
     sentence-transformers   SentenceTransformer(folder).encode, its own batching (by characters)
-    minibge encode          Embedder.encode, sdpa or manual attention
-    minibge fast            FastEmbedder (minibge.fast), one row per speed option
+    minibge encode          Embedder.encode as users get it: the fast path (minibge/fast.py)
+    minibge plain           Embedder.encode with fast=False: minibge/model.py, sdpa or manual attention
+    minibge fast ...        the fast path with one option changed or one speed mode added
     transformers            BertModel (SDPA) in FlagEmbedding's loop: sort by token count, pad per batch
     ONNX Runtime            transformers' BertModel exported to ONNX, with and without the BERT
                             graph optimizer (fused Attention, EmbedLayerNorm, BiasGelu, SkipLayerNorm)
@@ -45,15 +46,15 @@ class Peer:
 
 def minibge_peer(attn_impl: str):
     def build(folder, embedder):
-        plain = load_embedder(folder, device="cpu", attn_impl=attn_impl)
+        plain = load_embedder(folder, device="cpu", attn_impl=attn_impl, fast=False)
         return lambda texts: plain.encode(texts, batch_size=BATCH_SIZE)
     return build
 
 
 def fast_peer(**options):
     def build(folder, embedder):
-        from .fast import FastEmbedder, speed_options
-        fast = speed_options(FastEmbedder(load_embedder(folder, device="cpu"), **options.get("encoder", {})),
+        from .fast import speed_options
+        fast = speed_options(load_embedder(folder, device="cpu").use_fast_path(**options.get("encoder", {})),
                              **options.get("speed", {}))
         return lambda texts: fast.encode(texts, batch_size=options.get("batch_size", BATCH_SIZE))
     return build
@@ -168,9 +169,9 @@ def onnx_peer(optimize: bool):
 def all_peers(speed_options: bool = True) -> list[Peer]:
     """Every peer, the reference (sentence-transformers) first."""
     peers = [Peer("sentence-transformers encode", sentence_transformers_peer),
-             Peer("minibge encode (sdpa)", minibge_peer("sdpa")),
-             Peer("minibge encode (manual)", minibge_peer("manual")),
-             Peer("minibge fast (default: buckets, fused QKV, oneDNN)", fast_peer()),
+             Peer("minibge encode (default: fast path)", fast_peer()),
+             Peer("minibge plain path (sdpa)", minibge_peer("sdpa")),
+             Peer("minibge plain path (manual)", minibge_peer("manual")),
              Peer("transformers BertModel SDPA, FlagEmbedding loop", transformers_peer),
              Peer("ONNX Runtime, no graph optimizer", onnx_peer(optimize=False)),
              Peer("ONNX Runtime + BERT optimizer", onnx_peer(optimize=True))]
@@ -178,7 +179,7 @@ def all_peers(speed_options: bool = True) -> list[Peer]:
         peers += [Peer("minibge fast (padded attention)", fast_peer(encoder={"attention": "padded"})),
                   Peer("minibge fast (nested attention)", fast_peer(encoder={"attention": "nested"})),
                   Peer("minibge fast (separate Q, K, V)", fast_peer(encoder={"fuse_qkv": False})),
-                  Peer("minibge fast, MKL sgemm (no oneDNN prepacking)", fast_peer(encoder={"prepack": False})),
+                  Peer("minibge fast, MKL sgemm (no oneDNN)", fast_peer(encoder={"onednn": False})),
                   Peer("minibge fast + torch.compile", fast_peer(speed={"compile": True})),
                   Peer("minibge fast, bf16", fast_peer(speed={"precision": "bf16"})),
                   Peer("minibge fast, int8 dynamic", fast_peer(speed={"precision": "int8"}))]

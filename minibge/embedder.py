@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import fast as fast_path
 from .hub import resolve_model_path
 from .model import POOLING, l2_normalize
 from .tokenizer import Tokenizer, check_texts
@@ -93,7 +94,7 @@ class Embedder:
     """A tokenizer + a BertModel + the pooling / normalisation / instruction settings around them."""
 
     def __init__(self, model, tokenizer: Tokenizer, pooling: str = "cls", max_length: int = 512,
-                 query_instruction: str | None = None, name: str = "model"):
+                 query_instruction: str | None = None, name: str = "model", fast: bool = True):
         if pooling not in POOLING:
             raise ValueError(f"pooling must be one of {sorted(POOLING)}, got {pooling!r}")
         self.model = model
@@ -102,6 +103,13 @@ class Embedder:
         self.max_length = min(max_length, model.config.max_position_embeddings)
         self.query_instruction = query_instruction
         self.name = name
+        # encode() through minibge/fast.py (same vectors, less work) unless fast=False or the
+        # model was changed in a way the fast path cannot follow (fast_path_blocker)
+        self.fast = fast
+        self.max_tokens = 16384   # fast path: real tokens per batch at most
+        self.sort_window = 4096   # fast path: texts tokenized and sorted by token length together
+        self._fast_encoder = None
+        self._reported_blocker = None
 
     @property
     def device(self) -> torch.device:
@@ -114,6 +122,30 @@ class Embedder:
     def __repr__(self):
         return (f"Embedder({self.name!r}, dim={self.dimension}, pooling={self.pooling!r}, "
                 f"max_length={self.max_length}, device={self.device})")
+
+    @property
+    def fast_encoder(self) -> "fast_path.FastEncoder":
+        """The FastEncoder over this embedder's model, built on first use (use_fast_path to configure)."""
+        if self._fast_encoder is None or self._fast_encoder.model is not self.model:
+            self._fast_encoder = fast_path.FastEncoder(self.model)
+        return self._fast_encoder
+
+    def use_fast_path(self, **options) -> "Embedder":
+        """Have encode() take the fast path, built with these FastEncoder options now
+        (attention="buckets"/"padded"/"nested", fuse_qkv=, onednn=). Returns self."""
+        self.fast = True
+        self._fast_encoder = fast_path.FastEncoder(self.model, **options)
+        return self
+
+    def fast_path_blocker(self) -> str | None:
+        """None when encode() takes the fast path; otherwise the reason it takes the plain one."""
+        if not self.fast:
+            return "fast=False"
+        customised = [name for name in ("embed", "embed_batch")
+                      if name in vars(self) or getattr(type(self), name) is not getattr(Embedder, name)]
+        if customised:
+            return f"{customised[0]}() is customised"
+        return fast_path.model_blocker(self.model)
 
     def length_limit(self, max_length: int | None) -> int:
         """The caller's max_length, never above the embedder's own limit (which is the default)."""
@@ -152,27 +184,56 @@ class Embedder:
                      normalize_embeddings: bool = True, show_progress_bar: bool | None = None):
         """Yield (indices, embeddings (b, D) float32 tensor) batch by batch, longest texts first.
 
-        Memory is bounded by one batch: texts are tokenized when their batch comes up. I sort by
-        character length, as sentence-transformers does: a cheap proxy for token length.
+        Two paths compute the same vectors (per-text cosine ≥ 0.99999, tests/test_fast.py):
+        the fast one (minibge/fast.py: token-length windows, packed tokens, fused kernels) when
+        fast_path_blocker() is None, else the plain one below, which runs `embed` on padded
+        batches. Memory is bounded either way: texts are tokenized a batch (plain) or a window
+        (fast) at a time.
         """
         check_texts(sentences)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         max_length = self.length_limit(max_length)
+        progress = self._progress_bar(len(sentences), show_progress_bar)
+        blocker = self.fast_path_blocker()
+        if blocker is None:
+            batches = fast_path.iter_fast_batches(self, self.fast_encoder, sentences, batch_size, max_length,
+                                             normalize_embeddings, progress)
+        else:
+            if blocker != self._reported_blocker and self.fast:
+                logger.info("encode() takes the plain path: %s", blocker)
+                self._reported_blocker = blocker
+            batches = self._plain_batches(sentences, batch_size, max_length, normalize_embeddings, progress)
+        try:
+            yield from batches
+        finally:
+            if progress is not None:
+                progress.close()
+
+    def _plain_batches(self, sentences, batch_size, max_length, normalize, progress):
+        """Padded batches through embed(). I sort by character length, as sentence-transformers
+        does: a cheap proxy for token length, and each batch is tokenized when it comes up."""
         order = np.argsort([-len(text) for text in sentences], kind="stable")
-        starts = range(0, len(sentences), batch_size)
-        if show_progress_bar is None:
-            # as sentence-transformers: a bar when logging asks for INFO; otherwise only for big
-            # inputs at a terminal, never into a log file
-            show_progress_bar = logger.getEffectiveLevel() <= logging.INFO or (
-                len(sentences) >= PROGRESS_BAR_MIN_TEXTS and sys.stderr is not None and sys.stderr.isatty())
-        if show_progress_bar:
-            from tqdm.auto import tqdm
-            starts = tqdm(starts, desc="Batches", unit="batch")
-        for start in starts:
+        if progress is not None:
+            progress.total = -(-len(sentences) // batch_size)
+            progress.refresh()
+        for start in range(0, len(sentences), batch_size):
             indices = order[start:start + batch_size]
-            batch = self.embed_batch([sentences[i] for i in indices], max_length, normalize_embeddings)
+            batch = self.embed_batch([sentences[i] for i in indices], max_length, normalize)
+            if progress is not None:
+                progress.update()
             yield indices, batch.float()  # numpy has no bfloat16, and callers expect float32
+
+    def _progress_bar(self, n_texts: int, show: bool | None):
+        """A tqdm bar over batches, or None. As sentence-transformers: with show=None, a bar when
+        logging asks for INFO; otherwise only for big inputs at a terminal, never into a log file."""
+        if show is None:
+            show = logger.getEffectiveLevel() <= logging.INFO or (
+                n_texts >= PROGRESS_BAR_MIN_TEXTS and sys.stderr is not None and sys.stderr.isatty())
+        if not show:
+            return None
+        from tqdm.auto import tqdm
+        return tqdm(total=0, desc="Batches", unit="batch")
 
     def encode(self, sentences, batch_size: int = 32, max_length: int | None = None,
                normalize_embeddings: bool = True, convert_to_numpy: bool = True,
@@ -262,11 +323,12 @@ def write_sentence_transformers_files(directory: Path, pooling: str, max_length:
 
 
 def load_embedder(name_or_path, device=None, dtype=None, attn_impl: str = "sdpa", pooling: str | None = None,
-                  max_length: int | None = None, query_instruction: str | None = None) -> Embedder:
+                  max_length: int | None = None, query_instruction: str | None = None, fast: bool = True) -> Embedder:
     """A local checkpoint folder or a Hub id ("BAAI/bge-small-en-v1.5") → a ready Embedder.
 
     Hub ids are looked up under weights/ first and downloaded only when missing (see hub.py).
     device defaults to CUDA when available; dtype "float16"/"bfloat16" applies on CUDA only.
+    fast=False makes encode() run the plain model (minibge/model.py) rather than minibge/fast.py.
     """
     folder = resolve_model_path(name_or_path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -276,7 +338,7 @@ def load_embedder(name_or_path, device=None, dtype=None, attn_impl: str = "sdpa"
         max_length = (_read_json(folder / "sentence_bert_config.json") or {}).get("max_seq_length") \
             or tokenizer.model_max_length
     embedder = Embedder(model, tokenizer, pooling=pooling or read_pooling_mode(folder) or "cls",
-                        max_length=max_length, name=str(name_or_path),
+                        max_length=max_length, name=str(name_or_path), fast=fast,
                         query_instruction=default_query_instruction(folder) if query_instruction is None
                         else query_instruction)
     logger.info("loaded %r", embedder)

@@ -1,13 +1,17 @@
-"""A faster inference path through the same BertModel: no work on padding, one QKV matmul.
+"""The fast inference path that encode() takes: the same BertModel, less work, faster kernels.
 
 model.py is the readable reference; this file computes the same function with less work and
-shares every weight with it (it reads model.py's modules, it never copies their code). Two ideas:
+shares every weight with it (it reads model.py's modules, it never copies their code).
+Embedder.encode() runs it by default, and falls back to the plain model whenever it could not
+compute the same thing (a subclassed or patched model, hooks, train mode, attn_impl="manual",
+a customised embed(): see model_blocker); `load_embedder(..., fast=False)` always takes the
+plain path. The ideas:
 
 1. Unpadding. A right-padded batch spends FLOPs on [PAD] rows whose outputs are thrown away
-   (28-37% of the rows in the GPU benchmark's batches; less after sorting by length). Every part of a BERT layer except attention acts on each token alone (the
-   Linears, GELU, LayerNorm, the residual adds), so I pack the real tokens into one
-   (total_tokens, H) matrix and run those parts on it; only attention needs to know which
-   tokens form a sentence.
+   (28-37% of the rows in the GPU benchmark's batches; less after sorting by length). Every part
+   of a BERT layer except attention acts on each token alone (the Linears, GELU, LayerNorm, the
+   residual adds), so I pack the real tokens into one (total_tokens, H) matrix and run those
+   parts on it; only attention needs to know which tokens form a sentence.
 
        padded (B=3, T=5)            packed (N = 5 + 2 + 4 = 11, H)
        a a a a a                    a a a a a b b c c c c
@@ -28,10 +32,12 @@ shares every weight with it (it reads model.py's modules, it never copies their 
 
        (N, 3H) ─view─► (N, 3, heads, D)      (no copy until attention needs (heads, L, D))
 
-3. Batching (FastEmbedder). Texts are tokenized a window at a time and sorted by exact token
-   count, not characters, and a batch is cut when it reaches batch_size texts or max_tokens
-   real tokens: equal lengths meet in one attention bucket, and memory is bounded by tokens.
-4. Optional modes that change the numbers slightly (speed_options): bf16 on CPUs with native
+3. oneDNN matmuls on the CPU (minibge/onednn.py), with GELU and the residual adds fused into
+   them: PyTorch's fp32 nn.Linear goes to MKL's sgemm, slow on the AMD development machine.
+4. Batching (iter_fast_batches). Texts are tokenized a window at a time and sorted by exact
+   token count, not characters, and a batch is cut when it reaches batch_size texts or
+   max_tokens real tokens: equal lengths meet in one attention bucket, and memory is bounded.
+5. Optional modes that change the numbers slightly (speed_options): bf16 on CPUs with native
    bf16, int8 dynamic quantisation, torch.compile of the token-wise block tails.
 
 FastEncoder is for inference: it skips dropout. The fused weight is a copy, re-made whenever the
@@ -46,9 +52,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.mkldnn import MkldnnLinear
 
-from .embedder import Embedder
+from . import onednn as onednn_kernels
 from .model import BertModel, l2_normalize
 from .tokenizer import check_texts
 
@@ -161,52 +166,54 @@ ATTEND = {"buckets": attend_buckets, "padded": attend_padded, "nested": attend_n
 
 
 class FastEncoder(nn.Module):
-    """BertModel's forward on packed real tokens, with a fused QKV and prepacked weights:
+    """BertModel's forward on packed real tokens, with a fused QKV and oneDNN matmuls:
 
         fast = FastEncoder(model)
         fast(input_ids, attention_mask)   # ≈ model(input_ids, attention_mask), zeros at padding
 
     It holds the model (shared, not copied) and, per block, the four matmuls as this path runs
-    them (`self.linears[i]`: "qkv", "output", "up", "down"), so that .to(), int8 quantisation
-    (quantize_dynamic swaps every nn.Linear) and torch.compile see the whole thing.
+    them (`self.linears[i]`: "qkv", "output", "up", "down"; all but the fused "qkv" are the
+    model's own Linears), so that .to(), int8 quantisation (quantize_dynamic swaps every
+    nn.Linear) and torch.compile see the whole thing. It always computes the model in inference
+    mode: no dropout, whatever model.training says (encode() checks that, see model_blocker).
 
-    prepack (CPU, fp32): the four matmuls run through oneDNN with weights reordered once into its
-    blocked layout (torch.utils.mkldnn.MkldnnLinear), instead of MKL's sgemm, which is slow on the
-    AMD EPYC development machine: the whole encode ran 1.35-1.8× faster this way
-    (docs/benchmarks.md). It costs one extra copy of those weights.
+    onednn (CPU, fp32; default on where minibge.onednn works): every matmul runs through oneDNN
+    instead of MKL's sgemm, which is slow on the AMD EPYC development machine (190 vs 420-460
+    GFLOP/s, docs/benchmarks.md), with the exact GELU fused into the up-projection and the
+    residual adds fused into the output and down projections (one kernel, no extra pass over
+    the (N, I) activations).
     """
 
-    def __init__(self, model: BertModel, attention: str = "auto", fuse_qkv: bool = True, prepack: bool | None = None):
+    def __init__(self, model: BertModel, attention: str = "auto", fuse_qkv: bool = True, onednn: bool | None = None):
         super().__init__()
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-        if model.training:
-            raise ValueError("FastEncoder is for inference: call model.eval() first (it skips dropout)")
         weight = model.embeddings.word_embeddings.weight
         if attention == "auto":
             # measured (docs/benchmarks.md): per-bucket calls are cheap on a CPU and lose on a GPU,
             # where one masked kernel over the re-padded batch wins (and jagged tensors cost more)
             attention = "padded" if weight.device.type == "cuda" else "buckets"
-        if prepack is None:
-            prepack = weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
         self.model = model
         self.attention = attention
         self.attend = ATTEND[attention]
-        self.fuse_qkv, self.prepack = fuse_qkv, prepack
+        self.fuse_qkv = fuse_qkv
+        self.onednn = onednn_kernels.available(weight) if onednn is None else onednn
         self.linears, self.built_from = None, None
         self.sync()
         self.tails = None  # compiled block tails, see compile_tails
         self.eval()
 
     def weight_signature(self) -> list:
-        """Identifies the weights the fast path's copies were made from: storage, in-place version, dtype."""
-        return [(p.data_ptr(), p._version, p.dtype) for block in self.model.layers for p in block.parameters()]
+        """Identifies the weights the fused copies were made from: storage, in-place version, dtype."""
+        return [(p.data_ptr(), p._version, p.dtype) for block in self.model.layers
+                for linear in (block.attention.query, block.attention.key, block.attention.value)
+                for p in linear.parameters()]
 
     def sync(self) -> None:
-        """(Re)build the per-block matmuls when the model's weights changed since they were made (an
-        optimizer step bumps a tensor's version, .to() moves its storage): encoding after fine-tuning
-        must not use old copies. Quantised (int8) layers are a snapshot by design: left alone."""
-        if not isinstance(self.model.layers[0].attention.query, nn.Linear):
+        """(Re)build the per-block matmuls when the model's weights changed since the fused QKV was
+        made (an optimizer step bumps a tensor's version, .to() moves its storage): encoding after
+        fine-tuning must not use an old copy. Quantised (int8) layers are a snapshot: left alone."""
+        if self.linears is not None and not isinstance(self.model.layers[0].attention.query, nn.Linear):
             return
         signature = self.weight_signature()
         if signature != self.built_from:
@@ -215,30 +222,34 @@ class FastEncoder(nn.Module):
 
     def block_linears(self, block) -> nn.ModuleDict:
         attention, ffn = block.attention, block.feed_forward
-        weight = attention.output.weight
-        packable = self.prepack and weight.device.type == "cpu" and weight.dtype == torch.float32
-        pack = (lambda linear: MkldnnLinear(linear, torch.float32)) if packable else (lambda linear: linear)
-        linears = {"output": pack(attention.output), "up": pack(ffn.up), "down": pack(ffn.down)}
+        linears = {"output": attention.output, "up": ffn.up, "down": ffn.down}
         if self.fuse_qkv:
-            linears["qkv"] = pack(fused_qkv(attention))
+            linears["qkv"] = fused_qkv(attention)
         return nn.ModuleDict(linears)
 
-    def set_prepack(self, prepack: bool) -> None:
-        self.prepack, self.built_from = prepack, None
-        self.sync()
+    def matmul(self, linear, x, act=None, residual=None):
+        """linear(x), then act(·) or + residual: one oneDNN kernel where it applies, else step by step."""
+        if self.onednn and type(linear) in (nn.Linear, onednn_kernels.Linear) and onednn_kernels.available(x):
+            fuse_gelu = act is F.gelu  # the exact (erf) GELU: oneDNN's "gelu" post-op with algorithm "none"
+            y = onednn_kernels.linear(x, linear.weight, linear.bias, gelu=fuse_gelu, residual=residual)
+            return act(y) if act is not None and not fuse_gelu else y
+        return plain_matmul(linear, x, act, residual)
 
     def project_qkv(self, i: int, x):
         """(N, H) → (N, 3H): q | k | v side by side."""
         if "qkv" in self.linears[i]:
-            return self.linears[i]["qkv"](x)
+            return self.matmul(self.linears[i]["qkv"], x)
         attention = self.model.layers[i].attention
-        return torch.cat([attention.query(x), attention.key(x), attention.value(x)], dim=-1)
+        return torch.cat([self.matmul(attention.query, x), self.matmul(attention.key, x),
+                          self.matmul(attention.value, x)], dim=-1)
 
     def layer(self, i: int, x, packing: Packing):
         """One post-LN block on packed tokens (N, H), using the model's own modules."""
         block = self.model.layers[i]
         y = self.attend(self.project_qkv(i, x), packing, block.attention.num_heads)  # (N, H)
-        return self.tails[i](x, y) if self.tails is not None else block_tail(block, self.linears[i], x, y)
+        if self.tails is not None:
+            return self.tails[i](x, y)
+        return block_tail(block, self.linears[i], x, y, self.matmul)
 
     def compile_tails(self) -> float:
         """torch.compile what follows attention in each block (token-wise, so the only shape that
@@ -247,8 +258,8 @@ class FastEncoder(nn.Module):
         Python loop over length buckets would break the graph anyway. Returns the compile time in
         seconds (compiled on first calls with dummy batches)."""
         start = time.perf_counter()
-        self.set_prepack(False)  # Inductor packs the plain Linears; it cannot trace oneDNN's
-        self.tails = [torch.compile(functools.partial(block_tail, block, linears), dynamic=True,
+        self.onednn = False  # Inductor traces plain Linears; it cannot trace the oneDNN operator
+        self.tails = [torch.compile(functools.partial(block_tail, block, linears, matmul=plain_matmul), dynamic=True,
                                     options={"freezing": True})
                       for block, linears in zip(self.model.layers, self.linears)]
         weight = self.model.embeddings.word_embeddings.weight
@@ -272,16 +283,26 @@ class FastEncoder(nn.Module):
         self.model.check_inputs(input_ids, attention_mask, token_type_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        self.sync()
         packing = Packing.from_mask(attention_mask)
         pick = lambda t: None if t is None else t.flatten()[packing.token_index]  # (B, T) → (N,)
         return packing.unpack(self.encode_packed(pick(input_ids), packing, pick(token_type_ids)))
 
 
-def block_tail(block, linears, x, y):
+def plain_matmul(linear, x, act=None, residual=None):
+    """The unfused reference for FastEncoder.matmul: linear(x), then act(·), then + residual."""
+    y = linear(x)
+    if act is not None:
+        y = act(y)
+    return y if residual is None else y + residual
+
+
+def block_tail(block, linears, x, y, matmul=plain_matmul):
     """Everything in a block after attention, all token-wise: out-projection, residual, LayerNorm,
     feed-forward, residual, LayerNorm. x: the block's input (N, H); y: attention's heads (N, H)."""
-    x = block.attention_norm(x + linears["output"](y))
-    return block.ffn_norm(x + linears["down"](block.feed_forward.act(linears["up"](x))))
+    x = block.attention_norm(matmul(linears["output"], y, residual=x))
+    h = matmul(linears["up"], x, act=block.feed_forward.act)  # (N, I)
+    return block.ffn_norm(matmul(linears["down"], h, residual=x))
 
 
 def fused_qkv(attention) -> nn.Linear:
@@ -325,60 +346,80 @@ def token_budget_batches(lengths, max_tokens: int, max_texts: int) -> list:
     return batches
 
 
-class FastEmbedder(Embedder):
-    """An Embedder whose encode() runs FastEncoder. embed() (the path with gradients, for training)
-    stays the plain model's; encode / encode_queries / encode_corpus go through iter_batches below.
+def iter_fast_batches(embedder, encoder: FastEncoder, sentences: list[str], batch_size: int, max_length: int,
+                      normalize: bool, progress=None):
+    """Embedder.iter_batches on the fast path: yield (indices, (b, D) vectors) per batch.
 
-        fast = FastEmbedder(load_embedder("weights/all-MiniLM-L6-v2"))
-        fast.encode(texts)          # ≈ embedder.encode(texts): per-text cosine ≥ 0.99999
-
-    Differences from Embedder.iter_batches, each for speed:
-    - texts are tokenized a window at a time and sorted by *exact token length* (not characters),
-      so sentences of equal length meet in one attention bucket;
-    - a batch holds at most batch_size texts *and* max_tokens real tokens;
+    Differences from the plain path, each for speed:
+    - texts are tokenized a window at a time (embedder.sort_window texts: memory stays bounded
+      by the window, not the input) and sorted by *exact token length* within it, not
+      characters, so sentences of equal length meet in one attention bucket;
+    - a batch holds at most batch_size texts *and* embedder.max_tokens real tokens;
     - no padding anywhere: token ids are packed straight from the tokenizer's lists.
     """
+    encoder.sync()
+    device = embedder.device
+    for first in range(0, len(sentences), embedder.sort_window):
+        ids_lists = embedder.tokenizer.encode_batch(sentences[first:first + embedder.sort_window], max_length)
+        order = np.argsort([-len(ids) for ids in ids_lists], kind="stable")
+        batches = token_budget_batches([len(ids_lists[i]) for i in order], embedder.max_tokens, batch_size)
+        if progress is not None:
+            progress.total = (progress.total or 0) + len(batches)  # known one window at a time
+            progress.refresh()
+        for batch in batches:
+            members = order[batch.start:batch.stop]
+            with torch.inference_mode():
+                lengths = torch.tensor([len(ids_lists[i]) for i in members], device=device)
+                token_ids = torch.tensor([t for i in members for t in ids_lists[i]], device=device)  # (N,)
+                packing = Packing.from_lengths(lengths)
+                pooled = pool_packed(encoder.encode_packed(token_ids, packing), packing, embedder.pooling)
+                vectors = l2_normalize(pooled) if normalize else pooled
+            if progress is not None:
+                progress.update()
+            yield members + first, vectors.float()
 
-    def __init__(self, embedder: Embedder, attention: str = "auto", fuse_qkv: bool = True,
-                 prepack: bool | None = None, max_tokens: int = 16384, window: int = 16384):
-        super().__init__(embedder.model, embedder.tokenizer, embedder.pooling, embedder.max_length,
-                         embedder.query_instruction, embedder.name)
-        if max_tokens < 1 or window < 1:
-            raise ValueError(f"max_tokens and window must be positive, got {max_tokens} and {window}")
-        self.encoder = FastEncoder(embedder.model, attention=attention, fuse_qkv=fuse_qkv, prepack=prepack)
-        self.max_tokens = max_tokens
-        self.window = window
 
-    @torch.inference_mode()
-    def embed_packed(self, ids_lists: list, normalize: bool) -> torch.Tensor:
-        """Token id lists → (b, D) sentence vectors, in list order."""
-        device = self.device
-        self.encoder.sync()
-        lengths = torch.tensor([len(ids) for ids in ids_lists], device=device)
-        token_ids = torch.tensor([t for ids in ids_lists for t in ids], device=device)  # (N,)
-        packing = Packing.from_lengths(lengths)
-        pooled = pool_packed(self.encoder.encode_packed(token_ids, packing), packing, self.pooling)
-        return l2_normalize(pooled) if normalize else pooled
+# -----------------------------------------------------------------------------
+# When encode() may take the fast path: only when it computes exactly what the model would
 
-    def iter_batches(self, sentences: list[str], batch_size: int = 32, max_length: int | None = None,
-                     normalize_embeddings: bool = True, show_progress_bar: bool | None = None):
-        """Yield (indices, embeddings (b, D) float32) in order of decreasing token length per window."""
-        check_texts(sentences)
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        max_length = self.max_length if max_length is None else min(max_length, self.max_length)
-        windows = range(0, len(sentences), self.window)
-        if show_progress_bar:
-            from tqdm.auto import tqdm
-            windows = tqdm(windows, desc="Windows", unit="window")
-        for first in windows:
-            ids_lists = self.tokenizer.encode_batch(sentences[first:first + self.window], max_length)
-            order = np.argsort([-len(ids) for ids in ids_lists], kind="stable")
-            lengths = [len(ids_lists[i]) for i in order]
-            for batch in token_budget_batches(lengths, self.max_tokens, batch_size):
-                members = order[batch.start:batch.stop]
-                vectors = self.embed_packed([ids_lists[i] for i in members], normalize_embeddings)
-                yield members + first, vectors.float()
+def _stock_modules():
+    """The module classes FastEncoder knows how to run (it reads their weights and calls their
+    LayerNorms, activations and embeddings; it does not call their forward methods)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear  # speed_options(precision="int8")
+    from torch.ao.nn.quantized.modules.linear import LinearPackedParams          # ...and its weight holder
+    from .model import Embeddings, EncoderLayer, FeedForward, Pooler, SelfAttention
+    return (BertModel, Embeddings, EncoderLayer, SelfAttention, FeedForward, Pooler, nn.ModuleList,
+            nn.Embedding, nn.LayerNorm, nn.Dropout, nn.Linear, onednn_kernels.Linear,
+            DynamicQuantizedLinear, LinearPackedParams)
+
+
+def model_blocker(model) -> str | None:
+    """None when FastEncoder computes `model` exactly; otherwise why it would not.
+
+    The fast path re-implements the forward pass from the model's weights, so a research change
+    to the *code* of the model (a subclass, a replaced layer, a patched forward, a hook) would be
+    silently skipped by it. encode() asks this first and takes the plain path when the answer is
+    not None. Changes to the model's *data* (weights, LayerNorm eps, the activation function,
+    pooling) are read by the fast path too and need no plain path.
+    """
+    if type(model) is not BertModel:
+        return f"the model is a {type(model).__name__}, not minibge's BertModel"
+    if model.training:
+        return "the model is in train mode (dropout on); the fast path computes eval mode only"
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return "global forward hooks are registered"
+    stock = _stock_modules()
+    for name, module in model.named_modules():
+        where = name or "model"
+        if type(module) not in stock:
+            return f"{where} is a {type(module).__name__}"
+        if "forward" in vars(module):
+            return f"{where}.forward was replaced"
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"{where} has forward hooks"
+    if model.attn_impl != "sdpa":
+        return f"attn_impl={model.attn_impl!r} asks for the readable attention path"
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -393,23 +434,23 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def speed_options(fast: FastEmbedder, compile: bool = False, precision: str = "fp32") -> FastEmbedder:
-    """Apply in place, to fast.encoder *and the model it shares*: precision "bf16" (weights and
-    activations; only where the CPU has native bf16) or "int8" (dynamic quantisation: int8 weights,
-    activations quantised per batch, in every Linear), then optionally torch.compile."""
+def speed_options(embedder, compile: bool = False, precision: str = "fp32"):
+    """Apply in place, to embedder's fast encoder *and the model it shares*: precision "bf16"
+    (weights and activations; only where the CPU has native bf16) or "int8" (dynamic quantisation:
+    int8 weights, activations quantised per batch, in every Linear), then optionally torch.compile.
+    Returns the embedder, whose encode() now runs the changed model."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "fp32":
-        fast.encoder.set_prepack(False)  # bf16 / int8 take the plain Linears (oneDNN packs fp32 here)
+    encoder = embedder.fast_encoder
     if precision == "bf16":
-        if fast.device.type == "cpu" and not cpu_has_native_bf16():
+        if embedder.device.type == "cpu" and not cpu_has_native_bf16():
             raise ValueError("this CPU has no native bf16 (avx512_bf16 / amx_bf16): bf16 would be slower than fp32")
-        fast.encoder.to(torch.bfloat16)
+        encoder.to(torch.bfloat16)
     elif precision == "int8":
-        if fast.device.type != "cpu":
+        if embedder.device.type != "cpu":
             raise ValueError("int8 dynamic quantisation runs on the CPU only")
-        torch.ao.quantization.quantize_dynamic(fast.encoder, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        torch.ao.quantization.quantize_dynamic(encoder, {nn.Linear}, dtype=torch.qint8, inplace=True)
     if compile:
-        fast.compile_seconds = fast.encoder.compile_tails()
-        logger.info("torch.compile of %d block tails: %.1f s", len(fast.encoder.tails), fast.compile_seconds)
-    return fast
+        embedder.compile_seconds = encoder.compile_tails()
+        logger.info("torch.compile of %d block tails: %.1f s", len(encoder.tails), embedder.compile_seconds)
+    return embedder

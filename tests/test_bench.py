@@ -63,8 +63,8 @@ def run_peers(folder, names, rounds=2):
 
 
 def test_bench_rows_agree_and_report(tiny_folder):
-    names = ["sentence-transformers encode", "minibge encode (sdpa)", "minibge encode (manual)",
-             "minibge fast (default: buckets, fused QKV, oneDNN)", "transformers BertModel SDPA, FlagEmbedding loop"]
+    names = ["sentence-transformers encode", "minibge encode (default: fast path)", "minibge plain path (sdpa)",
+             "minibge plain path (manual)", "transformers BertModel SDPA, FlagEmbedding loop"]
     rows = run_peers(tiny_folder, names)
     skipped = [r for r in rows if "skipped" in r]
     assert not skipped, skipped
@@ -87,7 +87,7 @@ def test_bench_rows_agree_and_report(tiny_folder):
 def test_onnx_runtime_peers_agree(tiny_folder):
     require_module("onnxruntime")
     require_module("onnx")
-    rows = run_peers(tiny_folder, ["sentence-transformers encode", "minibge encode (sdpa)",
+    rows = run_peers(tiny_folder, ["sentence-transformers encode", "minibge plain path (sdpa)",
                                    "ONNX Runtime, no graph optimizer", "ONNX Runtime + BERT optimizer"], rounds=1)
     assert not [r for r in rows if "skipped" in r], rows
     assert max(r["max_one_minus_cos"] for r in rows) < 1e-5, [(r["peer"], r["max_one_minus_cos"]) for r in rows]

@@ -95,13 +95,17 @@ def test_bad_arguments(minilm):
         minilm.encode(["a"], batch_size=0)
 
 
-def test_streams_batch_by_batch(minilm, monkeypatch):
+@pytest.mark.parametrize("fast", [True, False])
+def test_streams_batch_by_batch(minilm, monkeypatch, fast):
     seen = []
     original = minilm.tokenizer.encode_batch
     monkeypatch.setattr(minilm.tokenizer, "encode_batch", lambda texts, n: seen.append(len(texts)) or original(texts, n))
+    monkeypatch.setattr(minilm, "fast", fast)
     batches = minilm.iter_batches(["text number %d" % i for i in range(10_000)], batch_size=16)
-    next(batches)  # the generator tokenizes only the batch it is about to run
-    assert seen == [16]
+    next(batches)
+    # the generator tokenizes only what it is about to run: the plain path one batch, the fast
+    # path one window (sorted by token length together), never the whole input
+    assert seen == ([minilm.sort_window] if fast else [16])
 
 
 def test_progress_bar_on_request(minilm, capsys):

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from minibge import BertConfig, BertModel, Embedder, cls_pool, load_embedder, mean_pool
 from minibge.eval_data import load_sts_csv
-from minibge.fast import (ATTENTION_MODES, FastEmbedder, FastEncoder, Packing, pool_packed, speed_options,
-                          token_budget_batches)
+from minibge import fast as fast_path
+from minibge.fast import ATTENTION_MODES, FastEncoder, Packing, pool_packed, speed_options, token_budget_batches
+from minibge.lab import MISTAKES, with_mistake
 
 COSINE_BAR = 0.99999
 
@@ -42,15 +43,15 @@ def assert_same_hidden(fast_out, ref, mask, what):
 
 @settings(max_examples=15, deadline=None)
 @given(batch=st.integers(1, 6), seq_len=st.integers(2, 24), seed=st.integers(0, 10_000),
-       mode=st.sampled_from(ATTENTION_MODES), fuse=st.booleans(), prepack=st.booleans(), with_types=st.booleans())
-def test_fast_encoder_equals_model(batch, seq_len, seed, mode, fuse, prepack, with_types):
+       mode=st.sampled_from(ATTENTION_MODES), fuse=st.booleans(), onednn=st.booleans(), with_types=st.booleans())
+def test_fast_encoder_equals_model(batch, seq_len, seed, mode, fuse, onednn, with_types):
     ids, mask, types = random_batch(MODEL.config, batch, seq_len, seed=seed)
     mask[:, 0] = 1  # every text has at least its [CLS]
     types = types if with_types else None
     with torch.inference_mode():
         ref = MODEL(ids, mask, types)
-        out = FastEncoder(MODEL, attention=mode, fuse_qkv=fuse, prepack=prepack)(ids, mask, types)
-    assert_same_hidden(out, ref, mask, f"attention={mode} fuse_qkv={fuse} prepack={prepack}")
+        out = FastEncoder(MODEL, attention=mode, fuse_qkv=fuse, onednn=onednn)(ids, mask, types)
+    assert_same_hidden(out, ref, mask, f"attention={mode} fuse_qkv={fuse} onednn={onednn}")
 
 
 def test_fast_encoder_without_mask_and_with_left_padding():
@@ -68,12 +69,25 @@ def test_fused_qkv_is_one_linear_with_stacked_weights():
     attention = MODEL.layers[1].attention
     x = torch.randn(5, MODEL.config.hidden_size)
     expected = torch.cat([attention.query(x), attention.key(x), attention.value(x)], dim=-1)
-    fused = FastEncoder(MODEL, prepack=False).linears[1]["qkv"]
+    fused = FastEncoder(MODEL, onednn=False).linears[1]["qkv"]
     assert fused.weight.shape == (3 * MODEL.config.hidden_size, MODEL.config.hidden_size)
     with torch.inference_mode():
-        for prepack in (False, True):
-            got = FastEncoder(MODEL, prepack=prepack).linears[1]["qkv"](x)
-            assert torch.allclose(got, expected, atol=1e-5), f"prepack={prepack}: {(got - expected).abs().max():.3e}"
+        for onednn in (False, True):
+            fast = FastEncoder(MODEL, onednn=onednn)
+            got = fast.matmul(fast.linears[1]["qkv"], x)
+            assert torch.allclose(got, expected, atol=1e-5), f"onednn={onednn}: {(got - expected).abs().max():.3e}"
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh", "relu"])
+def test_fused_matmul_epilogues_equal_the_unfused_steps(act):
+    from minibge.model import activation
+    linear = MODEL.layers[0].feed_forward.up
+    x, residual = torch.randn(7, linear.in_features), torch.randn(7, linear.out_features)
+    fast = FastEncoder(MODEL)
+    with torch.inference_mode():
+        for kwargs in ({"act": activation(act)}, {"residual": residual}, {}):
+            got, ref = fast.matmul(linear, x, **kwargs), fast_path.plain_matmul(linear, x, **kwargs)
+            assert (got - ref).abs().max() < 1e-5, f"{act} {list(kwargs)}: max |diff| {(got - ref).abs().max():.3e}"
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
@@ -108,19 +122,17 @@ def test_token_budget_batches_cover_everything_within_budget(lengths, max_tokens
         assert len(b) == 1 or sum(lengths[i] for i in b) <= max_tokens, (list(b), max_tokens)
 
 
-def test_inference_only():
-    with pytest.raises(ValueError, match="eval"):
-        FastEncoder(tiny_model().train())
+def test_bad_attention_mode():
     with pytest.raises(ValueError, match="attention"):
         FastEncoder(MODEL, attention="flash")
 
 
 # -----------------------------------------------------------------------------
-# Texts in: FastEmbedder against Embedder
+# Texts in: encode() on the fast path against the plain path
 
 @pytest.fixture(scope="module")
 def minilm(minilm_dir):
-    return load_embedder(minilm_dir, device="cpu")
+    return load_embedder(minilm_dir, device="cpu", fast=False)
 
 
 @pytest.fixture(scope="module")
@@ -133,15 +145,25 @@ TEXTS = ["A man is playing a guitar.", "x", "", "how do giant pandas eat bamboo?
          "Zwölf Boxkämpfer jagen Viktor quer über den großen Sylter Deich. " * 30, "a b c d"]
 
 
+def spy_fast_batches(monkeypatch) -> list:
+    """Record every call of the fast path's batch generator (so a test can tell which path ran)."""
+    calls, original = [], fast_path.iter_fast_batches
+    monkeypatch.setattr(fast_path, "iter_fast_batches", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_fast_embedder_matches_encode_tiny(minilm, pooling):
+def test_fast_encode_matches_plain_encode_tiny(minilm, pooling, monkeypatch):
     model = tiny_model(seed=1, vocab_size=30522, max_position_embeddings=512)
-    plain = Embedder(model, minilm.tokenizer, pooling=pooling, max_length=128)
-    for options in ({}, {"attention": "padded"}, {"attention": "nested", "fuse_qkv": False}):
-        fast = FastEmbedder(plain, max_tokens=40, window=4, **options)  # forces several windows and batches
+    plain = Embedder(model, minilm.tokenizer, pooling=pooling, max_length=128, fast=False)
+    calls = spy_fast_batches(monkeypatch)
+    for options in ({}, {"attention": "padded"}, {"attention": "nested", "fuse_qkv": False}, {"onednn": False}):
+        fast = Embedder(model, minilm.tokenizer, pooling=pooling, max_length=128).use_fast_path(**options)
+        fast.max_tokens, fast.sort_window = 40, 4  # forces several windows and batches
         got, ref = fast.encode(TEXTS, batch_size=3), plain.encode(TEXTS, batch_size=3)
         assert got.shape == ref.shape and got.dtype == np.float32
         assert min_cosine(got, ref) >= COSINE_BAR, f"{options}: min cosine {min_cosine(got, ref):.8f}"
+    assert len(calls) == 4, "encode() did not take the fast path"
     assert fast.encode("one string").shape == (plain.dimension,)
     with pytest.raises(ValueError, match="batch_size"):
         fast.encode(TEXTS, batch_size=0)
@@ -149,16 +171,21 @@ def test_fast_embedder_matches_encode_tiny(minilm, pooling):
 
 @pytest.mark.parametrize("attention", [mode if mode == "auto" else pytest.param(mode, marks=pytest.mark.slow)
                                        for mode in ATTENTION_MODES])  # the tiny-model tests cover every mode quickly
-def test_fast_embedder_matches_encode_real_minilm(minilm, stsb_texts, attention):
-    fast = FastEmbedder(minilm, attention=attention)
+def test_fast_encode_matches_plain_encode_real_minilm(minilm, minilm_dir, stsb_texts, attention, monkeypatch):
+    fast = load_embedder(minilm_dir, device="cpu")  # the default: fast
+    if attention != "auto":
+        fast.use_fast_path(attention=attention)
+    calls = spy_fast_batches(monkeypatch)
     got, ref = fast.encode(stsb_texts), minilm.encode(stsb_texts)
+    assert calls, "encode() did not take the fast path"
     assert min_cosine(got, ref) >= COSINE_BAR, f"{attention}: min cosine {min_cosine(got, ref):.8f}"
     queries = fast.encode_queries(stsb_texts[:5], instruction="query: ")
     assert min_cosine(queries, minilm.encode_queries(stsb_texts[:5], instruction="query: ")) >= COSINE_BAR
 
 
 def test_int8_is_close_but_not_equal(minilm, stsb_texts, minilm_dir):
-    fast = speed_options(FastEmbedder(load_embedder(minilm_dir, device="cpu")), precision="int8")
+    fast = speed_options(load_embedder(minilm_dir, device="cpu"), precision="int8")
+    assert fast.fast_path_blocker() is None  # quantised Linears are still run by the fast path
     cos = min_cosine(fast.encode(stsb_texts[:40]), minilm.encode(stsb_texts[:40]))
     assert 0.8 < cos < 0.99999, f"int8 min cosine {cos:.6f}"  # quantised: close, visibly not exact
     with pytest.raises(ValueError, match="precision"):
@@ -167,17 +194,73 @@ def test_int8_is_close_but_not_equal(minilm, stsb_texts, minilm_dir):
 
 @pytest.mark.slow
 def test_compiled_tails_match(minilm, stsb_texts, minilm_dir):
-    fast = speed_options(FastEmbedder(load_embedder(minilm_dir, device="cpu")), compile=True)
+    fast = speed_options(load_embedder(minilm_dir, device="cpu"), compile=True)
     # the compiled path is the one encode() takes: one compiled tail per encoder layer
-    assert fast.encoder.tails is not None and len(fast.encoder.tails) == fast.encoder.model.config.num_hidden_layers
+    encoder = fast.fast_encoder
+    assert encoder.tails is not None and len(encoder.tails) == encoder.model.config.num_hidden_layers
     got, ref = fast.encode(stsb_texts), minilm.encode(stsb_texts)
     assert min_cosine(got, ref) >= COSINE_BAR, f"compiled: min cosine {min_cosine(got, ref):.8f}"
 
 
-@pytest.mark.parametrize("prepack", [False, True])
-def test_fused_weights_follow_training_and_dtype_changes(prepack):
+# -----------------------------------------------------------------------------
+# The gate: encode() takes the fast path only where it computes what the plain path computes
+
+@pytest.mark.parametrize("mistake", MISTAKES, ids=[m.name for m in MISTAKES])
+def test_every_lab_mistake_gives_the_same_vectors_on_both_paths(minilm, mistake):
+    """minibge lab edits a model in 15 ways (weights, modules, forwards, pooling, train mode): encode()
+    must give the plain path's vectors for each, whichever path the gate picks."""
+    model = tiny_model(seed=3, vocab_size=30522, max_position_embeddings=512, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0)  # dropout 0: "dropout on" stays deterministic
+    pooling = mistake.pooling or "cls"
+    fast = with_mistake(Embedder(model, minilm.tokenizer, pooling=pooling, max_length=64), mistake)
+    plain = with_mistake(Embedder(model, minilm.tokenizer, pooling=pooling, max_length=64, fast=False), mistake)
+    got, ref = fast.encode(TEXTS, batch_size=4), plain.encode(TEXTS, batch_size=4)
+    cos = min_cosine(got, ref)
+    assert cos >= COSINE_BAR, f"{mistake.name} (gate: {fast.fast_path_blocker()}): min cosine {cos:.8f}"
+    norms = np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert np.allclose(norms, 1, atol=1e-5), f"{mistake.name}: vector lengths differ by up to {abs(norms - 1).max():.2e}"
+
+
+def test_code_changes_close_the_gate_and_data_changes_do_not(minilm):
+    def fresh():
+        return Embedder(tiny_model(seed=4, vocab_size=30522), minilm.tokenizer, max_length=64)
+
+    assert fresh().fast_path_blocker() is None
+    assert Embedder(MODEL, minilm.tokenizer, fast=False).fast_path_blocker() == "fast=False"
+    # data the fast path reads itself: weights, eps, activation, pooling
+    embedder = fresh()
+    embedder.model.layers[0].attention_norm.eps = 1e-5
+    embedder.model.layers[0].feed_forward.act = torch.relu
+    embedder.pooling = "mean"
+    assert embedder.fast_path_blocker() is None
+
+    class LoRALinear(torch.nn.Linear):
+        pass
+
+    class MyEmbedder(Embedder):
+        def embed(self, texts_or_batch, max_length=None, normalize=True):
+            return super().embed(texts_or_batch, max_length, normalize)
+
+    changes = {
+        "train mode": lambda e: e.model.train(),
+        "manual attention": lambda e: e.model.set_attn_impl("manual"),
+        "a subclassed Linear": lambda e: setattr(e.model.layers[1].attention, "query", LoRALinear(32, 32)),
+        "a patched forward": lambda e: setattr(e.model.layers[0], "forward", e.model.layers[0].forward),
+        "a forward hook": lambda e: e.model.layers[0].feed_forward.register_forward_hook(lambda *a: None),
+        "an instance embed": lambda e: setattr(e, "embed", e.embed),
+    }
+    for what, change in changes.items():
+        embedder = fresh()
+        change(embedder)
+        assert embedder.fast_path_blocker() is not None, what
+    subclass = MyEmbedder(MODEL, minilm.tokenizer)
+    assert "embed() is customised" == subclass.fast_path_blocker()
+
+
+@pytest.mark.parametrize("onednn", [False, True])
+def test_fused_weights_follow_training_and_dtype_changes(onednn):
     model = tiny_model(seed=2)
-    fast = FastEncoder(model, prepack=prepack)
+    fast = FastEncoder(model, onednn=onednn)
     ids, mask, _ = random_batch(model.config, 3, 10, seed=5)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     model.train()
@@ -189,7 +272,7 @@ def test_fused_weights_follow_training_and_dtype_changes(prepack):
         assert_same_hidden(fast(ids, mask), model(ids, mask), mask, "after an optimizer step")
     model.double()
     fast.sync()
-    assert fast.linears[0]["qkv"].weight.dtype == torch.float64  # float64: plain (unpacked) Linears
+    assert fast.linears[0]["qkv"].weight.dtype == torch.float64  # float64: F.linear (oneDNN takes fp32 only)
     with torch.inference_mode():
         ids = ids[:, :4]
         assert (fast(ids) - model(ids)).abs().max() < 1e-10
