@@ -3,6 +3,7 @@
     minibge encode "A man is eating food." "A man eats pasta."      # summary on stdout
     minibge encode --input texts.txt --output vectors.npy            # one text per line
     cat texts.txt | minibge encode --input - --output vectors.jsonl  # stdin works too
+    torchrun --standalone --nproc_per_node 2 -m minibge encode --input texts.txt --output vectors.npy
     minibge encode --query "what is BGE?"                            # with the query instruction
     minibge similarity "A cat sits." "A kitten is sitting." "Stocks fell today."
     minibge search --corpus passages.txt "how do vaccines work?" --top-k 3
@@ -21,6 +22,9 @@ A user mistake (a missing file, a bad option, an unreachable Hub) ends with one 
 Outputs are checked for writability before any work starts. Ctrl-C (SIGINT, exit 130) and
 SIGTERM (what `timeout`, a job scheduler or `docker stop` send; exit 143) both unwind cleanly:
 an existing output file is left as it was, and no half-written file stays behind.
+
+Under torchrun (WORLD_SIZE > 1), `encode --input FILE --output FILE` is sharded: each rank embeds
+a contiguous slice of the lines and rank 0 joins the slices, in input order (cli_shard.py).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -158,11 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
                 "FILE.npy the result is a float32 (N, D) array whose row i is input line i+1 (blank "
                 "lines included, as empty texts); with FILE.jsonl one {\"text\", \"embedding\"} object "
                 "per line. Without --output, a short summary goes to stdout. Big files are embedded "
-                f"{CHUNK_TEXTS:,} lines at a time, so memory stays bounded.",
+                f"{CHUNK_TEXTS:,} lines at a time, so memory stays bounded. Under torchrun, each rank "
+                "embeds a contiguous slice of --input and rank 0 writes --output from the slices, in "
+                "input order.",
                 _examples('minibge encode "A man is eating food." "A man eats pasta."',
                           "minibge encode --input texts.txt --output vectors.npy",
                           "cat texts.txt | minibge encode --input - --output vectors.jsonl",
-                          'minibge encode --query "what is BGE?" -m BAAI/bge-small-en-v1.5'))
+                          'minibge encode --query "what is BGE?" -m BAAI/bge-small-en-v1.5',
+                          "torchrun --standalone --nproc_per_node 4 -m minibge encode --input big.txt "
+                          "--output vectors.npy"))
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to embed (or use --input)")
     p.add_argument("-i", "--input", metavar="FILE", help="UTF-8 text file, one text per line; '-' reads stdin")
     p.add_argument("-o", "--output", metavar="FILE", help="write embeddings to FILE.npy or FILE.jsonl")
@@ -258,6 +267,14 @@ def cmd_encode(args) -> int:
         raise UsageError(f"--output must end in .npy or .jsonl, got {args.output!r}")
     check_readable(args.input, "--input")
     check_writable(args.output, "--output")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: each rank embeds a slice (cli_shard.py)
+        if args.input == "-":
+            raise UsageError("under torchrun, --input must be a file: stdin can be read by one process only")
+        if output is None:
+            raise UsageError("under torchrun, give --output FILE.npy or FILE.jsonl (rank 0 joins the ranks' "
+                             "slices there); the summary on stdout is for one process")
+        from .cli_shard import encode_sharded
+        return encode_sharded(args, output)
     if args.input == "-" and output is not None and output.suffix.lower() == ".npy":
         # .npy needs the row count before the first row, and stdin can be read only once
         with stdin_as_file() as copy:
@@ -265,41 +282,62 @@ def cmd_encode(args) -> int:
     return _encode(args, output, args.input)
 
 
+def encode_source(args, source: str | None) -> tuple[int | None, Iterator[str]]:
+    """(how many texts, or None for stdin; the texts) from args.texts (source None), a file or '-'."""
+    if source is None:
+        return len(args.texts), iter(args.texts)
+    total = None  # unknown for stdin (unless copied to a file): no progress bar then
+    if source != "-":  # a first, cheap pass: the .npy shape, the progress bar, UTF-8 errors early
+        total = sum(1 for _ in iter_lines(source))
+        if total == 0:
+            raise CliError(f"--input {args.input} is empty")
+    return total, (line for _, line in iter_lines(source))
+
+
+def query_prefix(args, embedder) -> str:
+    """What `encode` prepends to every text: the query instruction with --query, else nothing."""
+    if not args.query:
+        return ""
+    if not embedder.query_instruction:
+        logger.warning("%s has no query instruction; --query embeds the texts as they are", embedder.name)
+    return embedder.query_instruction or ""
+
+
+class ChunkEmbedder:
+    """Embeds a chunk of texts the way `encode` was asked to (--no-normalize, --batch-size; `prefix`
+    from query_prefix), advancing a progress bar, and counts the blank texts it was given."""
+
+    def __init__(self, args, embedder, prefix: str, bar):
+        self.embedder, self.prefix, self.bar = embedder, prefix, bar
+        self.batch_size, self.normalize = args.batch_size, not args.no_normalize
+        self.blank = 0
+
+    def __call__(self, chunk: list[str]) -> np.ndarray:
+        self.blank += sum(1 for text in chunk if not text.strip())
+        return embed_texts(self.embedder, chunk, self.batch_size, self.normalize, self.bar, self.prefix)
+
+
+def warn_blank(blank: int) -> None:
+    if blank:
+        logger.warning("%d blank line(s) were embedded as empty texts (row i is line i+1)", blank)
+
+
 def _encode(args, output: Path | None, source: str | None) -> int:
     """encode, once the arguments are checked: texts from args.texts (source None), a file or '-'."""
-    if source is None:
-        total, lines = len(args.texts), iter(args.texts)
-    else:
-        total = None  # unknown for stdin (unless copied to a file): no progress bar then
-        if source != "-":  # a first, cheap pass: the .npy shape, the progress bar, UTF-8 errors early
-            total = sum(1 for _ in iter_lines(source))
-            if total == 0:
-                raise CliError(f"--input {args.input} is empty")
-        lines = (line for _, line in iter_lines(source))
-
+    total, lines = encode_source(args, source)
     embedder, _, _ = load(args, query_instruction=args.instruction)
-    prefix = ""
-    if args.query:
-        prefix = embedder.query_instruction or ""
-        if not prefix:
-            logger.warning("%s has no query instruction; --query embeds the texts as they are", embedder.name)
-    normalize = not args.no_normalize
-    blank = 0
+    prefix = query_prefix(args, embedder)
     with progress(total, "text") as bar:
-        def embed(chunk: list[str]) -> np.ndarray:
-            nonlocal blank
-            blank += sum(1 for text in chunk if not text.strip())
-            return embed_texts(embedder, chunk, args.batch_size, normalize, bar, prefix)
-
+        embed = ChunkEmbedder(args, embedder, prefix, bar)
         chunks = chunked(lines, CHUNK_TEXTS)
         if output is None:
-            print_summary(chunks, embed, embedder.dimension, normalize)
+            print_summary(chunks, embed, embedder.dimension, embed.normalize)
         elif output.suffix.lower() == ".npy":
             write_npy(output, chunks, embed, total, embedder.dimension)
         else:
             write_jsonl(output, chunks, embed, embedder.dimension)
-    if output is not None and blank:
-        logger.warning("%d blank line(s) were embedded as empty texts (row i is line i+1)", blank)
+    if output is not None:
+        warn_blank(embed.blank)
     return 0
 
 

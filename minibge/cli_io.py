@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -197,7 +198,7 @@ def write_npy(output: Path, chunks: Iterable[list[str]], embed: Embed, total: in
             raise CliError(f"the input changed while it was read ({total} lines, then {row})")
         array.flush()
         del array  # closes the memory map before the rename
-    print(f"wrote {total} x {dimension} float32 embeddings to {output}")
+    _wrote_npy(output, total, dimension)
 
 
 def write_jsonl(output: Path, chunks: Iterable[list[str]], embed: Embed, dimension: int) -> None:
@@ -205,14 +206,83 @@ def write_jsonl(output: Path, chunks: Iterable[list[str]], embed: Embed, dimensi
     count = 0
     with atomic_output(output) as partial, open(partial, "w", encoding="utf-8") as f:
         for chunk in chunks:
-            for text, vector in zip(chunk, embed(chunk)):
-                # str(np.float32) is the shortest text that reads back as the same float32
-                numbers = ", ".join(map(str, vector))
-                f.write(f'{{"text": {json.dumps(text, ensure_ascii=False)}, "embedding": [{numbers}]}}\n')
+            f.writelines(jsonl_lines(chunk, embed(chunk)))
             count += len(chunk)
         if count == 0:
             raise CliError("the input is empty")
+    _wrote_jsonl(output, count, dimension)
+
+
+def jsonl_lines(texts: list[str], vectors: np.ndarray) -> Iterator[str]:
+    """The .jsonl output's lines for some texts and their vectors, each ending in a newline."""
+    for text, vector in zip(texts, vectors):
+        # str(np.float32) is the shortest text that reads back as the same float32
+        numbers = ", ".join(map(str, vector))
+        yield f'{{"text": {json.dumps(text, ensure_ascii=False)}, "embedding": [{numbers}]}}\n'
+
+
+def _wrote_npy(output: Path, total: int, dimension: int) -> None:
+    print(f"wrote {total} x {dimension} float32 embeddings to {output}")
+
+
+def _wrote_jsonl(output: Path, count: int, dimension: int) -> None:
     print(f"wrote {count} embeddings of dimension {dimension} to {output}")
+
+
+# ---------------------------------------------------------------- writing in parts (minibge encode under torchrun)
+# A part holds a contiguous run of the output's rows, in the form they take inside the output:
+# raw little-endian float32 rows for a .npy output (the .npy file is a header, then exactly
+# these bytes, part after part), finished lines for a .jsonl output. Joining the parts is then
+# a byte copy, whatever their size, with a small buffer: memory stays flat.
+NPY_DTYPE = np.dtype("<f4")
+
+
+def part_path(output: Path, rank: int, world: int) -> Path:
+    """Where rank `rank` of `world` writes its part, beside the output (e.g. out.npy.rank1-of-2.partial)."""
+    return output.with_name(f"{output.name}.rank{rank}-of-{world}.partial")
+
+
+def write_part(part: Path, output: Path, chunks: Iterable[list[str]], embed: Embed) -> int:
+    """Embed the chunks into `part` in the form `output`'s format needs; returns the number of texts.
+
+    A failed or interrupted part is deleted: only a complete part is left for joining."""
+    count = 0
+    jsonl = output.suffix.lower() == ".jsonl"
+    try:
+        with open(part, "wb") as f:
+            for chunk in chunks:
+                rows = embed(chunk)
+                if jsonl:
+                    f.writelines(line.encode("utf-8") for line in jsonl_lines(chunk, rows))
+                else:
+                    f.write(memoryview(np.ascontiguousarray(rows, dtype=NPY_DTYPE)).cast("B"))
+                count += len(chunk)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return count
+
+
+def join_parts(output: Path, parts: list[tuple[Path, int]], dimension: int) -> None:
+    """Write `output` (.npy or .jsonl) from its parts, given in order as (path, number of rows).
+
+    The output is written beside itself and renamed at the end, as write_npy and write_jsonl do."""
+    total = sum(rows for _, rows in parts)
+    npy = output.suffix.lower() == ".npy"
+    if npy:  # a part that is not exactly its rows would shift every row after it: check first
+        for part, rows in parts:
+            size, expected = part.stat().st_size, rows * dimension * NPY_DTYPE.itemsize
+            if size != expected:
+                raise CliError(f"{part} holds {size:,} bytes, not {rows} rows of {dimension} float32 "
+                               f"({expected:,} bytes)")
+    with atomic_output(output) as partial, open(partial, "wb") as f:
+        if npy:  # the header np.save and open_memmap write for a C-order float32 (total, dimension) array
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(NPY_DTYPE),
+                                                     "fortran_order": False, "shape": (total, dimension)})
+        for part, _ in parts:
+            with open(part, "rb") as source:
+                shutil.copyfileobj(source, f, 1 << 20)
+    (_wrote_npy if npy else _wrote_jsonl)(output, total, dimension)
 
 
 # ---------------------------------------------------------------- printing

@@ -66,13 +66,17 @@ def _resolve(model: str | None) -> tuple[Path, str]:
                     f"{hub.default_weights_dir()} ({how})")
 
 
-def load(args, query_instruction: str | None = None):
-    """Resolve, announce on stderr, and load the embedder; returns (embedder, folder, origin)."""
+def load(args, query_instruction: str | None = None, announce: bool = True):
+    """Resolve, announce on stderr, and load the embedder; returns (embedder, folder, origin).
+
+    announce=False skips the line on stderr: under torchrun only rank 0 says which model it is.
+    """
     from .embedder import load_embedder
 
     _check_device(args.device)
     folder, origin = _resolve(args.model)
-    print(f"{PROG}: model {folder.name} from {folder} [{origin}]", file=sys.stderr)
+    if announce:
+        print(f"{PROG}: model {folder.name} from {folder} [{origin}]", file=sys.stderr)
     embedder = load_embedder(folder, device=args.device, dtype=args.dtype,
                              max_length=getattr(args, "max_length", None),  # `info` has no --max-length
                              query_instruction=query_instruction)
