@@ -4,8 +4,13 @@ A step is what `minibge finetune` repeats: embed B queries and B·G passages wit
 InfoNCE over in-batch negatives (temperature 0.02), backward, AdamW. Both sides start from the
 same checkpoint, see the same token ids (minibge's tokenizer, right-padded per batch) and use
 the same loss code; only the encoder differs: minibge's BertModel or transformers' BertModel
-(SDPA), pooled the checkpoint's way. Steps alternate between the two, after one warm-up each,
+(SDPA), pooled the checkpoint's way. Steps alternate between the sides, after one warm-up each,
 and the median over steps is reported as real (unpadded) tokens per second.
+
+"minibge BertModel" is the model as `minibge finetune` trains it: on the CPU in fp32 its Linears
+compute through oneDNN (train.py, minibge/onednn.py). "minibge BertModel, MKL (no oneDNN)" is the
+same model on PyTorch's default matmuls, as `--no-onednn` trains it, and as transformers runs:
+the gap between the two rows is what oneDNN buys; the gap to transformers' row, the rest.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import time
 
 import torch
 
+from . import onednn
 from .bench import PeakRSS
 from .embedder import load_embedder
 from .losses import info_nce
@@ -58,14 +64,18 @@ def train_step_benchmark(folder, queries: list[str], passages: list[str], steps:
     """Median seconds and tokens/s of a contrastive step, minibge and transformers, interleaved."""
     import transformers
 
-    embedder = load_embedder(folder, device="cpu")
-    embedder.model.train()
+    embedder, mkl_embedder = load_embedder(folder, device="cpu"), load_embedder(folder, device="cpu")
+    onednn.use_onednn_linears(embedder.model)  # what train.py does for `minibge finetune` on a CPU (fp32)
     reference = transformers.AutoModel.from_pretrained(str(folder), attn_implementation="sdpa").train()
-    steps_by_name = {
+    steps_by_name = {  # each side its own copy of the weights and its own optimizer
         "minibge BertModel": minibge_step(embedder, torch.optim.AdamW(embedder.model.parameters(), lr=1e-5)),
+        "minibge BertModel, MKL (no oneDNN)": minibge_step(
+            mkl_embedder, torch.optim.AdamW(mkl_embedder.model.parameters(), lr=1e-5)),
         "transformers BertModel (SDPA)": transformers_step(reference, embedder.pooling,
                                                            torch.optim.AdamW(reference.parameters(), lr=1e-5)),
     }
+    for model in (embedder.model, mkl_embedder.model):
+        model.train()
     q, p = training_batches(embedder, queries, passages)
     tokens = int(q["attention_mask"].sum() + p["attention_mask"].sum())
     times = {name: [] for name in steps_by_name}

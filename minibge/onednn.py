@@ -17,12 +17,20 @@ It has no autograd formula; `LinearFunction` supplies one, so training can use i
     y = x Wᵀ + b     →    ∂x = g W,   ∂W = gᵀ x,   ∂b = Σ_rows g
 
 and each of those matmuls is again a `linear` (a (rows, out)·(out, in) product is linear(g, Wᵀ)).
+The transposes cost little: the operator copies its input into row-major order if need be, and
+reorders every dense weight into oneDNN's blocked layout on each call anyway, so a transposed
+weight view rides on that reorder for free. `_op_works` checks that this build takes such views.
+
+Training uses it through `onednn_linears(model)` (train.py): inside the `with` block the model's
+nn.Linears compute through oneDNN, afterwards they are plain nn.Linears again.
 """
+import contextlib
 import functools
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 @functools.cache
@@ -32,14 +40,17 @@ def _op_works() -> bool:
         return False
     generator = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(*shape, generator=generator) for shape in ((5, 16), (8, 16), (8,)))
+    w_view = w.t().contiguous().t()  # the same matrix, column-major: LinearFunction.backward passes such views
     try:
         with torch.no_grad():
             y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
             y_gelu = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
+            y_view = torch.ops.mkldnn._linear_pointwise(x, w_view, b, "none", [], "")
     except RuntimeError:
         return False
     reference = F.linear(x, w, b)
-    return torch.allclose(y, reference, atol=1e-5) and torch.allclose(y_gelu, F.gelu(reference), atol=1e-5)
+    return all(torch.allclose(y, expected, atol=1e-5)
+               for y, expected in ((y, reference), (y_gelu, F.gelu(reference)), (y_view, reference)))
 
 
 def available(tensor: torch.Tensor) -> bool:
@@ -51,11 +62,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            residual: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., in) → (..., out) = x Wᵀ + b, then exact GELU (gelu=True) or + residual, in one kernel.
 
-    No autograd (see LinearFunction); callers check available() first. Inputs must be dense and
-    row-major: oneDNN rejects a transposed view, so I make them contiguous (a no-op when they are).
+    No autograd (see LinearFunction); callers check available() first. x and residual must be
+    row-major, so I make them contiguous (a no-op when they are); the weight may be any strided
+    view (oneDNN reorders it into its own layout on every call, see the module docstring).
     """
     assert not (gelu and residual is not None), "one post-op at a time"
-    x, weight = x.contiguous(), weight.contiguous()
+    if x.numel() == 0 or weight.numel() == 0:
+        # oneDNN builds no primitive for an empty product (no rows, or in = 0 as in the weight
+        # gradient of an empty batch); F.linear gives the zeros (+ bias) that are right there
+        y = F.linear(x, weight, bias)
+        return F.gelu(y) if gelu else y if residual is None else y + residual
+    x = x.contiguous()
     if residual is not None:
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual.contiguous(), weight, bias, "add")
     if gelu:
@@ -73,9 +90,10 @@ class LinearFunction(torch.autograd.Function):
         return linear(x, weight, bias)
 
     @staticmethod
+    @once_differentiable  # the backward's matmuls record no graph: a double backward must fail, not give 0
     def backward(ctx, grad_output):
         x, weight = ctx.saved_tensors
-        g = grad_output.reshape(-1, weight.shape[0])                                  # (N, out)
+        g = grad_output.reshape(-1, weight.shape[0])                                  # (N, out), any strides
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = linear(g, weight.t()).view(x.shape)                              # (N, out)(out, in) → (N, in)
@@ -88,10 +106,11 @@ class LinearFunction(torch.autograd.Function):
 
 class Linear(nn.Linear):
     """An nn.Linear (same parameters, same state_dict) whose fp32 CPU matmuls run through oneDNN,
-    with or without gradients; anything else (CUDA, bf16, no operator) takes F.linear."""
+    with or without gradients; anything else (CUDA, bf16, float64, CPU autocast, no operator) takes F.linear."""
 
     def forward(self, x):
-        if available(x) and available(self.weight):
+        # under autocast F.linear would run in bf16; the custom operator is not on autocast's lists and would not
+        if available(x) and available(self.weight) and not torch.is_autocast_enabled(x.device.type):
             return LinearFunction.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -104,9 +123,24 @@ def use_onednn_linears(model: nn.Module, enable: bool = True) -> int:
     and saved checkpoints do not change. Returns how many modules were switched.
     """
     source, target = (nn.Linear, Linear) if enable else (Linear, nn.Linear)
-    switched = 0
-    for module in model.modules():
-        if type(module) is source:
-            module.__class__ = target
-            switched += 1
-    return switched
+    return len(_retype([module for module in model.modules() if type(module) is source], target))
+
+
+@contextlib.contextmanager
+def onednn_linears(model: nn.Module):
+    """`with onednn_linears(model) as n:` model's n plain nn.Linears compute through oneDNN inside the
+    block, and are plain nn.Linears again after it, also when it raises. Modules that were oneDNN
+    Linears before stay so. This is how train.py uses it: the caller gets its model back as it gave
+    it, because exact-type code only knows nn.Linear (quantize_dynamic's {nn.Linear} mapping, for one).
+    """
+    switched = _retype([module for module in model.modules() if type(module) is nn.Linear], Linear)
+    try:
+        yield len(switched)
+    finally:
+        _retype(switched, nn.Linear)
+
+
+def _retype(modules: list[nn.Module], cls: type) -> list[nn.Module]:
+    for module in modules:
+        module.__class__ = cls
+    return modules

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TINY, require_module
 
-from minibge import BertConfig, BertModel, Embedder, bench_gpu, load_embedder
+from minibge import BertConfig, BertModel, Embedder, bench_gpu, bench_train, load_embedder, onednn
 from minibge.bench import Workload, build_peers, encoder_flops, markdown, run_rounds, summarise
 from minibge.bench_peers import all_peers
 
@@ -81,6 +81,24 @@ def test_bench_rows_agree_and_report(tiny_folder):
                        "peak_gflops": 100.0, "rows": rows}, "minibge bench")
     for name in names:
         assert name in report
+
+
+def test_training_step_rows(tiny_folder, monkeypatch):
+    require_module("transformers")
+    calls = []
+
+    def counting_linear(*args, **kwargs):
+        calls.append(1)
+        return plain_linear(*args, **kwargs)
+
+    plain_linear = onednn.linear
+    monkeypatch.setattr(onednn, "linear", counting_linear)
+    rows = bench_train.train_step_benchmark(tiny_folder, TEXTS[:3], TEXTS[3:], steps=1)
+    assert [r["step"] for r in rows] == ["minibge BertModel", "minibge BertModel, MKL (no oneDNN)",
+                                         "transformers BertModel (SDPA)"]
+    assert all(r["median_s"] > 0 and r["tokens_per_s"] > 0 for r in rows) and rows[-1]["vs_transformers"] == 1.0
+    assert bool(calls) == onednn.available(torch.zeros(1)), "the minibge row trains on oneDNN, as finetune does"
+    assert "| minibge BertModel, MKL (no oneDNN) |" in bench_train.markdown(rows, "tiny")
 
 
 @pytest.mark.slow

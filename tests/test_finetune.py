@@ -172,6 +172,27 @@ def crash_after(n_batches):
     return crashing_step
 
 
+@pytest.mark.parametrize("command", ["finetune", "pretrain"])
+@pytest.mark.parametrize("flag, expected", [([], True), (["--no-onednn"], False)])
+def test_no_onednn_flag_reaches_the_training_loop(base_model, tmp_path, monkeypatch, command, flag, expected):
+    import minibge.pretrain as pretrain_module
+
+    seen = {}
+
+    def fake_train(model, loss_fn, batches, config, *args, **kwargs):  # the command's TrainConfig is all I need
+        seen["config"] = config
+        return {}
+
+    monkeypatch.setattr(finetune_module if command == "finetune" else pretrain_module, "train", fake_train)
+    if command == "finetune":
+        args = finetune_args(base_model, write_jsonl(tmp_path / "t.jsonl", training_rows(8)), tmp_path / "out", *flag)
+    else:
+        corpus = write_jsonl(tmp_path / "corpus.txt", [" ".join(WORDS[i:i + 6]) for i in range(8)])
+        args = [command, "-m", str(base_model), "--train", str(corpus), "--out", str(tmp_path / "out"), *flag]
+    assert main(args) == 0
+    assert seen["config"].onednn is expected
+
+
 @pytest.mark.slow  # imports transformers and sentence-transformers
 def test_output_is_a_complete_embedder_folder(base_model, tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", training_rows(16))

@@ -1,11 +1,12 @@
 """The shared training loop (minibge/train.py): data order, schedule, checkpoint + exact resume,
 output-folder rules, gradient checkpointing. Toy models keep every test well under a second."""
 import json
+import logging
 
 import pytest
 import torch
 
-from minibge import BertConfig, BertModel
+from minibge import BertConfig, BertModel, onednn
 from minibge import train as train_module
 from minibge.train import Batches, TrainConfig, enable_gradient_checkpointing, linear_schedule, train
 
@@ -169,3 +170,43 @@ def test_gradient_checkpointing_gives_the_same_gradients():
             assert torch.allclose(a.grad, b.grad, atol=1e-6), f"{name}: {diff_report(a.grad, b.grad)}"
     with pytest.raises(ValueError, match="no EncoderLayer"):
         enable_gradient_checkpointing(toy_model())
+
+
+# -----------------------------------------------------------------------------
+# oneDNN Linears (minibge/onednn.py) for the length of the loop
+
+def linear_types(model):
+    return {type(m) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_linears_run_on_onednn_only_while_training(tmp_path, caplog, enabled):
+    model, during = toy_model(), []
+
+    def loss_fn(batch):
+        during.append(linear_types(model))
+        loss = ((model(batch["x"]) - batch["y"]) ** 2).mean()
+        return {"loss": loss}
+
+    config = TrainConfig(epochs=1, batch_size=8, onednn=enabled)
+    with caplog.at_level(logging.INFO, logger="minibge.train"):
+        train(model, loss_fn, Batches(toy_examples(), collate, 8), config, tmp_path / "out")
+    on_onednn = enabled and onednn.available(model[0].weight)
+    assert during == [{onednn.Linear if on_onednn else torch.nn.Linear}] * 6
+    assert linear_types(model) == {torch.nn.Linear}, "the caller gets its model back with plain nn.Linears"
+    assert caplog.text.count("compute through oneDNN") == on_onednn, "logged once when on, never when off"
+
+
+def test_a_crash_restores_plain_linears_and_checkpoints_keep_their_keys(tmp_path):
+    model = toy_model()
+    keys = list(model.state_dict())
+    with pytest.raises(Interrupted):
+        run(model, TrainConfig(epochs=2, batch_size=8, save_steps=2), tmp_path / "run", stop_after_batches=5)
+    assert linear_types(model) == {torch.nn.Linear}
+    state = torch.load(train_module.checkpoints(tmp_path / "run")[-1] / train_module.STATE_FILE, weights_only=False)
+    assert list(state["model"]) == keys, "a checkpoint written on oneDNN Linears has the plain model's keys"
+
+
+def test_onednn_option_must_be_a_bool():
+    with pytest.raises(TypeError, match="onednn"):
+        TrainConfig(onednn="no")
