@@ -26,11 +26,21 @@ nn.Linears compute through oneDNN, afterwards they are plain nn.Linears again.
 """
 import contextlib
 import functools
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+
+# oneDNN, and ideep (PyTorch's layer over it), each keep one compiled kernel per matmul shape, up to
+# 1024. Packed batches (fast.py) have a new row count almost every time, so over 200k texts the two
+# caches held +500 MB of kernels nobody would ask for again. 64 entries still cover every shape of a
+# batch (4 per layer, the same in all layers). Both libraries read these variables once, at their
+# first matmul, so they apply when minibge is imported before any oneDNN work; a value the user set wins.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
 
 
 @functools.cache
