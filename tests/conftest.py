@@ -4,6 +4,7 @@ Locally a missing data set or checkpoint is a skip; under CI (``CI=true``) it is
 because CI is supposed to have them and a silent skip would hide a broken set-up.
 """
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -185,7 +186,6 @@ def pooled_loss(last_hidden, pooler_out, attention_mask, seed=0):
 
 def gradient_errors(model, hf_model, input_ids, attention_mask, token_type_ids):
     """{official parameter name: relative error ‖g_ours − g_hf‖ / ‖g_hf‖} after one backward pass each."""
-    import torch
 
     from minibge.weights import official_names
 
@@ -210,3 +210,19 @@ def gradient_errors(model, hf_model, input_ids, attention_mask, token_type_ids):
             scale = hf_params[official.replace(".bias", ".weight")].grad.norm()
         errors[official] = ((ours - ref).norm() / scale.clamp(min=1e-30)).item()
     return errors
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+@pytest.fixture
+def fake_bge(tmp_path, minilm_dir):
+    """A random-weight checkpoint named like BGE, with the real uncased WordPiece tokenizer, no ST files."""
+    def make(name="bge-small-en-v1.5"):
+        from minibge import BertConfig
+        config = BertConfig(**{**TINY, "vocab_size": 30522, "max_position_embeddings": 512})
+        folder = write_checkpoint(tmp_path / name, config, official_state_dict(hf_reference_model(config)))
+        for f in TOKENIZER_FILES:
+            shutil.copy(minilm_dir / f, folder / f)
+        return folder
+    return make

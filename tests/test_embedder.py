@@ -1,35 +1,19 @@
 """The text API: encode / encode_queries / encode_corpus, against sentence-transformers and by contract."""
-import shutil
-
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, WEIGHTS_DIR, hf_reference_model, official_state_dict, write_checkpoint
+from conftest import WEIGHTS_DIR
 
 import minibge
-from minibge import BertConfig
 from minibge.embedder import INSTRUCTION_EN, INSTRUCTION_ZH, read_pooling_mode
 from minibge.eval_data import load_sts_csv
 from minibge.hub import HubError
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
 @pytest.fixture(scope="module")
 def minilm(minilm_dir):
     return minibge.load_embedder(minilm_dir)
-
-
-@pytest.fixture
-def fake_bge(tmp_path, minilm_dir):
-    """A random-weight checkpoint named like BGE, with the real uncased WordPiece tokenizer, no ST files."""
-    def make(name="bge-small-en-v1.5"):
-        config = BertConfig(**{**TINY, "vocab_size": 30522, "max_position_embeddings": 512})
-        folder = write_checkpoint(tmp_path / name, config, official_state_dict(hf_reference_model(config)))
-        for f in TOKENIZER_FILES:
-            shutil.copy(minilm_dir / f, folder / f)
-        return folder
-    return make
 
 
 @pytest.mark.slow

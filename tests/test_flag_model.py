@@ -4,7 +4,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-from test_embedder import fake_bge  # noqa: F401  (a fixture: random BGE-layout weights + MiniLM's tokenizer)
 
 import minibge
 from minibge import FlagModel

@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, require_module
-from test_embedder import fake_bge  # noqa: F401  (a fixture: random BGE-layout weights + MiniLM's tokenizer)
 from test_flag_model import BAD_INPUTS, assert_close, assert_differ, error_of
 
 import minibge
