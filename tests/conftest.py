@@ -186,7 +186,6 @@ def pooled_loss(last_hidden, pooler_out, attention_mask, seed=0):
 
 def gradient_errors(model, hf_model, input_ids, attention_mask, token_type_ids):
     """{official parameter name: relative error ‖g_ours − g_hf‖ / ‖g_hf‖} after one backward pass each."""
-
     from minibge.weights import official_names
 
     model.zero_grad(set_to_none=True)
