@@ -66,6 +66,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from . import onednn
 from .embedder import Embedder
 from .hub import resolve_model_path
 from .model import BertModel, EncoderLayer, activation
@@ -209,7 +210,10 @@ class MLMHead(nn.Module):
 
     def forward(self, hidden, word_embeddings):
         """hidden (..., H), word_embeddings (V, H) → logits (..., V)."""
-        return F.linear(self.norm(self.act(self.dense(hidden))), word_embeddings, self.bias)
+        # The output matrix is no nn.Linear, so train.py's switch to oneDNN cannot reach it; I follow
+        # the head's own dense layer. It is the biggest matmul of pre-training (V = 30,522 columns).
+        project = onednn.autograd_linear if isinstance(self.dense, onednn.Linear) else F.linear
+        return project(self.norm(self.act(self.dense(hidden))), word_embeddings, self.bias)
 
 
 HEAD_NAMES = {  # minibge name → official name (transformers BertForMaskedLM / BertForPreTraining)

@@ -218,3 +218,30 @@ def test_bert_model_on_onednn_matches_transformers_gradients():
         assert errors[worst] <= MAX_RELATIVE_GRAD_ERROR, \
             f"{attn_impl}: worst relative gradient error {errors[worst]:.3e} in {worst}; " \
             f"mean over {len(errors)} tensors {sum(errors.values()) / len(errors):.3e}"
+
+
+@needs_onednn
+def test_retromae_head_follows_its_dense_layer_onto_onednn():
+    # the vocabulary projection uses the tied embedding table, not an nn.Linear: the switch reaches it through the head
+    from minibge.retromae import MLMHead
+
+    config = BertConfig(**TINY)
+    torch.manual_seed(0)
+    plain = MLMHead(config)
+    switched = MLMHead(config)
+    switched.load_state_dict(plain.state_dict())
+    onednn.use_onednn_linears(switched)
+    generator = torch.Generator().manual_seed(1)
+    table = torch.randn(config.vocab_size, config.hidden_size, generator=generator)
+    hidden = torch.randn(2, 7, config.hidden_size, generator=generator)
+    results = []
+    for head in (plain, switched):
+        table_leaf, hidden_leaf = table.clone().requires_grad_(), hidden.clone().requires_grad_()
+        logits = head(hidden_leaf, table_leaf)
+        logits.logsumexp(dim=-1).sum().backward()
+        results.append({"logits": logits.detach(), "∂table": table_leaf.grad, "∂hidden": hidden_leaf.grad,
+                        "∂bias": head.bias.grad, "∂dense": head.dense.weight.grad})
+        grad_fn = type(logits.grad_fn).__name__
+    assert "LinearFunction" in grad_fn, f"the switched head's vocabulary projection ran {grad_fn}"
+    for name, ref in results[0].items():
+        assert_close(results[1][name], ref, name)
