@@ -464,8 +464,6 @@ def train(model: nn.Module, loss_fn: Callable[[object], dict], batches: Batches,
         _write_run_file(output_dir, run_info, finished=False)
         _truncate_log(output_dir / LOG_FILE, step)
 
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=rank != 0)
     examples_per_step = config.batch_size * config.grad_accumulation * world
     logged, window, window_start = {}, [], time.perf_counter()
     model.train()
@@ -482,8 +480,10 @@ def train(model: nn.Module, loss_fn: Callable[[object], dict], batches: Batches,
     stream = micro_batches()
     with onednn_linears(model, config) as switched:  # undone when the loop ends or raises
         if switched and rank == 0:
-            logger.info("%d Linear layers compute through oneDNN while training (CPU, fp32; "
-                        "--no-onednn: PyTorch's default BLAS)", switched)
+            logger.info("%d Linear layers compute through oneDNN while training (CPU, fp32; off: --no-onednn, "
+                        "TrainConfig(onednn=False))", switched)
+        from tqdm.auto import tqdm  # the bar comes after that line: a log line drawn over a bar is hard to find
+        bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=rank != 0)
         while step < total_steps:
             # one optimizer step: up to grad_accumulation micro-batches, never across an epoch boundary
             group = []

@@ -98,11 +98,15 @@ def test_linear_function_equals_f_linear(lead, in_features, out_features, with_b
 def test_linear_post_ops_and_empty_inputs(post_op):
     generator = torch.Generator().manual_seed(0)
     for rows, in_features in [(9, 12), (0, 12), (9, 0)]:  # an empty batch, and an empty product (in = 0)
-        x, weight = torch.randn(rows, in_features, generator=generator), torch.randn(5, in_features, generator=generator)
-        bias, residual = torch.randn(5, generator=generator), torch.randn(rows, 5, generator=generator)
+        x, weight, bias, residual = (torch.randn(*shape, generator=generator)
+                                     for shape in ((rows, in_features), (5, in_features), (5,), (rows, 5)))
+        residual = residual if post_op == "residual" else None
         reference = F.linear(x, weight, bias)
-        reference = F.gelu(reference) if post_op == "gelu" else reference + residual if post_op == "residual" else reference
-        ours = onednn.linear(x, weight, bias, gelu=post_op == "gelu", residual=residual if post_op == "residual" else None)
+        if post_op == "gelu":
+            reference = F.gelu(reference)
+        elif post_op == "residual":
+            reference = reference + residual
+        ours = onednn.linear(x, weight, bias, gelu=post_op == "gelu", residual=residual)
         assert_close(ours, reference, f"{post_op}, x {tuple(x.shape)}")
 
 
