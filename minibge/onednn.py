@@ -22,7 +22,8 @@ reorders every dense weight into oneDNN's blocked layout on each call anyway, so
 weight view rides on that reorder for free. `_op_works` checks that this build takes such views.
 
 Training uses it through `onednn_linears(model)` (train.py): inside the `with` block the model's
-nn.Linears compute through oneDNN, afterwards they are plain nn.Linears again.
+nn.Linears compute through oneDNN, afterwards they are plain nn.Linears again. A matmul that is no
+nn.Linear (RetroMAE's head multiplies by the tied embedding table) calls `autograd_linear`.
 """
 import contextlib
 import functools
