@@ -106,7 +106,8 @@ class Embedder:
         # encode() through minibge/fast.py (same vectors, less work) unless fast=False or the
         # model was changed in a way the fast path cannot follow (fast_path_blocker)
         self.fast = fast
-        self.max_tokens = 16384   # fast path: real tokens per batch at most
+        self.max_tokens = 4096    # fast path: real tokens per batch at most (4096 ran 1.2× faster than
+                                  # 16384 on SciFact abstracts: the (N, 1536) activations stay in cache)
         self.sort_window = 4096   # fast path: texts tokenized and sorted by token length together
         self._fast_encoder = None
         self._reported_blocker = None
