@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass (default: 32)")
     group.add_argument("--max-length", type=_max_length,
                        help="truncate texts to this many tokens (default: the model's own limit)")
+    group.add_argument("--plain", action="store_true",
+                       help="run the plain model (minibge/model.py) rather than the fast path: the same "
+                            "vectors, slower; for checking the fast path or stepping through the model")
 
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND", parser_class=_Parser)
 

@@ -79,7 +79,8 @@ def load(args, query_instruction: str | None = None, announce: bool = True):
         print(f"{PROG}: model {folder.name} from {folder} [{origin}]", file=sys.stderr)
     embedder = load_embedder(folder, device=args.device, dtype=args.dtype,
                              max_length=getattr(args, "max_length", None),  # `info` has no --max-length
-                             query_instruction=query_instruction)
+                             query_instruction=query_instruction,
+                             fast=not getattr(args, "plain", False))  # `info` has no --plain
     return embedder, folder, origin
 
 

@@ -126,16 +126,33 @@ def merge_heads(y: torch.Tensor) -> torch.Tensor:
     return y.transpose(1, 2).reshape(b * L, heads * D)
 
 
+SHORT_ATTENTION = 32  # up to this length, dense_attention spells attention out on the CPU
+
+
+def dense_attention(q, k, v):
+    """Unmasked attention over a dense group, (b, heads, L, D) each → (b, heads, L, D).
+
+    PyTorch's CPU SDPA kernel (flash attention) works on blocks of queries and keys; for short
+    sequences its set-up dominates, and the three plain ops below are faster (docs/benchmarks.md),
+    while for long ones its blocking keeps the (L, L) scores in cache and wins. The same function
+    either way: softmax(q kᵀ / √D) v.
+    """
+    if q.device.type == "cpu" and q.shape[-2] <= SHORT_ATTENTION:
+        scores = (q @ k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)  # (b, heads, L, L)
+        return scores.softmax(dim=-1) @ v
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 def attend_buckets(qkv, packing: Packing, num_heads: int):
-    """Dense, unmasked SDPA per group of equal-length sentences. qkv (N, 3H) → (N, H)."""
+    """Dense, unmasked attention per group of equal-length sentences. qkv (N, 3H) → (N, H)."""
     H = qkv.shape[-1] // 3
     buckets = packing.buckets()
     if len(buckets) == 1:  # every sentence has the same length: the packed matrix *is* a dense batch
         L, _ = buckets[0]
-        return merge_heads(F.scaled_dot_product_attention(*split_heads(qkv.view(-1, L, 3 * H), num_heads)))
+        return merge_heads(dense_attention(*split_heads(qkv.view(-1, L, 3 * H), num_heads)))
     out = qkv.new_empty(qkv.shape[0], H)
     for L, rows in buckets:
-        y = F.scaled_dot_product_attention(*split_heads(qkv[rows], num_heads))  # (b, heads, L, D)
+        y = dense_attention(*split_heads(qkv[rows], num_heads))  # (b, heads, L, D)
         out[rows.flatten()] = merge_heads(y)
     return out
 

@@ -78,6 +78,13 @@ def test_fused_qkv_is_one_linear_with_stacked_weights():
             assert torch.allclose(got, expected, atol=1e-5), f"onednn={onednn}: {(got - expected).abs().max():.3e}"
 
 
+@pytest.mark.parametrize("L", [1, fast_path.SHORT_ATTENTION, fast_path.SHORT_ATTENTION + 1, 70])
+def test_dense_attention_is_sdpa_on_both_sides_of_the_short_threshold(L):
+    q, k, v = torch.randn(3, 3, 4, L, 8).unbind(0)  # (b, heads, L, D) each
+    got, ref = fast_path.dense_attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert (got - ref).abs().max() < 1e-5, f"L={L}: max |diff| {(got - ref).abs().max():.3e}"
+
+
 @pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh", "relu"])
 def test_fused_matmul_epilogues_equal_the_unfused_steps(act):
     from minibge.model import activation
