@@ -109,7 +109,7 @@ class Embedder:
         self.max_tokens = 4096    # fast path: real tokens per batch at most (4096 ran 1.2× faster than
                                   # 16384 on SciFact abstracts: the (N, 1536) activations stay in cache)
         self.sort_window = 4096   # fast path: texts tokenized and sorted by token length together
-        self._fast_encoder = None
+        self._fast_encoder, self._fast_options = None, {}
         self._reported_blocker = None
 
     @property
@@ -126,16 +126,19 @@ class Embedder:
 
     @property
     def fast_encoder(self) -> "fast_path.FastEncoder":
-        """The FastEncoder over this embedder's model, built on first use (use_fast_path to configure)."""
-        if self._fast_encoder is None or self._fast_encoder.model is not self.model:
-            self._fast_encoder = fast_path.FastEncoder(self.model)
+        """The FastEncoder over this embedder's model, built on first use (use_fast_path to configure)
+        and built again when the model was replaced or moved to another kind of device (the CPU and
+        CUDA want different attention modes)."""
+        encoder = self._fast_encoder
+        if encoder is None or encoder.model is not self.model or encoder.device_type != self.device.type:
+            self._fast_encoder = fast_path.FastEncoder(self.model, **self._fast_options)
         return self._fast_encoder
 
     def use_fast_path(self, **options) -> "Embedder":
         """Have encode() take the fast path, built with these FastEncoder options now
         (attention="buckets"/"padded"/"nested", fuse_qkv=, onednn=). Returns self."""
         self.fast = True
-        self._fast_encoder = fast_path.FastEncoder(self.model, **options)
+        self._fast_encoder, self._fast_options = fast_path.FastEncoder(self.model, **options), options
         return self
 
     def fast_path_blocker(self) -> str | None:

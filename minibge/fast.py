@@ -55,7 +55,6 @@ import torch.nn.functional as F
 
 from . import onednn as onednn_kernels
 from .model import BertModel, l2_normalize
-from .tokenizer import check_texts
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +210,7 @@ class FastEncoder(nn.Module):
             # where one masked kernel over the re-padded batch wins (and jagged tensors cost more)
             attention = "padded" if weight.device.type == "cuda" else "buckets"
         self.model = model
+        self.device_type = weight.device.type  # what attention="auto" and onednn=None were decided for
         self.attention = attention
         self.attend = ATTEND[attention]
         self.fuse_qkv = fuse_qkv

@@ -79,3 +79,14 @@ def test_embedder_half_precision_on_cuda(tmp_path, dtype):
     assert cosine.min() >= 0.999, f"{dtype}: min cosine to fp32 {cosine.min():.6f}"
     emb = half_embedder.embed(texts[:2])  # the gradient-carrying path runs in the model's dtype
     assert emb.dtype == getattr(torch, dtype) and emb.requires_grad
+
+
+def test_encode_after_moving_to_cuda_takes_the_gpu_attention_mode(minilm_dir):
+    embedder = minibge.load_embedder(minilm_dir, device="cpu")
+    texts = ["A man is playing a guitar.", "Giant pandas eat bamboo.", "x"]
+    on_cpu = embedder.encode(texts)
+    assert embedder.fast_encoder.attention == "buckets"
+    embedder.model.to(CUDA)
+    on_gpu = embedder.encode(texts)
+    assert embedder.fast_encoder.attention == "padded" and embedder.fast_encoder.device_type == "cuda"
+    assert np.abs(on_gpu - on_cpu).max() < 1e-4, f"max |diff| {np.abs(on_gpu - on_cpu).max():.2e}"

@@ -264,6 +264,16 @@ def test_code_changes_close_the_gate_and_data_changes_do_not(minilm):
     assert "embed() is customised" == subclass.fast_path_blocker()
 
 
+def test_fast_encoder_keeps_its_options_and_follows_the_model(minilm):
+    embedder = Embedder(tiny_model(seed=5, vocab_size=30522), minilm.tokenizer, max_length=64)
+    first = embedder.use_fast_path(attention="padded", fuse_qkv=False).fast_encoder
+    assert embedder.fast_encoder is first  # built once, reused
+    embedder.model = tiny_model(seed=6, vocab_size=30522)  # a new model: a new encoder, same options
+    second = embedder.fast_encoder
+    assert second is not first and second.model is embedder.model
+    assert (second.attention, second.fuse_qkv) == ("padded", False)
+
+
 @pytest.mark.parametrize("onednn", [False, True])
 def test_fused_weights_follow_training_and_dtype_changes(onednn):
     model = tiny_model(seed=2)
