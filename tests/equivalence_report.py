@@ -7,7 +7,6 @@ Backward: the same as tests/test_gradients.py (conftest.gradient_errors), dropou
 """
 import platform
 import sys
-from pathlib import Path
 
 import torch
 import transformers

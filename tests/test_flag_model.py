@@ -48,7 +48,7 @@ def test_card_snippet_runs_with_only_the_import_changed(fake_bge, caplog):
     namespace = {}
     with caplog.at_level(logging.WARNING):
         exec(code, namespace)
-    model, embedder = namespace["model"], namespace["model"].embedder
+    embedder = namespace["model"].embedder
     dim = embedder.dimension
     for name in ("embeddings_1", "embeddings_2", "q_embeddings", "p_embeddings"):
         vectors = namespace[name]

@@ -10,11 +10,10 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import TINY, gradient_errors, hf_reference_model, official_state_dict, random_batch, training_pair
+from conftest import TINY, gradient_errors, hf_reference_model, random_batch, training_pair
 
 import minibge
 from minibge import BertConfig, BertModel
-from minibge.weights import load_state_into
 
 MAX_RELATIVE_GRAD_ERROR = 1e-4  # per parameter tensor: ‖g_ours − g_hf‖ / ‖g_hf‖
 
