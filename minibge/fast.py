@@ -221,15 +221,18 @@ class FastEncoder(nn.Module):
         self.eval()
 
     def weight_signature(self) -> list:
-        """Identifies the weights the fused copies were made from: storage, in-place version, dtype."""
-        return [(p.data_ptr(), p._version, p.dtype) for block in self.model.layers
-                for linear in (block.attention.query, block.attention.key, block.attention.value)
+        """Identifies the Linears self.linears was made from: which modules (one may have been swapped
+        for another), and their weights' storage, in-place version and dtype (the fused QKV is a copy)."""
+        return [(id(linear), p.data_ptr(), p._version, p.dtype) for block in self.model.layers
+                for linear in (block.attention.query, block.attention.key, block.attention.value,
+                               block.attention.output, block.feed_forward.up, block.feed_forward.down)
                 for p in linear.parameters()]
 
     def sync(self) -> None:
-        """(Re)build the per-block matmuls when the model's weights changed since the fused QKV was
-        made (an optimizer step bumps a tensor's version, .to() moves its storage): encoding after
-        fine-tuning must not use an old copy. Quantised (int8) layers are a snapshot: left alone."""
+        """(Re)build the per-block matmuls when the model's Linears changed since they were collected
+        (an optimizer step bumps a tensor's version, .to() moves its storage, an assignment swaps a
+        module): encoding after fine-tuning must not use an old copy. Quantised (int8) layers are a
+        snapshot: left alone."""
         if self.linears is not None and not isinstance(self.model.layers[0].attention.query, nn.Linear):
             return
         signature = self.weight_signature()

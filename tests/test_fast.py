@@ -264,6 +264,20 @@ def test_code_changes_close_the_gate_and_data_changes_do_not(minilm):
     assert "embed() is customised" == subclass.fast_path_blocker()
 
 
+def test_a_swapped_linear_is_picked_up(minilm):
+    model = tiny_model(seed=7, vocab_size=30522)
+    fast = Embedder(model, minilm.tokenizer, max_length=64)
+    plain = Embedder(model, minilm.tokenizer, max_length=64, fast=False)
+    fast.encode(TEXTS)  # builds the fast encoder from the current Linears
+    torch.manual_seed(8)
+    block = model.layers[1]
+    block.feed_forward.up = torch.nn.Linear(block.feed_forward.up.in_features, block.feed_forward.up.out_features)
+    block.attention.output = torch.nn.Linear(block.attention.output.in_features, block.attention.output.out_features)
+    got, ref = fast.encode(TEXTS), plain.encode(TEXTS)
+    assert fast.fast_path_blocker() is None
+    assert min_cosine(got, ref) >= COSINE_BAR, f"min cosine {min_cosine(got, ref):.8f} after swapping two Linears"
+
+
 def test_fast_encoder_keeps_its_options_and_follows_the_model(minilm):
     embedder = Embedder(tiny_model(seed=5, vocab_size=30522), minilm.tokenizer, max_length=64)
     first = embedder.use_fast_path(attention="padded", fuse_qkv=False).fast_encoder
