@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import onednn
 from .bench_peers import all_peers
@@ -110,12 +111,39 @@ def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
     products = [lambda: a @ b]
     if onednn.available(a):
         products.append(lambda: onednn.linear(a, b))
-    best = float("inf")
     with torch.inference_mode():
-        for product in products:
-            product()
-            best = min(best, *(_seconds(product) for _ in range(repeats)))
+        best = min(_best_seconds(product, repeats) for product in products)
     return 2 * size ** 3 / best / 1e9
+
+
+# (rows, in, out) of BERT's matmuls: MiniLM's fused QKV, up and down projections; bge-base's QKV and down
+BERT_MATMULS = ((4096, 384, 1152), (4096, 384, 1536), (4096, 1536, 384), (512, 768, 2304), (512, 3072, 768))
+
+
+def matmul_libraries(shapes=BERT_MATMULS, repeats: int = 20) -> str:
+    """A markdown table of GFLOP/s on fp32 (rows, in, out) products, best of `repeats` under the
+    current thread count: F.linear (PyTorch's BLAS, MKL on x86 wheels) beside oneDNN (onednn.py).
+    The measurement behind using oneDNN in the fast path and in training (docs/benchmarks.md):
+
+        python -c "from minibge.bench import matmul_libraries; print(matmul_libraries())"
+    """
+    lines = [f"{torch.get_num_threads()} threads", "", "| rows × in → out | F.linear GFLOP/s | oneDNN GFLOP/s |",
+             "|---|---|---|"]
+    with torch.inference_mode():
+        for n, d_in, d_out in shapes:
+            x, w, b = torch.randn(n, d_in), torch.randn(d_out, d_in), torch.randn(d_out)
+            flops = 2 * n * d_in * d_out / 1e9
+            torch_rate = flops / _best_seconds(lambda: F.linear(x, w, b), repeats)
+            onednn_rate = (f"{flops / _best_seconds(lambda: onednn.linear(x, w, b), repeats):.0f}"
+                           if onednn.available(x) else "unavailable")
+            lines.append(f"| {n} × {d_in} → {d_out} | {torch_rate:.0f} | {onednn_rate} |")
+    return "\n".join(lines)
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls, after one warm-up call."""
+    fn()
+    return min(_seconds(fn) for _ in range(repeats))
 
 
 def _seconds(fn) -> float:

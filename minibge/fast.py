@@ -41,7 +41,8 @@ plain path. The ideas:
    bf16, int8 dynamic quantisation, torch.compile of the token-wise block tails.
 
 FastEncoder is for inference: it skips dropout. The fused weight is a copy, re-made whenever the
-model's q/k/v weights have changed (an optimizer step, .to()), so encoding after training is safe.
+model's Linears have changed (an optimizer step, .to(), a swapped module), so encoding after
+training is safe.
 """
 import functools
 import logging

@@ -2,8 +2,9 @@
 
 Why this file exists: on the AMD EPYC development machine, PyTorch sends an fp32 `nn.Linear`
 to MKL's sgemm, which reached 190 GFLOP/s on 2 cores, while oneDNN, the other matmul library
-inside the same wheel, reached 420-460 GFLOP/s on BERT's shapes (docs/benchmarks.md, "Matmul
-libraries"). The function computed is the same Linear; only the kernel differs.
+inside the same wheel, reached 420-460 GFLOP/s on BERT's shapes (docs/benchmarks.md, "Why
+oneDNN", measured by bench.matmul_libraries). The function computed is the same Linear; only
+the kernel differs.
 
 The kernel is `torch.ops.mkldnn._linear_pointwise(x, W, b, post_op, scalars, algorithm)`, the
 fused linear that PyTorch's Inductor emits for CPUs: dense fp32 in, dense out, y = x Wᵀ + b,
@@ -168,37 +169,3 @@ def _retype(modules: list[nn.Module], cls: type) -> list[nn.Module]:
         module.__class__ = cls
     return modules
 
-
-def compare_with_torch(shapes=((4096, 384, 1152), (4096, 384, 1536), (4096, 1536, 384), (512, 768, 2304),
-                               (512, 3072, 768)), repeats: int = 20) -> list[dict]:
-    """GFLOP/s of F.linear (PyTorch's BLAS, MKL on x86 wheels) and of `linear` here, on (rows, in, out)
-    products of BERT's shapes, best of `repeats` each: the measurement behind this file (report()
-    prints it for the machine at hand)."""
-    import time
-
-    def best_seconds(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    rows = []
-    with torch.inference_mode():
-        for n, d_in, d_out in shapes:
-            x, w, b = torch.randn(n, d_in), torch.randn(d_out, d_in), torch.randn(d_out)
-            flops = 2 * n * d_in * d_out / 1e9
-            rows.append({"shape": (n, d_in, d_out), "torch": flops / best_seconds(lambda: F.linear(x, w, b)),
-                         "onednn": flops / best_seconds(lambda: linear(x, w, b)) if _op_works() else None})
-    return rows
-
-
-def report() -> None:
-    """Print compare_with_torch() for this machine:
-    python -c "from minibge.onednn import report; report()"."""
-    print(f"{torch.get_num_threads()} threads; rows x in -> out: F.linear GFLOP/s | oneDNN GFLOP/s")
-    for row in compare_with_torch():
-        onednn_rate = f"{row['onednn']:.0f}" if row["onednn"] else "unavailable"
-        print(f"{row['shape'][0]} x {row['shape'][1]} -> {row['shape'][2]}: {row['torch']:.0f} | {onednn_rate}")
