@@ -179,6 +179,7 @@ def all_peers(speed_options: bool = True) -> list[Peer]:
         peers += [Peer("minibge fast (padded attention)", fast_peer(encoder={"attention": "padded"})),
                   Peer("minibge fast (nested attention)", fast_peer(encoder={"attention": "nested"})),
                   Peer("minibge fast (separate Q, K, V)", fast_peer(encoder={"fuse_qkv": False})),
+                  Peer("minibge fast, oneDNN weights not prepacked", fast_peer(encoder={"prepack": False})),
                   Peer("minibge fast, MKL sgemm (no oneDNN)", fast_peer(encoder={"onednn": False})),
                   Peer("minibge fast + torch.compile", fast_peer(speed={"compile": True})),
                   Peer("minibge fast, bf16", fast_peer(speed={"precision": "bf16"})),

@@ -43,15 +43,16 @@ def assert_same_hidden(fast_out, ref, mask, what):
 
 @settings(max_examples=15, deadline=None)
 @given(batch=st.integers(1, 6), seq_len=st.integers(2, 24), seed=st.integers(0, 10_000),
-       mode=st.sampled_from(ATTENTION_MODES), fuse=st.booleans(), onednn=st.booleans(), with_types=st.booleans())
-def test_fast_encoder_equals_model(batch, seq_len, seed, mode, fuse, onednn, with_types):
+       mode=st.sampled_from(ATTENTION_MODES), fuse=st.booleans(), onednn=st.booleans(), prepack=st.booleans(),
+       with_types=st.booleans())
+def test_fast_encoder_equals_model(batch, seq_len, seed, mode, fuse, onednn, prepack, with_types):
     ids, mask, types = random_batch(MODEL.config, batch, seq_len, seed=seed)
     mask[:, 0] = 1  # every text has at least its [CLS]
     types = types if with_types else None
     with torch.inference_mode():
         ref = MODEL(ids, mask, types)
-        out = FastEncoder(MODEL, attention=mode, fuse_qkv=fuse, onednn=onednn)(ids, mask, types)
-    assert_same_hidden(out, ref, mask, f"attention={mode} fuse_qkv={fuse} onednn={onednn}")
+        out = FastEncoder(MODEL, attention=mode, fuse_qkv=fuse, onednn=onednn, prepack=prepack)(ids, mask, types)
+    assert_same_hidden(out, ref, mask, f"attention={mode} fuse_qkv={fuse} onednn={onednn} prepack={prepack}")
 
 
 def test_fast_encoder_without_mask_and_with_left_padding():
@@ -78,7 +79,7 @@ def test_fused_qkv_is_one_linear_with_stacked_weights():
             assert torch.allclose(got, expected, atol=1e-5), f"onednn={onednn}: {(got - expected).abs().max():.3e}"
 
 
-@pytest.mark.parametrize("L", [1, fast_path.SHORT_ATTENTION, fast_path.SHORT_ATTENTION + 1, 70])
+@pytest.mark.parametrize("L", [1, 15, 16, fast_path.SHORT_ATTENTION, fast_path.SHORT_ATTENTION + 1, 70])
 def test_dense_attention_is_sdpa_on_both_sides_of_the_short_threshold(L):
     q, k, v = torch.randn(3, 3, 4, L, 8).unbind(0)  # (b, heads, L, D) each
     got, ref = fast_path.dense_attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v)
@@ -288,6 +289,19 @@ def test_fast_encoder_keeps_its_options_and_follows_the_model(minilm):
     assert (second.attention, second.fuse_qkv) == ("padded", False)
 
 
+def test_a_write_through_data_needs_a_forced_sync():
+    """The documented blind spot: `.data` writes bypass the version counter the signature reads."""
+    model = tiny_model(seed=3)
+    fast = FastEncoder(model)
+    ids, mask, _ = random_batch(model.config, 2, 9, seed=1)
+    model.layers[0].feed_forward.up.weight.data.mul_(3.0)  # no version bump
+    with torch.inference_mode():
+        ref = model(ids, mask)
+        assert fast.weight_signature() == fast.built_from, "a .data write became visible: update the docs"
+        fast.sync(force=True)
+        assert_same_hidden(fast(ids, mask), ref, mask, "after sync(force=True)")
+
+
 @pytest.mark.parametrize("onednn", [False, True])
 def test_fused_weights_follow_training_and_dtype_changes(onednn):
     model = tiny_model(seed=2)
@@ -296,14 +310,19 @@ def test_fused_weights_follow_training_and_dtype_changes(onednn):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     model.train()
     model(ids, mask).square().mean().backward()
-    optimizer.step()  # in place: the fused copy is now stale until sync() sees the new versions
+    packed_before = dict(fast.packed_weights)
+    assert len(packed_before) == (4 * model.config.num_hidden_layers if onednn and fast_path.onednn_kernels._op_works() else 0)
+    optimizer.step()  # in place: the fused copy and packed weights are now stale until sync() sees the new versions
     model.eval()
     fast.sync()
+    assert all(fast.packed_weights[linear] is not packed for linear, packed in packed_before.items()
+               if linear in fast.packed_weights), "sync() kept a packed weight made before the step"
     with torch.inference_mode():
         assert_same_hidden(fast(ids, mask), model(ids, mask), mask, "after an optimizer step")
     model.double()
     fast.sync()
     assert fast.linears[0]["qkv"].weight.dtype == torch.float64  # float64: F.linear (oneDNN takes fp32 only)
+    assert fast.packed_weights == {}, "fp32 packed weights kept for a float64 model"
     with torch.inference_mode():
         ids = ids[:, :4]
         assert (fast(ids) - model(ids)).abs().max() < 1e-10

@@ -108,6 +108,10 @@ def test_linear_post_ops_and_empty_inputs(post_op):
             reference = reference + residual
         ours = onednn.linear(x, weight, bias, gelu=post_op == "gelu", residual=residual)
         assert_close(ours, reference, f"{post_op}, x {tuple(x.shape)}")
+        if in_features:  # a weight packed once into oneDNN's layout gives the same numbers
+            packed = onednn.pack_weight(weight)
+            ours = onednn.linear(x, weight, bias, gelu=post_op == "gelu", residual=residual, packed=packed)
+            assert_close(ours, reference, f"{post_op}, x {tuple(x.shape)}, packed weight")
 
 
 @needs_onednn
