@@ -103,17 +103,17 @@ def encoder_flops(config, lengths) -> float:
     return float(L * (2 * n * (4 * H * H + 2 * H * I) + 4 * n * n * H).sum())
 
 
-def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of the best of a few fp32 (size × size) products under the current thread count,
-    through torch.mm (MKL) and through oneDNN (minibge/onednn.py), whichever is faster: on some
-    CPUs (AMD EPYC here) the two differ by 2×, and the peak should be the machine's."""
+def matmul_peaks(size: int = 2048, repeats: int = 5) -> dict:
+    """{library: GFLOP/s} of the best of a few fp32 (size × size) products under the current thread
+    count, through torch.mm (MKL on x86 wheels) and through oneDNN (minibge/onednn.py). The "% of
+    peak" column divides by the faster of the two: on some CPUs (AMD EPYC here) they differ by 2×,
+    and the peak should be the machine's, not one library's."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    products = [lambda: a @ b]
+    products = {"torch.mm": lambda: a @ b}
     if onednn.available(a):
-        products.append(lambda: onednn.linear(a, b))
+        products["oneDNN"] = lambda: onednn.linear(a, b)
     with torch.inference_mode():
-        best = min(_best_seconds(product, repeats) for product in products)
-    return 2 * size ** 3 / best / 1e9
+        return {name: 2 * size ** 3 / _best_seconds(product, repeats) / 1e9 for name, product in products.items()}
 
 
 # (rows, in, out) of BERT's matmuls: MiniLM's fused QKV, up and down projections; bge-base's QKV and down
@@ -279,7 +279,7 @@ def machine() -> dict:
 def run_benchmark(models, workload_names, rounds, scifact_docs, stsb_texts=None, data_dir=DATA_DIR,
                   speed_options=True, peer_filter=None, train_steps=0) -> dict:
     """The whole benchmark; returns {"machine", "peak_gflops", "rows", "train"}."""
-    results = {"machine": machine(), "rows": [], "train": {}, "peak_gflops_start": matmul_peak()}
+    results = {"machine": machine(), "rows": [], "train": {}, "peaks_start": matmul_peaks()}
     workloads = load_workloads(Path(data_dir), workload_names, scifact_docs, stsb_texts)
     if not workloads:
         raise ValueError(f"no benchmark data under {data_dir}: expected stsbenchmark/ and/or scifact/")
@@ -297,8 +297,11 @@ def run_benchmark(models, workload_names, rounds, scifact_docs, stsb_texts=None,
                 texts = [t for w in workloads for t in w.texts]  # short texts as queries, the rest as passages
                 results["train"][model_name] = train_step_benchmark(folder, texts, texts[::-1], train_steps)
     # measured before and after the peers: the better one is the machine's, the gap shows the load
-    results["peak_gflops_end"] = matmul_peak()
+    results["peaks_end"] = matmul_peaks()
+    results["peak_gflops_start"], results["peak_gflops_end"] = (max(results[f"peaks_{when}"].values())
+                                                                for when in ("start", "end"))
     results["peak_gflops"] = max(results["peak_gflops_start"], results["peak_gflops_end"])
+    results["torch_mm_peak_gflops"] = max(results[f"peaks_{when}"]["torch.mm"] for when in ("start", "end"))
     results["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return results
 
@@ -321,7 +324,7 @@ def markdown(results: dict, command: str) -> str:
              f"{_cell(list(m['load_average'] or []))} and end {_cell(list(m.get('load_average_end') or []))}. "
              f"fp32 matmul peak in this run: {results['peak_gflops']:.0f} GFLOP/s (the better of "
              f"{_cell(results.get('peak_gflops_start'))} before and {_cell(results.get('peak_gflops_end'))} after "
-             "the peers).", "",
+             f"the peers; torch.mm alone: {_cell(results.get('torch_mm_peak_gflops'))}).", "",
              f"Command: `{command}`", ""]
     header = ("| peer | texts/s | tokens/s | × sentence-transformers | median s (min–max) | GFLOP/s (% peak) "
               "| peak extra MB | 1 − cos vs plain | STS-B ρ |")
