@@ -322,8 +322,8 @@ def prepare_output_dir(output_dir: Path, run_info: dict, resume: bool) -> Path |
                          f"it, or choose a new folder")
     if recorded.get("finished"):
         raise ValueError(f"the run in {output_dir} has already finished; nothing to resume")
-    differs = sorted(k for k in set(recorded.get("run", {})) | set(run_info)
-                     if recorded.get("run", {}).get(k) != run_info.get(k))
+    before, now = (_what_is_computed(info) for info in (recorded.get("run", {}), run_info))
+    differs = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if differs:
         raise ValueError(f"--resume: {output_dir} is a different run (it differs in {', '.join(differs)}); "
                          f"resume with the same settings, or choose a new folder")
@@ -332,6 +332,20 @@ def prepare_output_dir(output_dir: Path, run_info: dict, resume: bool) -> Path |
         logger.warning("--resume: %s holds no checkpoint yet; starting from step 0", output_dir)
         return None
     return found[-1]
+
+
+# TrainConfig fields that change how a step is computed, not what: a run may be resumed with them
+# changed (say, gradient checkpointing turned on after running out of memory), and a run recorded
+# before one of them existed may be resumed too.
+HOW_NOT_WHAT = ("onednn", "gradient_checkpointing")
+
+
+def _what_is_computed(run_info: dict) -> dict:
+    """run_info without the HOW_NOT_WHAT settings in its "config" (vars(TrainConfig), see finetune.py)."""
+    config = run_info.get("config")
+    if not isinstance(config, dict):
+        return run_info
+    return {**run_info, "config": {k: v for k, v in config.items() if k not in HOW_NOT_WHAT}}
 
 
 def _write_run_file(output_dir: Path, run_info: dict, finished: bool) -> None:

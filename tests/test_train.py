@@ -135,6 +135,18 @@ def test_output_folder_rules(tmp_path):
     with pytest.raises(ValueError, match="different run.*config"):
         run(toy_model(), TrainConfig(epochs=2, batch_size=8, save_steps=2), tmp_path / "run", resume=True,
             run_info={"task": "toy", "config": "other"})
+    # how a step is computed may change on resume, and a run recorded before `onednn` existed resumes
+    interrupted = TrainConfig(epochs=2, batch_size=8, save_steps=2)
+    older = {"task": "toy", "config": {k: v for k, v in vars(interrupted).items() if k != "onednn"}}
+    with pytest.raises(Interrupted):
+        run(toy_model(), interrupted, tmp_path / "older", run_info=older, stop_after_batches=3)
+    with pytest.raises(ValueError, match="different run.*config"):  # what is computed may not change
+        changed = TrainConfig(epochs=2, batch_size=8, save_steps=2, lr=1.0)
+        run(toy_model(), changed, tmp_path / "older", resume=True, run_info={"task": "toy", "config": vars(changed)})
+    without_onednn = TrainConfig(epochs=2, batch_size=8, save_steps=2, onednn=False)
+    run(toy_model(), without_onednn, tmp_path / "older", resume=True,
+        run_info={"task": "toy", "config": vars(without_onednn)})
+    assert json.loads((tmp_path / "older" / "run.json").read_text())["finished"] is True
     run(toy_model(), config, tmp_path / "done")
     with pytest.raises(ValueError, match="already finished"):
         run(toy_model(), config, tmp_path / "done", resume=True)
