@@ -23,7 +23,9 @@ The download protocol, file by file:
    atomic, so a file under its final name is always a complete, verified one.
 
 ``config.json`` is fetched last, so a folder that has one holds a complete download;
-:func:`resolve_model_path` relies on that.
+:func:`resolve_model_path` relies on that. Just before it, ``minibge_source.json`` records the
+repository id, so that "someone/bge-small-en-v1.5" is never answered with the folder that
+"BAAI/bge-small-en-v1.5" filled (the folder is named after the name alone).
 
 Names from the outside never become paths unchecked. A repository id must be exactly
 "org/name"; its name alone is the folder under the weights folder, so "org/.." cannot climb
@@ -59,6 +61,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json",
                                "config_sentence_transformers.json", "1_Pooling/config.json")
 SHARD_INDEX = "model.safetensors.index.json"
+SOURCE_FILE = "minibge_source.json"  # written by download(): which repository the folder holds
 # What a dropped or flaky connection looks like from urllib (HTTPError, a URLError, is handled first).
 _TRANSIENT = (http.client.HTTPException, ConnectionError, TimeoutError, urllib.error.URLError)
 # "org/name": two parts, each starting with a letter, digit or "_", so neither can be "." or ".."
@@ -115,6 +118,25 @@ def _inside(folder: Path, file: Path) -> bool:
     is a plain name. The final name may be a symlink: os.replace swaps the link, not its target.
     """
     return file.name not in ("", ".", "..") and file.parent.resolve().is_relative_to(folder.resolve())
+
+
+def recorded_source(folder: Path) -> str | None:
+    """The repository id download() recorded in `folder`, or None (a folder filled by hand)."""
+    try:
+        return json.loads((folder / SOURCE_FILE).read_text())["repo_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_source(folder: Path, repo_id: str) -> None:
+    """Refuse a folder that download() filled from another repository. The weights folder is keyed
+    by the name alone ("BAAI/bge-small-en-v1.5" → bge-small-en-v1.5/), so a fine-tune published as
+    "someone/bge-small-en-v1.5" would otherwise be answered, silently, with BAAI's model."""
+    recorded = recorded_source(folder)
+    if recorded is not None and recorded.lower() != repo_id.lower():
+        raise HubError(f"{folder} holds '{recorded}', not '{repo_id}' (the weights folder is named after the "
+                       f"model's name alone); move it, or download '{repo_id}' elsewhere: "
+                       f"minibge.hub.download({repo_id!r}, dest=...) or ${WEIGHTS_DIR_ENV}")
 
 
 def local_folder(repo_id: str) -> Path:
@@ -287,6 +309,7 @@ def download(repo_id: str, dest: Path | None = None, revision: str = "main",
         progress = sys.stderr is not None and sys.stderr.isatty()
     base = hub_url(base_url)
     dest = Path(dest).expanduser() if dest is not None else local_folder(repo_id)
+    check_source(dest, repo_id)  # never mix two repositories' files in one folder
     listing = _list_files(base, repo_id, revision, dest)
     if "config.json" not in listing:
         raise HubError(f"'{repo_id}' has no config.json at revision '{revision}'; is it a BERT/BGE model?")
@@ -320,6 +343,8 @@ def download(repo_id: str, dest: Path | None = None, revision: str = "main",
     else:
         raise HubError(f"'{repo_id}' has no weights minibge can read "
                        f"(model.safetensors, {SHARD_INDEX} or pytorch_model.bin)")
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / SOURCE_FILE).write_text(json.dumps({"repo_id": repo_id, "revision": revision}) + "\n")
     fetch("config.json")  # last: its presence marks a complete folder
     return dest
 
@@ -339,6 +364,7 @@ def resolve_model_path(name_or_path: str | Path, download_if_missing: bool = Tru
         raise HubError(f"no such model folder: {path} (and it is not a Hub id like BAAI/bge-small-en-v1.5)")
     local = local_folder(name)
     if (local / "config.json").is_file():
+        check_source(local, name)
         return local
     not_a_folder = f"no folder {path.absolute()}, and as a Hub id"
     if not download_if_missing:

@@ -156,7 +156,8 @@ def all_files(folder):
 def test_full_download(fake_hub, tmp_path):
     dest = download(REPO, tmp_path / "m", base_url=fake_hub.url, progress=False)
     assert dest == tmp_path / "m"
-    assert all_files(dest) == sorted(WANTED)  # no .incomplete, no onnx/, no README, no .bin
+    assert all_files(dest) == sorted(WANTED + [hub.SOURCE_FILE])  # no .incomplete, no onnx/, no README, no .bin
+    assert hub.recorded_source(dest) == REPO
     for name in WANTED:
         assert (dest / name).read_bytes() == FILES[name]
     fetched = [p.split("/resolve/main/")[1] for p, _ in fake_hub.content_gets()]
@@ -260,7 +261,7 @@ def test_stale_final_file_is_replaced(fake_hub, tmp_path):
 
 def test_sharded_weights(fake_hub, tmp_path):
     dest = download(SHARDED, tmp_path / "s", base_url=fake_hub.url, progress=True)  # with the tqdm bar on
-    assert all_files(dest) == sorted(SHARD_FILES)
+    assert all_files(dest) == sorted([*SHARD_FILES, hub.SOURCE_FILE])
     for name, data in SHARD_FILES.items():
         assert (dest / name).read_bytes() == data
 
@@ -301,6 +302,14 @@ def test_resolve_model_path(fake_hub, tmp_path, monkeypatch):
     monkeypatch.setenv(hub.HUB_URL_ENV, fake_hub.url)
     assert resolve_model_path(REPO) == weights / "tiny-bge"
     assert (weights / "tiny-bge" / "model.safetensors").read_bytes() == WEIGHTS
+
+    # the folder is named after the name alone: another org's model of that name is not this one
+    other = REPO.replace(REPO.split("/")[0], "someone-else")
+    with pytest.raises(HubError, match=f"holds '{REPO}', not '{other}'"):
+        resolve_model_path(other)
+    with pytest.raises(HubError, match=f"holds '{REPO}', not '{other}'"):
+        download(other, progress=False)
+    hub.check_source(weights / "tiny-bge", REPO.upper())  # Hub ids are not case-sensitive: no error
 
     for nonsense in (tmp_path / "does" / "not" / "exist", "./missing/model", "no such thing"):
         with pytest.raises(HubError, match="no such model folder.*not a Hub id like BAAI/bge-small-en-v1.5"):
