@@ -58,6 +58,7 @@ with L counting [CLS]/[SEP], words visited in random order, a word that would ov
 skipped. Every random number comes from a torch.Generator, so a batch is a pure function of its seed
 (what train.py's exact resume needs).
 """
+import json
 import logging
 from pathlib import Path
 
@@ -71,7 +72,7 @@ from .embedder import Embedder
 from .hub import resolve_model_path
 from .model import BertModel, EncoderLayer, activation
 from .tokenizer import Tokenizer
-from .weights import KEY_MAP, SAFETENSORS_NAME, load_model, read_state_dict, save_pretrained, write_safetensors
+from .weights import CONFIG_NAME, KEY_MAP, SAFETENSORS_NAME, load_model, read_state_dict, save_pretrained, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -355,6 +356,10 @@ class RetroMAEForPretraining(nn.Module):
         head = self.head.state_dict()
         tensors.update({official: head[ours].detach().cpu().contiguous() for ours, official in HEAD_NAMES.items()})
         write_safetensors(tensors, directory / SAFETENSORS_NAME)
+        # The file holds an MLM head too, so I say so: "architectures" is what tools (the Hub's widgets,
+        # transformers' pipelines) read to pick a class; AutoModel itself goes by model_type.
+        config = {**json.loads((directory / CONFIG_NAME).read_text()), "architectures": ["BertForMaskedLM"]}
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         decoder = self.decoder.state_dict()
         write_safetensors({official: decoder[ours].detach().cpu().contiguous()
                            for ours, official in decoder_names(self.decoder).items()}, directory / DECODER_NAME)

@@ -1,6 +1,7 @@
 """RetroMAE: the collator's masks, the MLM head and decoder against transformers / the original
 RetroMAE computation, where the decoder's gradient may go, edge inputs, and saved checkpoints."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -386,6 +387,7 @@ def test_save_reloads_in_transformers_and_minibge(hf_checkpoint, tokenizer, tmp_
     assert (hidden - hf_hidden).abs().max() <= 1e-5, diff_report(hidden, hf_hidden)
     assert (logits - hf_logits).abs().max() <= 1e-4, diff_report(logits, hf_logits)
 
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]  # it has the head
     embedder = minibge.load_embedder(out, device="cpu")
     assert embedder.pooling == "cls" and embedder.max_length == 64
     again = RetroMAEForPretraining.from_pretrained(out)
