@@ -236,6 +236,11 @@ class FastEncoder(nn.Module):
         self.tails = None  # compiled block tails, see compile_tails
         self.eval()
 
+    def __getstate__(self):
+        """For copy.deepcopy and pickle: packed oneDNN weights are opaque tensors that can be neither,
+        so a copy leaves them behind and re-makes its matmuls on first use (built_from=None)."""
+        return {**vars(self), "packed_weights": {}, "built_from": None}
+
     def weight_signature(self) -> list:
         """Identifies the Linears self.linears was made from: which modules (one may have been swapped
         for another), and their weights' storage, in-place version and dtype (the fused QKV is a copy)."""

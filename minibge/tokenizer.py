@@ -128,6 +128,15 @@ class Tokenizer:
                            specials["pad_token"])
         self.pad_token_id = 0 if pad_id is None else pad_id
 
+    # A lock cannot be pickled or deep-copied; a copy gets a lock of its own (so copy.deepcopy, pickle
+    # and multiprocessing work on a Tokenizer, and on an Embedder that holds one).
+    def __getstate__(self):
+        return {k: v for k, v in vars(self).items() if k != "_truncation_lock"}
+
+    def __setstate__(self, state):
+        vars(self).update(state)
+        self._truncation_lock = threading.Lock()
+
     def _id_of(self, token: str) -> int:
         token_id = self._tok.token_to_id(token)
         if token_id is None:

@@ -289,6 +289,21 @@ def test_fast_encoder_keeps_its_options_and_follows_the_model(minilm):
     assert (second.attention, second.fuse_qkv) == ("padded", False)
 
 
+def test_an_embedder_can_be_copied_and_pickled_after_encoding(minilm):
+    """The tokenizer's lock and the packed oneDNN weights (opaque tensors) cannot be copied as they are;
+    a copy gets its own lock and packs its own weights."""
+    import copy
+    import pickle
+    embedder = Embedder(tiny_model(seed=8, vocab_size=30522), minilm.tokenizer, max_length=64)
+    texts = ["a first text", "and a second, longer one", "three"]
+    vectors = embedder.encode(texts)
+    for how, clone in (("deepcopy", copy.deepcopy), ("pickle", lambda e: pickle.loads(pickle.dumps(e)))):
+        other = clone(embedder)
+        assert other.model is not embedder.model and other.fast_path_blocker() is None, how
+        assert np.abs(other.encode(texts) - vectors).max() == 0, f"{how}: different vectors"
+        assert other.fast_encoder.model is other.model, f"{how}: the copy's fast path runs the original model"
+
+
 def test_a_write_through_data_needs_a_forced_sync():
     """The documented blind spot: `.data` writes bypass the version counter the signature reads."""
     model = tiny_model(seed=3)
