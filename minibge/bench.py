@@ -327,19 +327,20 @@ def markdown(results: dict, command: str) -> str:
              f"the peers; torch.mm alone: {_cell(results.get('torch_mm_peak_gflops'))}).", "",
              f"Command: `{command}`", ""]
     header = ("| peer | texts/s | tokens/s | × sentence-transformers | median s (min–max) | GFLOP/s (% peak) "
-              "| peak extra MB | 1 − cos vs plain | STS-B ρ |")
+              "| peak extra MB | 1 − cos vs plain | STS-B ρ | set-up s |")
     for (model, workload) in dict.fromkeys((r["model"], r["workload"]) for r in results["rows"]):
         rows = [r for r in results["rows"] if r["model"] == model and r["workload"] == workload]
         lines += [f"### {model}, {workload}: {rows[0]['texts']} texts, {rows[0]['mean_tokens']:.0f} tokens on average",
                   "", header, "|---" * (header.count("|") - 1) + "|"]
         for r in rows:
             if "skipped" in r:
-                lines.append(f"| {r['peer']} | skipped: {r['skipped']} |" + " |" * 7)
+                lines.append(f"| {r['peer']} | skipped: {r['skipped']} |" + " |" * 8)
                 continue
             lines.append(f"| {r['peer']} | {_cell(r['texts_per_s'])} | {_cell(r['tokens_per_s'])} | "
                          f"{_cell(r['vs_reference'])} | {r['median_s']:.2f} ({r['min_s']:.2f}–{r['max_s']:.2f}) | "
                          f"{r['gflops']:.0f} ({100 * r['gflops'] / results['peak_gflops']:.0f}%) | {r['peak_extra_mb']:.0f} | "
-                         f"{_cell(r.get('max_one_minus_cos'), 2)} | {_cell(r['stsb_spearman'], 4)} |")
+                         f"{_cell(r.get('max_one_minus_cos'), 2)} | {_cell(r['stsb_spearman'], 4)} | "
+                         f"{_cell(r.get('setup_s'), 2)} |")
         lines.append("")
     if results.get("train"):
         from .bench_train import markdown as train_markdown
