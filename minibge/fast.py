@@ -253,8 +253,8 @@ class FastEncoder(nn.Module):
         """(Re)build the per-block matmuls when the model's Linears changed since they were collected
         (an optimizer step bumps a tensor's version, .to() moves its storage, an assignment swaps a
         module): encoding after fine-tuning must not use an old copy. Writes through `.data` do not
-        bump the version and go unseen unless force=True (module docstring). Quantised (int8) layers are a snapshot:
-        left alone."""
+        bump the version and go unseen unless force=True (module docstring). Quantised (int8)
+        layers are a snapshot: left alone."""
         if self.linears is not None and not isinstance(self.model.layers[0].attention.query, nn.Linear):
             self.packed_weights = {}
             return

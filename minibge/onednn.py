@@ -58,7 +58,8 @@ def _op_works() -> bool:
             y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
             y_gelu = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
             y_view = torch.ops.mkldnn._linear_pointwise(x, w_view, b, "none", [], "")
-            y_packed = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 5), b, "none", [], "")
+            w_packed = torch.ops.mkldnn._reorder_linear_weight(w, 5)  # pack_weight's layout
+            y_packed = torch.ops.mkldnn._linear_pointwise(x, w_packed, b, "none", [], "")
     except RuntimeError:
         return False
     reference = F.linear(x, w, b)
