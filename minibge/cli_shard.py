@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import itertools
 import logging
 from pathlib import Path
@@ -59,11 +60,18 @@ def slice_bounds(total: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + size + (rank < longer)
 
 
+# The ranks meet only after long pieces of work: rank 0 downloading the model while the others wait,
+# and each rank's slice of a large file. torch.distributed's default timeout (30 minutes on gloo)
+# would end a job that is merely slow. A rank that dies is noticed at once anyway (its connection
+# breaks, and torchrun stops the others), so a long wait only lets slow ranks finish.
+SYNC_TIMEOUT = datetime.timedelta(hours=24)
+
+
 class Ranks:
     """This process's place in the torchrun group, and the one thing the ranks say to each other."""
 
     def __init__(self):
-        self.device = setup_distributed()  # joins the group; cuda:LOCAL_RANK with CUDA, else the CPU
+        self.device = setup_distributed(SYNC_TIMEOUT)  # joins the group; cuda:LOCAL_RANK with CUDA, else the CPU
         self.rank, self.world = rank_and_world()
 
     def sum(self, values: list[int]) -> list[int]:

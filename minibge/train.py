@@ -50,6 +50,7 @@ train() returns or raises, so the caller gets its model back with plain nn.Linea
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import math
@@ -119,14 +120,16 @@ class TrainConfig:
 # -----------------------------------------------------------------------------
 # Distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK in the environment
 
-def setup_distributed() -> torch.device:
+def setup_distributed(timeout: datetime.timedelta | None = None) -> torch.device:
     """Join the torchrun process group if there is one (idempotent); returns this rank's device.
 
-    Without torchrun this is a no-op and the device is CUDA when available, else the CPU.
+    Without torchrun this is a no-op and the device is CUDA when available, else the CPU. timeout:
+    how long a collective waits for the other ranks (None: torch.distributed's default); it only
+    applies when this call creates the group.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, **({} if timeout is None else {"timeout": timeout}))
         logger.info("rank %d of %d joined the %s process group", dist.get_rank(), dist.get_world_size(), backend)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

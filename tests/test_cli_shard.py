@@ -42,6 +42,23 @@ def test_slice_of_a_rank_outside_the_group_is_refused():
         slice_bounds(10, 2, 2)
 
 
+def test_the_ranks_wait_long_for_slow_work(monkeypatch):
+    """Rank 0 may download a model for longer than torch.distributed's 30 minutes while the others wait."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from minibge import cli_shard
+    created = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **options: created.update(options, backend=backend))
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    cli_shard.Ranks()
+    assert created["timeout"] == cli_shard.SYNC_TIMEOUT >= datetime.timedelta(hours=2), created
+
+
 # ---------------------------------------------------------------- parts, joined
 def fake_embed(chunk):
     """Rows that say which text they belong to: text 'k' -> [k, k + 0.5, -k]."""
