@@ -113,7 +113,7 @@ def matmul_peaks(size: int = 2048, repeats: int = 5) -> dict:
     if onednn.available(a):
         products["oneDNN"] = lambda: onednn.linear(a, b)
     with torch.inference_mode():
-        return {name: 2 * size ** 3 / _best_seconds(product, repeats) / 1e9 for name, product in products.items()}
+        return {name: 2 * size ** 3 / best_seconds(product, repeats) / 1e9 for name, product in products.items()}
 
 
 # (rows, in, out) of BERT's matmuls: MiniLM's fused QKV, up and down projections; bge-base's QKV and down
@@ -133,14 +133,14 @@ def matmul_libraries(shapes=BERT_MATMULS, repeats: int = 20) -> str:
         for n, d_in, d_out in shapes:
             x, w, b = torch.randn(n, d_in), torch.randn(d_out, d_in), torch.randn(d_out)
             flops = 2 * n * d_in * d_out / 1e9
-            torch_rate = flops / _best_seconds(lambda: F.linear(x, w, b), repeats)
-            onednn_rate = (f"{flops / _best_seconds(lambda: onednn.linear(x, w, b), repeats):.0f}"
+            torch_rate = flops / best_seconds(lambda: F.linear(x, w, b), repeats)
+            onednn_rate = (f"{flops / best_seconds(lambda: onednn.linear(x, w, b), repeats):.0f}"
                            if onednn.available(x) else "unavailable")
             lines.append(f"| {n} × {d_in} → {d_out} | {torch_rate:.0f} | {onednn_rate} |")
     return "\n".join(lines)
 
 
-def _best_seconds(fn, repeats: int) -> float:
+def best_seconds(fn, repeats: int) -> float:
     """Seconds of the fastest of `repeats` calls, after one warm-up call."""
     fn()
     return min(_seconds(fn) for _ in range(repeats))

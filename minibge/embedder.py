@@ -202,7 +202,7 @@ class Embedder:
         blocker = self.fast_path_blocker()
         if blocker is None:
             batches = fast_path.iter_fast_batches(self, self.fast_encoder, sentences, batch_size, max_length,
-                                             normalize_embeddings, progress)
+                                                  normalize_embeddings, progress)
         else:
             if blocker != self._reported_blocker and self.fast:
                 logger.info("encode() takes the plain path: %s", blocker)
