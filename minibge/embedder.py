@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import fast as fast_path
+from .fast import encoder as fast_path
 from .hub import resolve_model_path
 from .model import POOLING, l2_normalize
 from .tokenizer import Tokenizer, check_texts

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .embedder import Embedder
-from .evaluate import spearman, sts
+from .evaluate.tasks import spearman, sts
 from .model import activation, l2_normalize
 
 logger = logging.getLogger(__name__)

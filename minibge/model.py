@@ -319,11 +319,6 @@ class BertModel(nn.Module):
             raise ValueError("this model has no pooler: its checkpoint carried no pooler.dense weights")
         return self.pooler(last_hidden_state)
 
-    def save_pretrained(self, directory):
-        """Write config.json + model.safetensors in the official BGE layout (see weights.py)."""
-        from .weights import save_pretrained  # weights.py imports this file, so import lazily
-        return save_pretrained(self, directory)
-
 
 def check_padding_mask(attention_mask):
     """A padding mask holds 0/1 (bool or integer). Anything else, most often transformers' *additive*

@@ -67,7 +67,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from . import onednn
+from .fast import onednn
 from .embedder import Embedder
 from .hub import resolve_model_path
 from .model import BertModel, EncoderLayer, activation

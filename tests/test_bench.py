@@ -10,9 +10,12 @@ import pytest
 import torch
 from conftest import TINY, require_module
 
-from minibge import BertConfig, BertModel, Embedder, bench_gpu, bench_train, load_embedder, onednn
-from minibge.bench import Workload, build_peers, encoder_flops, markdown, run_rounds, summarise
-from minibge.bench_peers import all_peers
+from minibge import BertConfig, BertModel, Embedder, load_embedder
+from minibge.bench import gpu as bench_gpu
+from minibge.bench import train as bench_train
+from minibge.fast import onednn
+from minibge.bench.run import Workload, build_peers, encoder_flops, markdown, run_rounds, summarise
+from minibge.bench.peers import all_peers
 
 
 def test_gpu_script_smoke_runs_every_section(tmp_path):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from minibge.cli import main
-from minibge.cli_io import format_matrix
+from minibge.cli.io import format_matrix
 from minibge.evaluate import format_markdown
 
 from conftest import REPO_ROOT
@@ -124,7 +124,7 @@ def test_download_with_unreachable_hub(tmp_path, monkeypatch, capsys):
 
 # ---------------------------------------------------------------- encode
 def test_encode_npy_matches_embedder(minilm_dir, embedder, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("minibge.cli.CHUNK_TEXTS", 2)  # 3 texts: two chunks, as a big file would go
+    monkeypatch.setattr("minibge.cli.embed.CHUNK_TEXTS", 2)  # 3 texts: two chunks, as a big file would go
     source = tmp_path / "texts.txt"
     source.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
     out = tmp_path / "vectors.npy"
@@ -139,7 +139,7 @@ def test_encode_npy_matches_embedder(minilm_dir, embedder, tmp_path, monkeypatch
     # --plain: the plain model instead of the fast path, the same vectors
     plain = tmp_path / "plain.npy"
     fast_calls = []
-    monkeypatch.setattr("minibge.fast.iter_fast_batches", lambda *a, **k: fast_calls.append(1) or iter(()))
+    monkeypatch.setattr("minibge.fast.encoder.iter_fast_batches", lambda *a, **k: fast_calls.append(1) or iter(()))
     assert main(["encode", "-m", str(minilm_dir), "--input", str(source), "--output", str(plain), "--plain"]) == 0
     assert not fast_calls, "--plain ran the fast path"
     diff = np.abs(np.load(plain) - array)
@@ -147,7 +147,7 @@ def test_encode_npy_matches_embedder(minilm_dir, embedder, tmp_path, monkeypatch
 
 
 def test_encode_jsonl_query_instruction_and_no_normalize(minilm_dir, embedder, tmp_path, monkeypatch):
-    monkeypatch.setattr("minibge.cli.CHUNK_TEXTS", 2)
+    monkeypatch.setattr("minibge.cli.embed.CHUNK_TEXTS", 2)
     out = tmp_path / "vectors.jsonl"
     assert main(["encode", "-m", str(minilm_dir), *TEXTS, "--output", str(out),
                  "--query", "--instruction", "query: ", "--no-normalize"]) == 0
@@ -299,7 +299,7 @@ def test_read_only_output_folder_is_refused_before_any_work(command, output, tmp
     if os.geteuid() == 0:  # root writes anywhere: let the OS's answer to a normal user be simulated
         def refuse(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
-        monkeypatch.setattr("minibge.cli_io.tempfile.TemporaryFile", refuse)
+        monkeypatch.setattr("minibge.cli.io.tempfile.TemporaryFile", refuse)
     try:
         assert main([*command, "-m", str(tmp_path / "no-model"), "--output", str(locked / output)]) == 1
         line = one_error_line(capsys.readouterr().err)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from minibge.cli import main
-from minibge.cli_io import CliError, join_parts, part_path, write_npy, write_jsonl, write_part
-from minibge.cli_shard import slice_bounds
+from minibge.cli.io import CliError, join_parts, part_path, write_npy, write_jsonl, write_part
+from minibge.cli.shard import slice_bounds
 
 from conftest import REPO_ROOT
 
@@ -48,7 +48,7 @@ def test_the_ranks_wait_long_for_slow_work(monkeypatch):
 
     import torch.distributed as dist
 
-    from minibge import cli_shard
+    from minibge.cli import shard as cli_shard
     created = {}
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(dist, "is_initialized", lambda: False)

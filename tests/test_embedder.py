@@ -6,7 +6,7 @@ from conftest import WEIGHTS_DIR
 
 import minibge
 from minibge.embedder import INSTRUCTION_EN, INSTRUCTION_ZH, read_pooling_mode
-from minibge.eval_data import load_sts_csv
+from minibge.evaluate.data import load_sts_csv
 from minibge.hub import HubError
 
 

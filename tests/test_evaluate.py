@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import require_module
 
-from minibge.eval_data import load_beir, load_pairs_table, load_sick, load_sts_csv
-from minibge.evaluate import (classification, evaluate_task, format_markdown, per_query_metrics, rank_average,
+from minibge.evaluate.data import load_beir, load_pairs_table, load_sick, load_sts_csv
+from minibge.evaluate.tasks import (classification, evaluate_task, format_markdown, per_query_metrics, rank_average,
                               retrieval, retrieval_metrics, spearman, sts)
-from minibge.search import top_k
+from minibge.evaluate.search import top_k
 
 
 # ---------------------------------------------------------------- fake embedders

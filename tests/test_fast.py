@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minibge import BertConfig, BertModel, Embedder, cls_pool, load_embedder, mean_pool
-from minibge.eval_data import load_sts_csv
-from minibge import fast as fast_path
+from minibge.evaluate.data import load_sts_csv
+from minibge.fast import encoder as fast_path
 from minibge.fast import ATTENTION_MODES, FastEncoder, Packing, pool_packed, speed_options, token_budget_batches
 from minibge.lab import MISTAKES, with_mistake
 

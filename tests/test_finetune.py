@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import minibge.finetune as finetune_module
+import minibge.train.finetune as finetune_module
 from minibge import BertConfig, BertModel, Embedder, load_embedder
 from minibge.cli import main
-from minibge.finetune import DataError, GroupCollator, TrainExample, read_train_file, sample_group
-from minibge.mine import mine_hard_negatives
+from minibge.train.finetune import DataError, GroupCollator, TrainExample, read_train_file, sample_group
+from minibge.train.mine import mine_hard_negatives
 from minibge.tokenizer import Tokenizer
 
 from conftest import REPO_ROOT, TINY, diff_report, require_module
@@ -175,7 +175,7 @@ def crash_after(n_batches):
 @pytest.mark.parametrize("command", ["finetune", "pretrain"])
 @pytest.mark.parametrize("flag, expected", [([], True), (["--no-onednn"], False)])
 def test_no_onednn_flag_reaches_the_training_loop(base_model, tmp_path, monkeypatch, command, flag, expected):
-    import minibge.pretrain as pretrain_module
+    import minibge.train.pretrain as pretrain_module
 
     seen = {}
 

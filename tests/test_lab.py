@@ -10,7 +10,7 @@ from conftest import TINY, diff_report, hf_reference_model, official_state_dict,
 
 from minibge import BertConfig, BertModel, Embedder, load_embedder
 from minibge.cli import main
-from minibge.eval_data import load_sts_csv
+from minibge.evaluate.data import load_sts_csv
 from minibge.lab import MISTAKES, applicable, format_page, format_table, run_lab, with_mistake
 from minibge.weights import load_state_into
 

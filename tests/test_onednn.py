@@ -13,7 +13,8 @@ from conftest import TINY, gradient_errors, random_batch, training_pair
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minibge import BertConfig, BertModel, onednn
+from minibge import BertConfig, BertModel
+from minibge.fast import onednn
 from minibge.train import enable_gradient_checkpointing
 
 from test_gradients import MAX_RELATIVE_GRAD_ERROR, no_dropout

@@ -7,9 +7,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY
+import minibge
 from minibge import BertConfig, BertModel, Tokenizer
 from minibge.cli import main
-from minibge.pretrain import pretrain
+from minibge.train.pretrain import pretrain
 from minibge.retromae import DECODER_NAME, RetroMAEForPretraining
 from minibge.train import LOG_FILE, TrainConfig
 
@@ -25,7 +26,7 @@ def tiny_bert(minilm_dir, tmp_path_factory):
     torch.manual_seed(0)
     config = BertConfig(**{**TINY, "vocab_size": 30522})
     folder = tmp_path_factory.mktemp("tiny_bert")
-    BertModel(config).save_pretrained(folder)
+    minibge.save_pretrained(BertModel(config), folder)
     Tokenizer.from_pretrained(minilm_dir).save_pretrained(folder)
     return folder
 

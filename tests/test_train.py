@@ -6,8 +6,9 @@ import logging
 import pytest
 import torch
 
-from minibge import BertConfig, BertModel, onednn
-from minibge import train as train_module
+from minibge import BertConfig, BertModel
+from minibge.fast import onednn
+from minibge.train import loop as train_module
 from minibge.train import Batches, TrainConfig, enable_gradient_checkpointing, linear_schedule, train
 
 from conftest import TINY, diff_report

@@ -67,7 +67,7 @@ def test_save_pretrained_round_trips_through_transformers(tmp_path, tiny_checkpo
     from transformers import AutoModel
     folder, hf_model = tiny_checkpoint
     model = minibge.load_model(folder)
-    out = model.save_pretrained(tmp_path / "saved")
+    out = minibge.save_pretrained(model, tmp_path / "saved")
     with safe_open(out / "model.safetensors", "pt") as f, safe_open(folder / "model.safetensors", "pt") as g:
         assert set(f.keys()) == set(g.keys()), "saved file must use the official key set"
         assert f.metadata() == {"format": "pt"}
@@ -172,6 +172,6 @@ def test_sharded_index_naming_a_missing_shard(tmp_path, tiny_checkpoint):
 def test_saved_weights_follow_the_umask(tmp_path):
     # safetensors alone writes 0600 files; a saved model should be as readable as its config.json
     import os
-    folder = minibge.BertModel(BertConfig(**TINY)).save_pretrained(tmp_path / "saved")
+    folder = minibge.save_pretrained(minibge.BertModel(BertConfig(**TINY)), tmp_path / "saved")
     modes = {name: os.stat(folder / name).st_mode & 0o777 for name in ("model.safetensors", "config.json")}
     assert modes["model.safetensors"] == modes["config.json"], modes

@@ -39,9 +39,9 @@ from pathlib import Path
 
 import torch
 
-from .config import BertConfig, preset
-from .model import BertModel
-from .weights import load_model, save_pretrained
+from ..config import BertConfig, preset
+from ..model import BertModel
+from ..weights import load_model, save_pretrained
 
 # (batch, max length) settings: short sentences, paragraphs, full-length passages
 GPU_SETTINGS = [(128, 64), (64, 256), (32, 512)]
@@ -91,7 +91,7 @@ def load_transformers(folder: Path, device):
 def load_fast():
     """minibge.fast's unpadded encoder, if this checkout has one."""
     try:
-        from . import fast
+        from .. import fast
     except ImportError as err:
         return None, f"minibge.fast not importable ({err})"
     return fast, None

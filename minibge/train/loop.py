@@ -45,7 +45,7 @@ train() returns or raises, so the caller gets its model back with plain nn.Linea
     from minibge.train import Batches, TrainConfig, train
     config = TrainConfig(epochs=1, batch_size=16, lr=2e-5)
     batches = Batches(examples, collate, config.batch_size, seed=config.seed)
-    train(model, loss_fn, batches, config, "runs/out", save_fn=lambda d: model.save_pretrained(d))
+    train(model, loss_fn, batches, config, "runs/out", save_fn=lambda d: minibge.save_pretrained(model, d))
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from . import onednn as onednn_kernels
+from ..fast import onednn as onednn_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> int:
     Non-reentrant checkpointing replays dropout with the saved RNG state, so the gradients are
     the ones the plain forward would give. Returns how many layers were wrapped.
     """
-    from .model import EncoderLayer
+    from ..model import EncoderLayer
 
     wrapped = 0
     for layer in model.modules():

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from .eval_data import document_text
+from ..evaluate.data import document_text
 from .finetune import DataError, TrainExample, query_text
-from .search import top_k
+from ..evaluate.search import top_k
 
 logger = logging.getLogger(__name__)
 

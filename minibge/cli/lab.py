@@ -9,25 +9,25 @@ import shlex
 import sys
 from pathlib import Path
 
-from .cli import DEFAULT_DATA_DIR, _examples, _Formatter, _positive_int
-from .cli_io import PROG, CliError, check_writable
-from .cli_model import load
-from .eval_data import load_sts_csv
-from .lab import MISTAKES, format_page, format_table, run_lab
+from .args import DEFAULT_DATA_DIR, Formatter, examples, positive_int
+from .io import PROG, CliError, check_writable
+from .model import load
+from ..evaluate.data import load_sts_csv
+from ..lab import MISTAKES, format_page, format_table, run_lab
 
 
 def add_lab_command(commands, parents) -> None:
     """Add `lab` to cli.py's subparsers (parents: the shared -v and model options)."""
     p = commands.add_parser(
-        "lab", parents=parents, formatter_class=_Formatter,
+        "lab", parents=parents, formatter_class=Formatter,
         help="the divergence lab: measure classic re-implementation mistakes on a real checkpoint",
         description="Apply each classic BERT re-implementation mistake (tanh GELU, eps 1e-5, pre-LN, mask "
                     "polarity, pooler instead of CLS, ...) to a copy of the model, one at a time, and print a "
                     "markdown table of its effect on the hidden states and on STS-B Spearman.",
-        epilog=_examples("minibge lab -m weights/all-MiniLM-L6-v2 --output docs/lab.md",
+        epilog=examples("minibge lab -m weights/all-MiniLM-L6-v2 --output docs/lab.md",
                          "minibge lab --limit 100                 (the first 100 STS-B pairs: quick)",
                          "minibge lab --only tanh-gelu --only pre-ln"))
-    p.add_argument("--limit", type=_positive_int, metavar="N", help="use only the first N STS-B test pairs")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="use only the first N STS-B test pairs")
     p.add_argument("--only", action="append", choices=[m.name for m in MISTAKES], metavar="NAME",
                    help=f"run only this mistake, repeatable: {', '.join(m.name for m in MISTAKES)}")
     p.add_argument("--data-dir", metavar="DIR", help="folder with stsbenchmark/ (default: ../shared/eval/data)")

@@ -37,7 +37,7 @@ Where the outputs differ from FlagEmbedding's: arrays are always float32 (FlagEm
 float16 arrays when the model ran in fp16), and batches are sorted by characters, not tokens
 (the order of the results is the input order either way).
 """
-from .embedder import load_embedder
+from ..embedder import load_embedder
 
 
 def _single_device(devices):

@@ -40,10 +40,10 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from .cli import CHUNK_TEXTS, ChunkEmbedder, encode_source, query_prefix, warn_blank
-from .cli_io import CliError, chunked, join_parts, one_line, part_path, progress, write_part
-from .cli_model import load
-from .train import rank_and_world, setup_distributed
+from .io import (CHUNK_TEXTS, ChunkEmbedder, CliError, chunked, encode_source, join_parts, one_line, part_path,
+                 progress, query_prefix, warn_blank, write_part)
+from .model import load
+from ..train import rank_and_world, setup_distributed
 
 T = TypeVar("T")
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from .losses import contrastive_loss
-from .train import Batches, TrainConfig, rank_and_world, setup_distributed, train
+from ..losses import contrastive_loss
+from .loop import Batches, TrainConfig, rank_and_world, setup_distributed, train
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def finetune(model, train_file, output_dir, config: TrainConfig, temperature: fl
     cross_device defaults to True when running under torchrun with more than one rank.
     Returns the last logged training metrics.
     """
-    from .embedder import load_embedder
+    from ..embedder import load_embedder
 
     examples = read_train_file(train_file, skip_bad_lines)  # user mistakes surface before the model loads
     check_group_size(examples, group_size, train_file)

@@ -21,6 +21,7 @@ import numpy as np
 
 PROG = "minibge"
 SUMMARY_ROWS = 10  # rows `encode` shows when it has no --output
+CHUNK_TEXTS = 10_000  # texts read, embedded and written at a time: bounds memory for big files
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def progress(total: int | None, unit: str):
     """A tqdm bar on stderr for big inputs at a terminal; a silent one (disabled) otherwise."""
     from tqdm.auto import tqdm
 
-    from .embedder import PROGRESS_BAR_MIN_TEXTS
+    from ..embedder import PROGRESS_BAR_MIN_TEXTS
 
     show = total is not None and total >= PROGRESS_BAR_MIN_TEXTS and interactive()
     return tqdm(total=total, unit=unit, desc="Embedding", file=sys.stderr, disable=not show)
@@ -320,3 +321,44 @@ def format_matrix(matrix: np.ndarray, labels: list[str], row_width: int = 32, co
         lines.append(f"{truncate(label, row_width):<{row_width}}"
                      + "".join(f"  {round(float(x), 4) + 0.0:>{col_width}.4f}" for x in row))
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- what `encode` embeds (one process or sharded)
+def encode_source(args, source: str | None) -> tuple[int | None, Iterator[str]]:
+    """(how many texts, or None for stdin; the texts) from args.texts (source None), a file or '-'."""
+    if source is None:
+        return len(args.texts), iter(args.texts)
+    total = None  # unknown for stdin (unless copied to a file): no progress bar then
+    if source != "-":  # a first, cheap pass: the .npy shape, the progress bar, UTF-8 errors early
+        total = sum(1 for _ in iter_lines(source))
+        if total == 0:
+            raise CliError(f"--input {args.input} is empty")
+    return total, (line for _, line in iter_lines(source))
+
+
+def query_prefix(args, embedder) -> str:
+    """What `encode` prepends to every text: the query instruction with --query, else nothing."""
+    if not args.query:
+        return ""
+    if not embedder.query_instruction:
+        logger.warning("%s has no query instruction; --query embeds the texts as they are", embedder.name)
+    return embedder.query_instruction or ""
+
+
+class ChunkEmbedder:
+    """Embeds a chunk of texts the way `encode` was asked to (--no-normalize, --batch-size; `prefix`
+    from query_prefix), advancing a progress bar, and counts the blank texts it was given."""
+
+    def __init__(self, args, embedder, prefix: str, bar):
+        self.embedder, self.prefix, self.bar = embedder, prefix, bar
+        self.batch_size, self.normalize = args.batch_size, not args.no_normalize
+        self.blank = 0
+
+    def __call__(self, chunk: list[str]) -> np.ndarray:
+        self.blank += sum(1 for text in chunk if not text.strip())
+        return embed_texts(self.embedder, chunk, self.batch_size, self.normalize, self.bar, self.prefix)
+
+
+def warn_blank(blank: int) -> None:
+    if blank:
+        logger.warning("%d blank line(s) were embedded as empty texts (row i is line i+1)", blank)

@@ -25,34 +25,30 @@ The peers live in bench_peers.py, the contrastive training-step benchmark in ben
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import platform
 import statistics
-import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import onednn
-from .bench_peers import all_peers
-from .config import preset
-from .embedder import Embedder, load_embedder
-from .eval_data import load_beir, load_sts_csv
-from .evaluate import spearman
-from .model import BertModel
+from ..config import preset
+from ..embedder import Embedder, load_embedder
+from ..evaluate.data import load_beir, load_sts_csv
+from ..evaluate.tasks import spearman
+from ..model import BertModel
+from .peers import all_peers
+from .timing import PeakRSS, matmul_peaks
 
 logger = logging.getLogger(__name__)
 
-MINILM = Path(__file__).resolve().parents[1] / "weights" / "all-MiniLM-L6-v2"
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "eval" / "data"
+MINILM = Path(__file__).resolve().parents[2] / "weights" / "all-MiniLM-L6-v2"
+DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "eval" / "data"
 RANDOM_PRESETS = {"bge-small": "bge-small-en-v1.5", "bge-base": "bge-base-en-v1.5"}
 MODELS = ("minilm", *RANDOM_PRESETS)
 WORKLOADS = ("stsb", "scifact")
@@ -101,91 +97,6 @@ def encoder_flops(config, lengths) -> float:
     H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     n = np.asarray(lengths, dtype=np.float64)
     return float(L * (2 * n * (4 * H * H + 2 * H * I) + 4 * n * n * H).sum())
-
-
-def matmul_peaks(size: int = 2048, repeats: int = 5) -> dict:
-    """{library: GFLOP/s} of the best of a few fp32 (size × size) products under the current thread
-    count, through torch.mm (MKL on x86 wheels) and through oneDNN (minibge/onednn.py). The "% of
-    peak" column divides by the faster of the two: on some CPUs (AMD EPYC here) they differ by 2×,
-    and the peak should be the machine's, not one library's."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    products = {"torch.mm": lambda: a @ b}
-    if onednn.available(a):
-        products["oneDNN"] = lambda: onednn.linear(a, b)
-    with torch.inference_mode():
-        return {name: 2 * size ** 3 / best_seconds(product, repeats) / 1e9 for name, product in products.items()}
-
-
-# (rows, in, out) of BERT's matmuls: MiniLM's fused QKV, up and down projections; bge-base's QKV and down
-BERT_MATMULS = ((4096, 384, 1152), (4096, 384, 1536), (4096, 1536, 384), (512, 768, 2304), (512, 3072, 768))
-
-
-def matmul_libraries(shapes=BERT_MATMULS, repeats: int = 20) -> str:
-    """A markdown table of GFLOP/s on fp32 (rows, in, out) products, best of `repeats` under the
-    current thread count: F.linear (PyTorch's BLAS, MKL on x86 wheels) beside oneDNN (onednn.py).
-    The measurement behind using oneDNN in the fast path and in training (docs/benchmarks.md):
-
-        python -c "from minibge.bench import matmul_libraries; print(matmul_libraries())"
-    """
-    lines = [f"{torch.get_num_threads()} threads", "", "| rows × in → out | F.linear GFLOP/s | oneDNN GFLOP/s |",
-             "|---|---|---|"]
-    with torch.inference_mode():
-        for n, d_in, d_out in shapes:
-            x, w, b = torch.randn(n, d_in), torch.randn(d_out, d_in), torch.randn(d_out)
-            flops = 2 * n * d_in * d_out / 1e9
-            torch_rate = flops / best_seconds(lambda: F.linear(x, w, b), repeats)
-            onednn_rate = (f"{flops / best_seconds(lambda: onednn.linear(x, w, b), repeats):.0f}"
-                           if onednn.available(x) else "unavailable")
-            lines.append(f"| {n} × {d_in} → {d_out} | {torch_rate:.0f} | {onednn_rate} |")
-    return "\n".join(lines)
-
-
-def best_seconds(fn, repeats: int) -> float:
-    """Seconds of the fastest of `repeats` calls, after one warm-up call."""
-    fn()
-    return min(_seconds(fn) for _ in range(repeats))
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-class PeakRSS:
-    """Highest resident set size while the block runs, sampled every few ms from /proc (Linux)."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.peak, self.base = interval, 0, 0
-
-    @staticmethod
-    def rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError):
-            return 0
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self.base = self.peak = self.rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-
-    @property
-    def extra_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 # -----------------------------------------------------------------------------
@@ -293,7 +204,7 @@ def run_benchmark(models, workload_names, rounds, scifact_docs, stsb_texts=None,
             results["rows"] += summarise(model_name, embedder, peers, workloads)
             del peers
             if train_steps:
-                from .bench_train import train_step_benchmark
+                from .train import train_step_benchmark
                 texts = [t for w in workloads for t in w.texts]  # short texts as queries, the rest as passages
                 results["train"][model_name] = train_step_benchmark(folder, texts, texts[::-1], train_steps)
     # measured before and after the peers: the better one is the machine's, the gap shows the load
@@ -343,58 +254,6 @@ def markdown(results: dict, command: str) -> str:
                          f"{_cell(r.get('setup_s'), 2)} |")
         lines.append("")
     if results.get("train"):
-        from .bench_train import markdown as train_markdown
+        from .train import markdown as train_markdown
         lines += [train_markdown(rows, model) for model, rows in results["train"].items()]
     return "\n".join(lines)
-
-
-def cmd_bench(args) -> int:
-    """The `minibge bench` command (registered in cli.py)."""
-    torch.set_num_threads(args.threads)
-    command = "minibge " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "minibge bench"
-    wanted = [w.lower() for w in args.peer] if args.peer else None
-    results = run_benchmark(args.models, args.workloads, args.rounds, args.scifact_docs, args.stsb_pairs, args.data_dir,
-                            speed_options=not args.no_speed_options,
-                            peer_filter=None if wanted is None else
-                            lambda name: name == "sentence-transformers encode" or any(w in name.lower() for w in wanted),
-                            train_steps=args.train_steps)
-    report = markdown(results, command)
-    print(report)
-    if args.markdown:
-        Path(args.markdown).write_text(report)
-    if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2, default=str) + "\n")
-    return 0
-
-
-def add_bench_command(commands, parents) -> None:
-    """Add `minibge bench` to cli.py's subparsers."""
-    from .cli import _Formatter, _examples, _positive_int
-
-    p = commands.add_parser(
-        "bench", parents=parents, formatter_class=_Formatter,
-        help="time minibge's encode against transformers, sentence-transformers and ONNX Runtime",
-        description="Encode the STS-B test sentences and SciFact abstracts with every peer in one process, "
-                    "in interleaved rounds, and print a markdown table: texts/s, tokens/s, ratio to "
-                    "sentence-transformers, achieved GFLOP/s against a matmul peak measured in the same run, "
-                    "peak extra memory, agreement with minibge, STS-B Spearman. The references are optional: "
-                    "pip install 'minibge[bench]'.",
-        epilog=_examples("minibge bench", "minibge bench --models minilm bge-small --rounds 5 --markdown bench.md",
-                         "minibge bench --peer onnx --peer 'minibge fast' --workloads stsb"))
-    p.add_argument("--models", nargs="+", choices=MODELS, default=["minilm"],
-                   help="real all-MiniLM-L6-v2 and/or random-weight BGE shapes (default: minilm)")
-    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
-    p.add_argument("--rounds", type=_positive_int, default=3, help="interleaved rounds per peer (default: 3)")
-    p.add_argument("--threads", type=_positive_int, default=torch.get_num_threads(),
-                   help="torch / ONNX Runtime intra-op threads (default: torch's)")
-    p.add_argument("--scifact-docs", type=_positive_int, default=1000, help="SciFact abstracts (default: 1000)")
-    p.add_argument("--stsb-pairs", type=_positive_int, help="only the first N STS-B test pairs (default: all 1,379)")
-    p.add_argument("--data-dir", default=str(DATA_DIR), help="folder with stsbenchmark/ and scifact/")
-    p.add_argument("--peer", action="append", metavar="TEXT",
-                   help="only peers whose name contains TEXT (repeatable; sentence-transformers always runs)")
-    p.add_argument("--train-steps", type=int, default=5,
-                   help="contrastive training steps per side, minibge vs transformers (default: 5; 0 skips)")
-    p.add_argument("--no-speed-options", action="store_true", help="skip the extra minibge.fast variants")
-    p.add_argument("--markdown", metavar="FILE", help="also write the markdown report here")
-    p.add_argument("-o", "--output", metavar="JSON", help="write all measurements as JSON")
-    p.set_defaults(run=cmd_bench)

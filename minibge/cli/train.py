@@ -14,10 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import _examples, _Formatter, _max_length, _positive_int
-from .cli_io import PROG, CliError, atomic_output, check_readable, check_writable, progress_setting
-from .retromae import VARIANTS
-from .train import PRECISIONS, TrainConfig
+from .args import Formatter, examples, max_length, positive_int
+from .io import PROG, CliError, atomic_output, check_readable, check_writable, progress_setting
+from ..retromae import VARIANTS
+from ..train import PRECISIONS, TrainConfig
 
 
 def _positive_float(value: str) -> float:
@@ -50,14 +50,14 @@ def _rank_window(value: str) -> tuple[int, int]:
 def _add_loop_options(p, batch_size: int, unit: str) -> None:
     """The options of train.py's loop (TrainConfig and --out), shared by finetune and pretrain."""
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty, or a run to --resume)")
-    p.add_argument("--epochs", type=_positive_int, default=1, help="passes over the data (default: 1)")
-    p.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps (overrides --epochs)")
-    p.add_argument("--batch-size", type=_positive_int, default=batch_size,
+    p.add_argument("--epochs", type=positive_int, default=1, help="passes over the data (default: 1)")
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size,
                    help=f"{unit} per step and rank (default: {batch_size})")
     p.add_argument("--lr", type=_positive_float, default=2e-5, help="peak learning rate (default: 2e-5)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default: 0.01)")
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="fraction of steps warming up (default: 0.1)")
-    p.add_argument("--grad-accumulation", type=_positive_int, default=1, help="micro-batches per step (default: 1)")
+    p.add_argument("--grad-accumulation", type=positive_int, default=1, help="micro-batches per step (default: 1)")
     p.add_argument("--max-grad-norm", type=_positive_float, default=1.0, help="gradient clipping (default: 1.0)")
     p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (default: 0, at the end only)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -67,7 +67,7 @@ def _add_loop_options(p, batch_size: int, unit: str) -> None:
     p.add_argument("--no-onednn", action="store_true",
                    help="on the CPU, keep PyTorch's default matmuls (MKL) instead of oneDNN's, which are faster "
                         "on some CPUs (2-3× on the AMD EPYC it was developed on); the results agree to float rounding")
-    p.add_argument("--log-steps", type=_positive_int, default=10, help="log every N steps (default: 10)")
+    p.add_argument("--log-steps", type=positive_int, default=10, help="log every N steps (default: 10)")
 
 
 def _train_config(args) -> tuple[TrainConfig, Path]:
@@ -90,13 +90,13 @@ def _train_config(args) -> tuple[TrainConfig, Path]:
 def add_training_commands(commands, parents) -> None:
     """Add `finetune`, `mine` and `pretrain` to cli.py's subparsers (parents: the shared -v option)."""
     p = commands.add_parser(
-        "finetune", parents=parents, formatter_class=_Formatter,
+        "finetune", parents=parents, formatter_class=Formatter,
         help="contrastive fine-tuning on (query, pos, neg) jsonl",
         description="Fine-tune an embedder with InfoNCE on jsonl lines {\"query\", \"pos\": [...], \"neg\": [...]} "
                     "(optional \"prompt\", \"pos_scores\", \"neg_scores\"): each query gets one random positive and "
                     "group-size − 1 random negatives; every other passage in the batch is a negative too (and, under "
                     "torchrun, every passage on every rank). --out receives a complete embedder folder.",
-        epilog=_examples("minibge finetune -m weights/all-MiniLM-L6-v2 --train train.jsonl --out runs/ft",
+        epilog=examples("minibge finetune -m weights/all-MiniLM-L6-v2 --train train.jsonl --out runs/ft",
                          "minibge finetune -m BAAI/bge-small-en-v1.5 --train t.jsonl --out runs/ft --save-steps 100",
                          "minibge finetune ... --out runs/ft --resume        (continue an interrupted run)",
                          "torchrun --standalone --nproc_per_node 2 -m minibge finetune ..."))
@@ -104,10 +104,10 @@ def add_training_commands(commands, parents) -> None:
     p.add_argument("--train", required=True, metavar="JSONL", help="training data, one query per line")
     _add_loop_options(p, batch_size=16, unit="queries")
     p.add_argument("--temperature", type=_positive_float, default=0.02, help="softmax temperature τ (default: 0.02)")
-    p.add_argument("--group-size", type=_positive_int, default=8,
+    p.add_argument("--group-size", type=positive_int, default=8,
                    help="passages per query: 1 positive + N−1 negatives (default: 8)")
-    p.add_argument("--query-max-length", type=_max_length, default=32, help="query tokens (default: 32)")
-    p.add_argument("--passage-max-length", type=_max_length, default=128, help="passage tokens (default: 128)")
+    p.add_argument("--query-max-length", type=max_length, default=32, help="query tokens (default: 32)")
+    p.add_argument("--passage-max-length", type=max_length, default=128, help="passage tokens (default: 128)")
     p.add_argument("--query-instruction", metavar="TEXT",
                    help="instruction prepended to queries (default: the model's own; '' for none)")
     p.add_argument("--no-in-batch-negatives", action="store_true", help="each query sees only its own group")
@@ -117,12 +117,12 @@ def add_training_commands(commands, parents) -> None:
     p.set_defaults(run=cmd_finetune)
 
     p = commands.add_parser(
-        "mine", parents=parents, formatter_class=_Formatter,
+        "mine", parents=parents, formatter_class=Formatter,
         help="mine hard negatives for a training file with the model itself",
         description="Embed a candidate pool (--corpus, or every pos/neg passage of --input), rank it for each "
                     "query, sample --negatives passages from the ranks in --range that are not positives, and write "
                     "the jsonl again with \"neg\" replaced by them.",
-        epilog=_examples("minibge mine -m weights/all-MiniLM-L6-v2 --input train.jsonl --output mined.jsonl",
+        epilog=examples("minibge mine -m weights/all-MiniLM-L6-v2 --input train.jsonl --output mined.jsonl",
                          "minibge mine -m M --input train.jsonl --output mined.jsonl --corpus corpus.jsonl "
                          "--range 2-200 --negatives 15"))
     p.add_argument("-m", "--model", required=True, metavar="PATH_OR_ID", help="the model that ranks the pool")
@@ -132,30 +132,30 @@ def add_training_commands(commands, parents) -> None:
                                                     "or one passage per line (default: the passages of --input)")
     p.add_argument("--range", type=_rank_window, default=(10, 100), metavar="START-END",
                    help="0-based ranks to sample from (default: 10-100)")
-    p.add_argument("--negatives", type=_positive_int, default=15, help="negatives per query (default: 15)")
+    p.add_argument("--negatives", type=positive_int, default=15, help="negatives per query (default: 15)")
     p.add_argument("--query-instruction", metavar="TEXT", help="query instruction (default: the model's own)")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="texts per forward pass (default: 32)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward pass (default: 32)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines with a warning")
     p.set_defaults(run=cmd_mine)
 
     p = commands.add_parser(
-        "pretrain", parents=parents, formatter_class=_Formatter,
+        "pretrain", parents=parents, formatter_class=Formatter,
         help="RetroMAE pre-training on raw text (BGE's first stage)",
         description="Pre-train an encoder with RetroMAE (see minibge/retromae.py): the encoder reads each text with "
                     "30% of its words masked, a one-layer decoder rebuilds it from the [CLS] vector and a 50% "
                     "masked view. --train: jsonl {\"text\"} or one text per line. --out receives the encoder with "
                     "its MLM head (official layout; transformers BertModel / BertForMaskedLM load it), the "
                     "tokenizer, CLS pooling and the decoder layer: a starting point for finetune.",
-        epilog=_examples("minibge pretrain -m weights/all-MiniLM-L6-v2 --train corpus.jsonl --out runs/rmae "
+        epilog=examples("minibge pretrain -m weights/all-MiniLM-L6-v2 --train corpus.jsonl --out runs/rmae "
                          "--max-length 128 --max-steps 300",
                          "minibge pretrain ... --out runs/rmae --resume        (continue an interrupted run)",
                          "minibge finetune -m runs/rmae --train train.jsonl --out runs/ft"))
     p.add_argument("-m", "--model", required=True, metavar="PATH_OR_ID", help="the model to start from")
     p.add_argument("--train", required=True, metavar="FILE", help="texts: jsonl {\"text\"} or one per line, .gz ok")
     _add_loop_options(p, batch_size=16, unit="texts")
-    p.add_argument("--max-length", type=_max_length, default=512, help="tokens per text (default: 512)")
+    p.add_argument("--max-length", type=max_length, default=512, help="tokens per text (default: 512)")
     p.add_argument("--encoder-mask", type=_probability, default=0.3, help="encoder mask ratio (default: 0.3)")
     p.add_argument("--decoder-mask", type=_probability, default=0.5, help="decoder mask ratio (default: 0.5)")
     p.add_argument("--variant", choices=VARIANTS, default="bge",
@@ -165,7 +165,7 @@ def add_training_commands(commands, parents) -> None:
 
 
 def cmd_finetune(args) -> int:
-    from .finetune import finetune
+    from ..train.finetune import finetune
 
     config, out = _train_config(args)
     metrics = finetune(args.model, args.train, out, config, temperature=args.temperature, group_size=args.group_size,
@@ -173,7 +173,7 @@ def cmd_finetune(args) -> int:
                        query_instruction=args.query_instruction, in_batch_negatives=not args.no_in_batch_negatives,
                        cross_device=False if args.no_cross_device else None, distill=args.distill,
                        skip_bad_lines=args.skip_bad_lines, resume=args.resume)
-    from .train import is_main_process
+    from ..train import is_main_process
     if is_main_process():
         print(f"{PROG}: fine-tuned model written to {out} (last loss {metrics.get('loss', float('nan')):.4f})",
               file=sys.stderr)
@@ -181,9 +181,9 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_mine(args) -> int:
-    from .embedder import load_embedder
-    from .finetune import read_train_file
-    from .mine import mine_hard_negatives, read_corpus
+    from ..embedder import load_embedder
+    from ..train.finetune import read_train_file
+    from ..train.mine import mine_hard_negatives, read_corpus
 
     check_readable(args.input, "--input")
     check_readable(args.corpus, "--corpus")
@@ -201,8 +201,8 @@ def cmd_mine(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from .pretrain import pretrain
-    from .train import is_main_process
+    from ..train.pretrain import pretrain
+    from ..train import is_main_process
 
     config, out = _train_config(args)
     metrics = pretrain(args.model, args.train, out, config, max_length=args.max_length,

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from . import hub
-from .cli_io import PROG, CliError, interactive
-from .weights import PYTORCH_NAME, SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME
+from .. import hub
+from .args import Formatter, examples, hub_id
+from .io import PROG, CliError, interactive
+from ..weights import PYTORCH_NAME, SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME
 
 MODEL_ENV = "MINIBGE_MODEL"
 DEFAULT_MODELS = ("bge-small-en-v1.5", "bge-base-en-v1.5", "all-MiniLM-L6-v2")
@@ -71,7 +72,7 @@ def load(args, query_instruction: str | None = None, announce: bool = True):
 
     announce=False skips the line on stderr: under torchrun only rank 0 says which model it is.
     """
-    from .embedder import load_embedder
+    from ..embedder import load_embedder
 
     _check_device(args.device)
     folder, origin = _resolve(args.model)
@@ -111,3 +112,47 @@ def describe(embedder, folder: Path, origin: str) -> list[tuple[str, object]]:
         ("query instruction", repr(instruction) if instruction else "(none)"),
         ("device", f"{embedder.device}, {next(embedder.model.parameters()).dtype}".replace("torch.", "")),
     ]
+
+
+# ---------------------------------------------------------------- the commands
+def add_model_commands(commands, verbose, model, model_only) -> None:
+    """Add download and info to the subparsers."""
+
+    def command(name, help, description, epilog, parents=(verbose, model)):
+        return commands.add_parser(name, help=help, description=description, epilog=epilog,
+                                   parents=list(parents), formatter_class=Formatter)
+
+    p = command("download", "fetch a model from the Hugging Face Hub",
+                "Download the files minibge needs (config, tokenizer, sentence-transformers settings, "
+                "one copy of the weights) into DIR, by default the weights folder. Interrupted "
+                "downloads resume; complete files are checked and skipped. $MINIBGE_HUB_URL or "
+                "$HF_ENDPOINT names a mirror; $HF_TOKEN is sent for private models.",
+                examples("minibge download BAAI/bge-small-en-v1.5",
+                          "minibge download BAAI/bge-base-en-v1.5 --dest /data/models/bge-base --revision main"),
+                parents=(verbose,))
+    p.add_argument("repo_id", metavar="REPO_ID", type=hub_id, help="Hub model id, e.g. BAAI/bge-small-en-v1.5")
+    p.add_argument("--dest", metavar="DIR", help="target folder (default: <weights folder>/<model name>)")
+    p.add_argument("--revision", default="main", help="branch, tag or commit (default: main)")
+    p.set_defaults(run=cmd_download)
+
+    p = command("info", "describe a model: architecture, parameters, pooling, origin",
+                "Load a model and print its configuration, parameter count, pooling, maximum "
+                "length, query instruction, and where its files came from.",
+                examples("minibge info", "minibge info -m weights/all-MiniLM-L6-v2",
+                          "minibge info -m BAAI/bge-small-en-v1.5"),
+                parents=(verbose, model_only))
+    p.set_defaults(run=cmd_info)
+
+
+def cmd_download(args) -> int:
+    folder = hub.download(args.repo_id, dest=args.dest, revision=args.revision, progress=interactive())
+    print(folder)
+    return 0
+
+
+def cmd_info(args) -> int:
+    rows = describe(*load(args))
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0

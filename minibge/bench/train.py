@@ -19,11 +19,11 @@ import time
 
 import torch
 
-from . import onednn
-from .bench import PeakRSS
-from .embedder import load_embedder
-from .losses import info_nce
-from .model import POOLING, l2_normalize
+from ..fast import onednn
+from .timing import PeakRSS
+from ..embedder import load_embedder
+from ..losses import info_nce
+from ..model import POOLING, l2_normalize
 
 QUERIES, GROUP, QUERY_LEN, PASSAGE_LEN = 16, 2, 32, 128  # FlagEmbedding's default max lengths
 

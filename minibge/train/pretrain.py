@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from .hub import resolve_model_path
+from ..hub import resolve_model_path
 from .mine import read_corpus
-from .retromae import RetroMAECollator, RetroMAEForPretraining
-from .tokenizer import Tokenizer
-from .train import Batches, TrainConfig, setup_distributed, train
+from ..retromae import RetroMAECollator, RetroMAEForPretraining
+from ..tokenizer import Tokenizer
+from .loop import Batches, TrainConfig, setup_distributed, train
 
 logger = logging.getLogger(__name__)
 

@@ -59,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import onednn as onednn_kernels
-from .model import BertModel, l2_normalize
+from ..model import BertModel, l2_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -434,7 +434,7 @@ def _stock_modules():
     LayerNorms, activations and embeddings; it does not call their forward methods)."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear  # speed_options(precision="int8")
     from torch.ao.nn.quantized.modules.linear import LinearPackedParams          # ...and its weight holder
-    from .model import Embeddings, EncoderLayer, FeedForward, Pooler, SelfAttention
+    from ..model import Embeddings, EncoderLayer, FeedForward, Pooler, SelfAttention
     return (BertModel, Embeddings, EncoderLayer, SelfAttention, FeedForward, Pooler, nn.ModuleList,
             nn.Embedding, nn.LayerNorm, nn.Dropout, nn.Linear, onednn_kernels.Linear,
             DynamicQuantizedLinear, LinearPackedParams)

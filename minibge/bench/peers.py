@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .embedder import load_embedder
+from ..embedder import load_embedder
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def minibge_peer(attn_impl: str):
 
 def fast_peer(**options):
     def build(folder, embedder):
-        from .fast import speed_options
+        from ..fast import speed_options
         fast = speed_options(load_embedder(folder, device="cpu").use_fast_path(**options.get("encoder", {})),
                              **options.get("speed", {}))
         return lambda texts: fast.encode(texts, batch_size=options.get("batch_size", BATCH_SIZE))

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .eval_data import document_text, load_beir, load_sick, load_sts_csv
+from .data import document_text, load_beir, load_sick, load_sts_csv
 from .search import top_k
-from .tokenizer import check_texts
+from ..tokenizer import check_texts
 
 logger = logging.getLogger(__name__)
 

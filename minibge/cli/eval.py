@@ -1,0 +1,65 @@
+"""`minibge eval`: score a model on the built-in MTEB tasks from the shell.
+
+    minibge eval --task stsb --output results.json --markdown results.md
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..evaluate import TASKS, evaluate_task, format_markdown
+from .args import DEFAULT_DATA_DIR, Formatter, examples
+from .args import task as task_name
+from .io import PROG, CliError, UsageError, check_writable, progress_setting
+from .model import load
+
+
+def add_eval_command(commands, verbose, model, model_only) -> None:
+    """Add eval to the subparsers."""
+
+    def command(name, help, description, epilog, parents=(verbose, model)):
+        return commands.add_parser(name, help=help, description=description, epilog=epilog,
+                                   parents=list(parents), formatter_class=Formatter)
+
+    p = command("eval", "score a model on STS-B, SICK-R and SciFact (as MTEB does)",
+                "Run built-in MTEB tasks and print a markdown table of the measured main score next "
+                "to the published one: stsb and sickr (cosine Spearman), scifact (nDCG@10).",
+                examples("minibge eval", "minibge eval --task stsb --task sickr -m weights/all-MiniLM-L6-v2",
+                          "minibge eval --output results.json --markdown results.md"))
+    p.add_argument("-t", "--task", action="append", type=task_name, metavar="TASK",
+                   help=f"task to run, repeatable: {', '.join(TASKS)} (default: all)")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help=f"folder with stsbenchmark/, sick2014/, scifact/ (default: {DEFAULT_DATA_DIR} if it exists)")
+    p.add_argument("-o", "--output", metavar="JSON", help="write the list of result dicts to this JSON file")
+    p.add_argument("--markdown", metavar="FILE", help="write the markdown table to this file too")
+    p.set_defaults(run=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    tasks = list(dict.fromkeys(args.task or TASKS))
+    if args.data_dir is not None:
+        data_dir = Path(args.data_dir).expanduser()
+        if not data_dir.is_dir():
+            raise CliError(f"--data-dir {data_dir} is not a folder")
+    elif DEFAULT_DATA_DIR.is_dir():
+        data_dir = DEFAULT_DATA_DIR
+    else:
+        raise UsageError(f"--data-dir is required (the default {DEFAULT_DATA_DIR} does not exist)")
+    check_writable(args.output, "--output")
+    check_writable(args.markdown, "--markdown")
+
+    embedder, folder, _ = load(args)
+    results = []
+    for task in tasks:
+        print(f"{PROG}: running {task} ...", file=sys.stderr)
+        result = evaluate_task(embedder, task, data_dir, batch_size=args.batch_size,
+                               show_progress_bar=progress_setting())
+        results.append({"model": folder.name, **result})
+    table = format_markdown(results, folder.name)  # the folder name is what the published scores use
+    print(table)
+    for path, text in ((args.output, json.dumps(results, indent=2)), (args.markdown, table)):
+        if path:
+            Path(path).expanduser().write_text(text + "\n", encoding="utf-8")
+            print(f"{PROG}: wrote {path}", file=sys.stderr)
+    return 0
