@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .common import read_json
 from .fast import encoder as fast_path
 from .hub import resolve_model_path
 from .model import POOLING, l2_normalize
@@ -40,17 +41,13 @@ INSTRUCTION_ZH = "为这个句子生成表示以用于检索相关文章："
 PROGRESS_BAR_MIN_TEXTS = 1024  # show_progress_bar=None shows a bar from this many texts on
 
 
-def _read_json(path: Path):
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 def read_pooling_mode(folder: Path) -> str | None:
     """The pooling a sentence-transformers folder declares, in the 3.x or the 6.x spelling."""
     pooling_dir = "1_Pooling"
-    for module in _read_json(folder / "modules.json") or []:
+    for module in read_json(folder / "modules.json") or []:
         if module.get("type", "").endswith("Pooling"):
             pooling_dir = module.get("path") or pooling_dir
-    config = _read_json(folder / pooling_dir / "config.json")
+    config = read_json(folder / pooling_dir / "config.json")
     if config is None:
         return None
     mode = config.get("pooling_mode")  # 6.x
@@ -63,7 +60,7 @@ def read_pooling_mode(folder: Path) -> str | None:
 
 
 def default_query_instruction(folder: Path) -> str | None:
-    prompts = (_read_json(folder / "config_sentence_transformers.json") or {}).get("prompts") or {}
+    prompts = (read_json(folder / "config_sentence_transformers.json") or {}).get("prompts") or {}
     if "query" in prompts:  # an explicit "" means "no instruction", e.g. a model saved without one
         return prompts["query"] or None
     name = folder.name.lower()
@@ -339,7 +336,7 @@ def load_embedder(name_or_path, device=None, dtype=None, attn_impl: str = "sdpa"
     model = load_model(folder, attn_impl=attn_impl, device=device, dtype=resolve_dtype(dtype, device))
     tokenizer = Tokenizer.from_pretrained(folder)
     if max_length is None:
-        max_length = (_read_json(folder / "sentence_bert_config.json") or {}).get("max_seq_length") \
+        max_length = (read_json(folder / "sentence_bert_config.json") or {}).get("max_seq_length") \
             or tokenizer.model_max_length
     embedder = Embedder(model, tokenizer, pooling=pooling or read_pooling_mode(folder) or "cls",
                         max_length=max_length, name=str(name_or_path), fast=fast,

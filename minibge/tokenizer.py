@@ -33,14 +33,12 @@ from tokenizers import AddedToken, Tokenizer as _HFTokenizer
 from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
+from .common import read_json
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 512
 _SPECIAL_NAMES = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _token_str(value) -> str | None:
@@ -149,8 +147,8 @@ class Tokenizer:
         folder = Path(path)
         if not folder.is_dir():
             raise FileNotFoundError(f"tokenizer folder {folder} does not exist or is not a directory")
-        config = _read_json(folder / "tokenizer_config.json")
-        special_map = _read_json(folder / "special_tokens_map.json")
+        config = read_json(folder / "tokenizer_config.json", {})
+        special_map = read_json(folder / "special_tokens_map.json", {})
         specials = {}
         for name in _SPECIAL_NAMES:
             value = _token_str(config.get(name)) or _token_str(special_map.get(name))
