@@ -68,7 +68,7 @@ def padded_batch(config: BertConfig, batch_size: int, max_len: int, device, seed
     return ids.to(device), mask.to(device)
 
 
-def build_checkpoint(config: BertConfig, folder: Path, seed: int = 0) -> Path:
+def build_model_folder(config: BertConfig, folder: Path, seed: int = 0) -> Path:
     """A random-weight model (HF's init) written in the official layout."""
     torch.manual_seed(seed)
     save_pretrained(BertModel(config), folder)
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
                                                                    warmup, repeats, deadline))):
                 try:
                     if section == "equivalence":
-                        folder = build_checkpoint(config, Path(tmp) / name)
+                        folder = build_model_folder(config, Path(tmp) / name)
                     results[section] += run()
                 except Exception:  # one broken section must not cost the rest of a short GPU lease
                     results["errors"].append({"section": f"{name} {section}", "traceback": traceback.format_exc()})

@@ -55,7 +55,7 @@ WORKLOADS = ("stsb", "scifact")
 
 
 # -----------------------------------------------------------------------------
-# Workloads and checkpoints
+# Workloads and model folders
 
 @dataclass
 class Workload:
@@ -80,7 +80,7 @@ def load_workloads(data_dir: Path, names, scifact_docs: int, stsb_texts: int | N
     return workloads
 
 
-def checkpoint(name: str, folder: Path) -> Path:
+def model_folder(name: str, folder: Path) -> Path:
     """The real MiniLM folder, or a random-weight BGE-shaped embedder folder in the official layout
     (MiniLM's uncased WordPiece vocabulary is BGE's English one)."""
     if name == "minilm":
@@ -196,7 +196,7 @@ def run_benchmark(models, workload_names, rounds, scifact_docs, stsb_texts=None,
         raise ValueError(f"no benchmark data under {data_dir}: expected stsbenchmark/ and/or scifact/")
     with tempfile.TemporaryDirectory() as tmp:
         for model_name in models:
-            folder = checkpoint(model_name, Path(tmp) / model_name)
+            folder = model_folder(model_name, Path(tmp) / model_name)
             embedder = load_embedder(folder, device="cpu")
             peers = [p for p in all_peers(speed_options) if peer_filter is None or peer_filter(p.name)]
             build_peers(peers, folder, embedder, workloads)
