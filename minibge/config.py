@@ -7,12 +7,16 @@ translation table: unknown keys (`architectures`, `transformers_version`, the Ch
 Every field is checked when a config is made, against the table RULES: its type (a JSON `true` is
 not 1 layer, `"384"` is not a width, `6.0` is not a layer count) and its range, then that the
 heads split hidden_size evenly. A bad config.json fails there, naming the field, the value and
-the file, rather than deep inside torch (0 heads used to be a ZeroDivisionError, a vocabulary of
--5 a RuntimeError from nn.Embedding).
+the file, rather than deep inside torch (0 heads would be a ZeroDivisionError in attention, a
+vocabulary of -5 a RuntimeError from nn.Embedding).
 
-The presets are every published BGE English and Chinese model, v1 and v1.5. v1 and v1.5 share
-one architecture; only the weights (and the training temperature) differ. Shapes from
-../shared/reference/flagembedding.md §4.1; parameter counts there match the official ones.
+The presets are every published BGE English and Chinese model, v1 and v1.5 (the BAAI/bge-* Hub
+repositories). v1 and v1.5 share one architecture; only the weights (and the training temperature)
+differ. Each preset is the shape in that model's config.json: hidden size H, layers L, heads,
+feed-forward width I and vocabulary, all other fields BERT's defaults. The parameter counts beside
+the v1.5 presets are the official ones (FlagEmbedding's model list, pooler included);
+tests/test_model.py checks that each builds a model of exactly that size, so a wrong shape cannot
+pass unnoticed.
 """
 import dataclasses
 import json

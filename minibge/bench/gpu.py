@@ -1,7 +1,7 @@
 """One short GPU check: half-precision equivalence and throughput against transformers.
 
-    python -m minibge.bench_gpu --out gpu-results          # on a CUDA machine, < 4 minutes
-    python -m minibge.bench_gpu --out /tmp/smoke --smoke   # tiny shapes on the CPU, a few seconds
+    python -m minibge.bench.gpu --out gpu-results          # on a CUDA machine, < 4 minutes
+    python -m minibge.bench.gpu --out /tmp/smoke --smoke   # tiny shapes on the CPU, a few seconds
 
 The development machines have no GPU, so this script is the whole GPU story, written to run
 once, unattended, in a short lease. Everything it needs is in this repository: the models are
@@ -278,7 +278,7 @@ def environment(device, command: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minibge.bench_gpu", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m minibge.bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for results.json and results.md")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script itself")
     parser.add_argument("--budget-s", type=float, default=200.0, help="stop starting new throughput settings after this")
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
         # an fp32 reference must be fp32: TF32 matmuls would blur the very error being measured
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    command = "python -m minibge.bench_gpu " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    command = "python -m minibge.bench.gpu " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     results = {"environment": environment(device, command), "equivalence": [], "throughput": [], "errors": []}
     print(f"device: {results['environment']['device_name']}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:

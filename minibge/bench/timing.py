@@ -14,9 +14,9 @@ from ..fast import onednn
 
 def matmul_peaks(size: int = 2048, repeats: int = 5) -> dict:
     """{library: GFLOP/s} of the best of a few fp32 (size × size) products under the current thread
-    count, through torch.mm (MKL on x86 wheels) and through oneDNN (minibge/onednn.py). The "% of
-    peak" column divides by the faster of the two: on some CPUs (AMD EPYC here) they differ by 2×,
-    and the peak should be the machine's, not one library's."""
+    count, through torch.mm (MKL on x86 wheels) and through oneDNN (minibge/fast/onednn.py). The "% of
+    peak" column divides by the faster of the two: on some CPUs they differ by 2× (docs/benchmarks.md
+    has a measured case), and the peak should be the machine's, not one library's."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     products = {"torch.mm": lambda: a @ b}
     if onednn.available(a):
@@ -31,7 +31,7 @@ BERT_MATMULS = ((4096, 384, 1152), (4096, 384, 1536), (4096, 1536, 384), (512, 7
 
 def matmul_libraries(shapes=BERT_MATMULS, repeats: int = 20) -> str:
     """A markdown table of GFLOP/s on fp32 (rows, in, out) products, best of `repeats` under the
-    current thread count: F.linear (PyTorch's BLAS, MKL on x86 wheels) beside oneDNN (onednn.py).
+    current thread count: F.linear (PyTorch's BLAS, MKL on x86 wheels) beside oneDNN (fast/onednn.py).
     The measurement behind using oneDNN in the fast path and in training (docs/benchmarks.md):
 
         python -c "from minibge.bench import matmul_libraries; print(matmul_libraries())"

@@ -8,7 +8,7 @@ the same loss code; only the encoder differs: minibge's BertModel or transformer
 and the median over steps is reported as real (unpadded) tokens per second.
 
 "minibge BertModel" is the model as `minibge finetune` trains it: on the CPU in fp32 its Linears
-compute through oneDNN (train.py, minibge/onednn.py). "minibge BertModel, MKL (no oneDNN)" is the
+compute through oneDNN (minibge/train/loop.py, minibge/fast/onednn.py). "minibge BertModel, MKL (no oneDNN)" is the
 same model on PyTorch's default matmuls, as `--no-onednn` trains it, and as transformers runs:
 the gap between the two rows is what oneDNN buys; the gap to transformers' row, the rest.
 """
@@ -65,7 +65,7 @@ def train_step_benchmark(folder, queries: list[str], passages: list[str], steps:
     import transformers
 
     embedder, mkl_embedder = load_embedder(folder, device="cpu"), load_embedder(folder, device="cpu")
-    onednn.use_onednn_linears(embedder.model)  # what train.py does for `minibge finetune` on a CPU (fp32)
+    onednn.use_onednn_linears(embedder.model)  # what train/loop.py does for `minibge finetune` on a CPU (fp32)
     reference = transformers.AutoModel.from_pretrained(str(folder), attn_implementation="sdpa").train()
     steps_by_name = {  # each side its own copy of the weights and its own optimizer
         "minibge BertModel": minibge_step(embedder, torch.optim.AdamW(embedder.model.parameters(), lr=1e-5)),

@@ -93,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_embedding_commands(commands, verbose, model, model_only)  # encode, similarity, search (embed.py)
     add_model_commands(commands, verbose, model, model_only)      # download, info (model.py)
     add_eval_command(commands, verbose, model, model_only)        # eval (eval.py)
-    add_training_commands(commands, parents=[verbose])            # finetune, mine, pretrain (train.py)
-    add_bench_command(commands, parents=[verbose])                # bench (bench.py)
-    add_lab_command(commands, parents=[verbose, model])           # the divergence lab (lab.py)
+    add_training_commands(commands, parents=[verbose])            # finetune, mine, pretrain (cli/train.py)
+    add_bench_command(commands, parents=[verbose])                # bench (cli/bench.py)
+    add_lab_command(commands, parents=[verbose, model])           # the divergence lab (cli/lab.py)
     return parser
 
 

@@ -12,7 +12,7 @@ from .args import Formatter, examples, positive_int
 
 
 def cmd_bench(args) -> int:
-    """The `minibge bench` command (registered in cli.py)."""
+    """The `minibge bench` command (registered in cli/__init__.py)."""
     torch.set_num_threads(args.threads)
     command = "minibge " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "minibge bench"
     wanted = [w.lower() for w in args.peer] if args.peer else None
@@ -31,7 +31,7 @@ def cmd_bench(args) -> int:
 
 
 def add_bench_command(commands, parents) -> None:
-    """Add `minibge bench` to cli.py's subparsers."""
+    """Add `minibge bench` to the `minibge` parser's subcommands (cli/__init__.py)."""
     p = commands.add_parser(
         "bench", parents=parents, formatter_class=Formatter,
         help="time minibge's encode against transformers, sentence-transformers and ONNX Runtime",

@@ -8,7 +8,7 @@
     minibge search --corpus passages.txt "how do vaccines work?" --top-k 3
 
 Under torchrun (WORLD_SIZE > 1), `encode --input FILE --output FILE` is sharded: each rank embeds
-a contiguous slice of the lines and rank 0 joins the slices, in input order (shard.py).
+a contiguous slice of the lines and rank 0 joins the slices, in input order (cli/shard.py).
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def cmd_encode(args) -> int:
         raise UsageError(f"--output must end in .npy or .jsonl, got {args.output!r}")
     check_readable(args.input, "--input")
     check_writable(args.output, "--output")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: each rank embeds a slice (cli_shard.py)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: each rank embeds a slice (cli/shard.py)
         if args.input == "-":
             raise UsageError("under torchrun, --input must be a file: stdin can be read by one process only")
         if output is None:

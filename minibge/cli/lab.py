@@ -1,4 +1,4 @@
-"""`minibge lab`: the divergence lab on the command line (registered by cli.py; the lab is lab.py).
+"""`minibge lab`: the divergence lab on the command line (registered by cli/__init__.py; the lab itself is minibge/lab.py).
 
     minibge lab -m weights/all-MiniLM-L6-v2 --output docs/lab.md   # regenerates the docs page
     minibge lab --limit 100                                         # the first 100 STS-B pairs: quick
@@ -17,7 +17,7 @@ from ..lab import MISTAKES, format_page, format_table, run_lab
 
 
 def add_lab_command(commands, parents) -> None:
-    """Add `lab` to cli.py's subparsers (parents: the shared -v and model options)."""
+    """Add `lab` to the `minibge` parser's subcommands (parents: the shared -v and model options)."""
     p = commands.add_parser(
         "lab", parents=parents, formatter_class=Formatter,
         help="the divergence lab: measure classic re-implementation mistakes on a real checkpoint",

@@ -1,4 +1,4 @@
-"""Which model a `minibge` command uses, loading it, and describing it (see cli.py).
+"""Which model a `minibge` command uses, loading it, and describing it (see cli/__init__.py).
 
 The model is ``--model/-m`` (a folder or a Hub id), else $MINIBGE_MODEL, else the first of
 DEFAULT_MODELS found in the weights folder. The choice, and where the files came from, is
