@@ -5,7 +5,7 @@
     python docs/scifact_data.py dev-eval runs/scifact MODEL   # nDCG@10 of MODEL on the dev queries
 
 The dev split is 20% of the 809 train queries (seeded shuffle), scored against the full corpus
-exactly as `minibge eval --task scifact` scores the test queries (evaluate.retrieval).
+exactly as `minibge eval --task scifact` scores the test queries (minibge.evaluate.retrieval).
 $SCIFACT_DIR overrides where the BEIR folder is (default ../shared/eval/data/scifact).
 """
 import json
@@ -17,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from minibge.eval_data import load_beir  # noqa: E402
+from minibge.evaluate.data import load_beir  # noqa: E402
 
 SCIFACT = Path(os.environ.get("SCIFACT_DIR", REPO.parent / "shared" / "eval" / "data" / "scifact"))
 DEV_FRACTION, SEED = 0.2, 0
