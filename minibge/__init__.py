@@ -8,7 +8,22 @@
     hidden = embedder.model(**batch)                          # BertModel: always the last hidden state (B, T, H)
     layers = embedder.model.inspect(**batch)                  # every layer's hidden states and attention maps
     emb = embedder.embed(["a sentence"])                      # (B, D) with gradients, for training loops
-    embedder.save_pretrained("my-model")                      # loads in minibge, transformers, sentence-transformers
+    embedder.save_pretrained("/tmp/my-model")                 # loads in minibge, transformers, sentence-transformers
+
+Reading order, the textbook first (the flat modules of this package):
+
+    config.py      BertConfig: the numbers that pin down an encoder, and the BGE presets
+    model.py       the encoder, in the order the data flows through it
+    weights.py     official checkpoint names <-> this model's, checked loading, save_pretrained
+    tokenizer.py   text -> token ids
+    embedder.py    the pipeline: tokenize, order by length, run the model, pool, normalise, restore order
+    losses.py      InfoNCE, the contrastive loss BGE is fine-tuned with
+    retromae.py    RetroMAE, BGE's pre-training objective
+    lab.py         each classic re-implementation mistake, measured
+
+then the tooling, one package each: train/ (loop.py first), evaluate/, fast/ (the backend
+`encode` plugs in), integrations/, cli/, bench/; hub.py and common.py are small helpers. The
+README's file tree has one line on every module.
 """
 from .config import PRESETS, BertConfig, preset
 from .model import BertModel, EncoderOutput, cls_pool, l2_normalize, mean_pool
