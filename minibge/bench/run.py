@@ -20,7 +20,7 @@ sentence-transformers, ONNX Runtime with its BERT graph optimizer. The reference
 Useful work is counted the same for every peer, from the real (unpadded) token counts: for a text
 of n tokens, each of L layers costs 2·n·(4H² + 2HI) FLOPs in its matmuls and 4·n²·H in attention.
 The matmul peak is a (2048 × 2048) fp32 product timed in the same run, under the same threads.
-The peers live in bench_peers.py, the contrastive training-step benchmark in bench_train.py.
+The peers live in peers.py, the contrastive training-step benchmark in train.py (both in minibge/bench/).
 """
 from __future__ import annotations
 
