@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .common import rank_and_world
+
 MAX_TEMPERATURE_NORMALIZED = 0.5  # FlagEmbedding refuses hotter softmaxes over cosines (commit 34d24e8)
 
 
@@ -96,15 +98,11 @@ def gather_across_ranks(x: torch.Tensor) -> torch.Tensor:
     The gradient flowing back into the local slot is multiplied by the world size, so that
     averaging gradients over ranks yields the gradient of the global loss (module docstring).
     """
-    world, rank = dist.get_world_size(), dist.get_rank()
+    rank, world = rank_and_world()
     gathered = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(gathered, x.detach().contiguous())  # copies: no gradient flows through these
     gathered[rank] = _ScaleGradient.apply(x, float(world))
     return torch.cat(gathered)  # (W·n, D)
-
-
-def distributed_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 # -----------------------------------------------------------------------------
@@ -123,7 +121,7 @@ def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float = 0.02, in_bat
         scores = group_scores(q, p, temperature)                       # (B, G)
         target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         return F.cross_entropy(scores, target)
-    if cross_device and distributed_world_size() > 1:
+    if cross_device and rank_and_world()[1] > 1:
         q, p = gather_across_ranks(q), gather_across_ranks(p)          # (W·B, D), (W·B·G, D)
     scores = q @ p.T / temperature                                     # (B, B·G)
     target = torch.arange(q.shape[0], device=q.device) * G             # query i's positive is column i·G

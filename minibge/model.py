@@ -33,6 +33,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import BertConfig
 
@@ -218,6 +219,10 @@ class BertModel(nn.Module):
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(EncoderLayer(config, attn_impl) for _ in range(config.num_hidden_layers))
         self.pooler = Pooler(config) if add_pooler else None
+        # As transformers' BertEncoder.gradient_checkpointing: in train mode, each layer keeps only its
+        # input and recomputes the rest in backward (less memory, the same gradients). A flag, not a
+        # patched forward, so the fast path's gate still sees a stock model.
+        self.gradient_checkpointing = False
         self.apply(self._init_weights)
 
     @property
@@ -286,8 +291,13 @@ class BertModel(nn.Module):
             mask = attention_mask.bool()[:, None, None, :]
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
         yield x, None
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x, probs = layer(x, mask, need_probs=need_probs, score_bias=attention_bias)
+            if recompute:  # non-reentrant: dropout is replayed with the saved RNG state
+                x, probs = checkpoint(layer, x, mask, need_probs=need_probs, score_bias=attention_bias,
+                                      use_reentrant=False)
+            else:
+                x, probs = layer(x, mask, need_probs=need_probs, score_bias=attention_bias)
             yield x, probs
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, attention_bias=None):

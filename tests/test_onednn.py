@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 from minibge import BertConfig, BertModel
 from minibge.fast import onednn
-from minibge.train import enable_gradient_checkpointing
 
 from test_gradients import MAX_RELATIVE_GRAD_ERROR, no_dropout
 
@@ -193,7 +192,7 @@ def test_bert_model_on_onednn_trains_like_the_plain_model(checkpointing):
     switched.load_state_dict(plain.state_dict())
     onednn.use_onednn_linears(switched)
     if checkpointing:  # recomputation in backward must go through the same Function
-        enable_gradient_checkpointing(switched)
+        switched.gradient_checkpointing = True
     for seed in range(3):
         ids, mask, types = random_batch(plain.config, 5, 24, seed=seed)
         outputs = []

@@ -9,7 +9,7 @@ import torch
 from minibge import BertConfig, BertModel
 from minibge.fast import onednn
 from minibge.train import loop as train_module
-from minibge.train import Batches, TrainConfig, enable_gradient_checkpointing, linear_schedule, train
+from minibge.train import Batches, TrainConfig, linear_schedule, train
 
 from conftest import TINY, diff_report
 
@@ -173,7 +173,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     plain = BertModel(config).train()
     wrapped = BertModel(config).train()
     wrapped.load_state_dict(plain.state_dict())
-    assert enable_gradient_checkpointing(wrapped) == config.num_hidden_layers
+    assert plain.gradient_checkpointing is False, "off unless asked for"
+    wrapped.gradient_checkpointing = True
     ids = torch.randint(1, config.vocab_size, (3, 10))
     for model in (plain, wrapped):
         torch.manual_seed(7)  # same dropout masks; checkpointing must replay them in the recomputation
@@ -182,7 +183,39 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         if a.grad is not None:
             assert torch.allclose(a.grad, b.grad, atol=1e-6), f"{name}: {diff_report(a.grad, b.grad)}"
     with pytest.raises(ValueError, match="no EncoderLayer"):
-        enable_gradient_checkpointing(toy_model())
+        run(toy_model(), TrainConfig(epochs=1, batch_size=8, gradient_checkpointing=True), "unused")
+
+
+def test_gradient_checkpointing_leaves_the_fast_path_open(tmp_path):
+    # the flag is data, not a patched forward: after training with it, encode() takes the fast path
+    from minibge import Embedder, Tokenizer
+
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz", ","]) + "\n")
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**TINY)).eval()
+    embedder = Embedder(model, Tokenizer.from_pretrained(tmp_path), max_length=16)
+    texts = ["a short text", "another, somewhat longer text to embed"]
+    batch = embedder.tokenize(texts, 16)
+
+    def loss_fn(batch):
+        return {"loss": embedder.embed(batch).square().sum()}
+
+    seen = []
+
+    def checkpointing_loss(batch):
+        seen.append(model.gradient_checkpointing)
+        return loss_fn(batch)
+
+    batches = Batches([batch] * 4, lambda examples, generator: examples[0], batch_size=1)
+    train(model, checkpointing_loss, batches, TrainConfig(max_steps=2, batch_size=1, gradient_checkpointing=True),
+          tmp_path / "out")
+    assert seen == [True, True], "set for the length of the loop"
+    assert model.gradient_checkpointing is False, "and back as it was afterwards"
+    embedder.encode(texts)
+    assert embedder.fast_path_blocker() is None
+    model.gradient_checkpointing = True  # set by hand, in eval mode: still the fast path
+    embedder.encode(texts)
+    assert embedder.fast_path_blocker() is None
 
 
 # -----------------------------------------------------------------------------

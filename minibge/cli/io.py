@@ -19,6 +19,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from .. import common
+
 PROG = "minibge"
 SUMMARY_ROWS = 10  # rows `encode` shows when it has no --output
 CHUNK_TEXTS = 10_000  # texts read, embedded and written at a time: bounds memory for big files
@@ -76,29 +78,12 @@ def check_writable(path: str | None, option: str) -> None:
 
 
 def iter_lines(path: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text) for every line of a UTF-8 file, or of stdin for '-'."""
-    if path == "-":
-        # I read bytes, so that a decoding error can name its line. A text stream with no bytes
-        # underneath (e.g. io.StringIO in tests) is encoded back, to go the same way.
-        lines = getattr(sys.stdin, "buffer", None)
-        if lines is None:
-            lines = (line.encode("utf-8") for line in sys.stdin)
-        yield from _decode_lines(lines, "stdin")
-        return
-    with open(path, "rb") as stream:
-        yield from _decode_lines(stream, path)
-
-
-def _decode_lines(lines: Iterable[bytes], name: str) -> Iterator[tuple[int, str]]:
-    for number, raw in enumerate(lines, start=1):
-        raw = raw.removesuffix(b"\n").removesuffix(b"\r")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise CliError(f"{name} line {number} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        if number == 1:
-            text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the text
-        yield number, text
+    """(1-based line number, text) for every line of a UTF-8 file, or of stdin for '-'
+    (common.iter_lines; a line that is not UTF-8 becomes a one-line CliError)."""
+    try:
+        yield from common.iter_lines(path)
+    except common.LineError as e:
+        raise CliError(str(e)) from None
 
 
 def read_texts(path: str, what: str) -> tuple[list[str], list[int]]:

@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node 4 -m minibge encode --input big.txt --output vectors.npy
 
-cli.cmd_encode comes here when WORLD_SIZE > 1. With N texts and W ranks, rank r takes the
+cli/embed.py's cmd_encode comes here when WORLD_SIZE > 1. With N texts and W ranks, rank r takes the
 contiguous slice [start_r, stop_r); the first N mod W ranks get one text more than the others
 (numpy.array_split's rule), so the slices in rank order are the input in input order:
 
@@ -13,7 +13,7 @@ contiguous slice [start_r, stop_r); the first N mod W ranks get one text more th
 
 Each rank streams its rows into its part file beside the output, 10,000 texts at a time, as one
 process does; nothing is gathered into memory, so memory stays as flat as in one process. Then
-rank 0 writes the output from the parts with a plain byte copy (cli_io.join_parts), into
+rank 0 writes the output from the parts with a plain byte copy (cli/io.py join_parts), into
 vectors.npy.partial renamed at the end, and deletes the parts. The output folder must therefore
 be one that every rank can see (always true on one machine).
 
@@ -24,7 +24,7 @@ reports its own error, the others say which rank failed, and no output is writte
 output is left as it was). A rank killed outright (SIGKILL, a crash) cannot say so; the others
 then see a broken connection in the all-reduce and stop too, or torchrun stops them.
 
-Devices: the process group is train.setup_distributed's (gloo on CPU, nccl on CUDA, with rank r
+Devices: the process group is common.setup_distributed's (gloo on CPU, nccl on CUDA, with rank r
 on cuda:LOCAL_RANK). Only rank 0 prints which model it loaded, shows a progress bar and logs.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ import torch.distributed as dist
 from .io import (CHUNK_TEXTS, ChunkEmbedder, CliError, chunked, encode_source, join_parts, one_line, part_path,
                  progress, query_prefix, warn_blank, write_part)
 from .model import load
-from ..train import rank_and_world, setup_distributed
+from ..common import rank_and_world, setup_distributed
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ Each step, every query in the batch gets a group of G passages, sampled afresh:
 Queries (instruction + text, ≤ 32 tokens) and passages (≤ 128 tokens) are embedded with the
 model's own pooling and L2-normalised, by Embedder.embed, which keeps the gradients; losses.py
 turns them into InfoNCE with in-batch (and, under torchrun, cross-device) negatives, plus
-distillation from pos_scores/neg_scores when asked; train.py runs the optimisation. The result
+distillation from pos_scores/neg_scores when asked; loop.py runs the optimisation. The result
 is a complete embedder folder (Embedder.save_pretrained): the weights in the official layout,
 the tokenizer and the sentence-transformers files, with the base model's pooling, maximum
 length and query instruction, so load_embedder, transformers and sentence-transformers load it.
@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
+from ..common import LineError, iter_lines, rank_and_world, setup_distributed
 from ..losses import contrastive_loss
-from .loop import Batches, TrainConfig, rank_and_world, setup_distributed, train
+from .loop import Batches, TrainConfig, train
 
 logger = logging.getLogger(__name__)
 
@@ -99,24 +100,19 @@ def read_train_file(path, skip_bad_lines: bool = False) -> list[TrainExample]:
     or, with skip_bad_lines, is logged as a warning and skipped. Blank lines are ignored."""
     path = Path(path)
     examples, skipped = [], 0
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                problem = f"not valid UTF-8 ({e.reason} at byte {e.start})"
-            else:
-                if not line.strip():
-                    continue
-                try:
-                    examples.append(parse_example(line, number))
-                    continue
-                except ValueError as e:
-                    problem = str(e)
-            if not skip_bad_lines:
-                raise DataError(f"{path} line {number}: {problem}")
-            logger.warning("%s line %d skipped: %s", path, number, problem)
-            skipped += 1
+
+    def bad_line(error: LineError) -> None:
+        nonlocal skipped
+        if not skip_bad_lines:
+            raise DataError(str(error)) from None
+        logger.warning("%s line %d skipped: %s", error.name, error.number, error.problem)
+        skipped += 1
+
+    for number, line in iter_lines(path, skip_blank=True, on_error=bad_line):
+        try:
+            examples.append(parse_example(line, number))
+        except ValueError as e:
+            bad_line(LineError(str(path), number, str(e)))
     if not examples:
         raise DataError(f"{path} has no training examples" + (f" ({skipped} bad line(s) skipped)" if skipped else ""))
     logger.info("read %d training queries from %s%s", len(examples), path,

@@ -37,10 +37,11 @@ when its own forward is called. The arithmetic is DDP's: sum over ranks, divide 
 Rank 0 alone writes checkpoints, logs and the progress bar. Backend: nccl on CUDA, gloo on CPU.
 
 On the CPU in fp32 (`onednn`, on by default), the model's nn.Linears compute through oneDNN for the
-length of the loop (minibge/onednn.py: the same function, forward and backward; on the AMD EPYC
-development machine its matmuls run 2-3× faster than MKL's). The switch changes the modules' class,
-not their parameters, so the optimizer, checkpoints and saved files are the same; it is undone when
-train() returns or raises, so the caller gets its model back with plain nn.Linears.
+length of the loop (fast/onednn.py: the same function, forward and backward, with faster matmuls on
+some CPUs; docs/benchmarks.md, "Why oneDNN"). The switch changes the modules' class, not their
+parameters, so the optimizer, checkpoints and saved files are the same; it is undone when train()
+returns or raises, so the caller gets its model back with plain nn.Linears. Gradient checkpointing
+is the model's own flag (BertModel.gradient_checkpointing), set for the length of the loop too.
 
     from minibge.train import Batches, TrainConfig, train
     config = TrainConfig(epochs=1, batch_size=16, lr=2e-5)
@@ -50,7 +51,6 @@ train() returns or raises, so the caller gets its model back with plain nn.Linea
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import math
@@ -66,8 +66,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
+# rank_and_world is looked up here at call time, so tests can stand in for a group (monkeypatch this module's name)
+from ..common import rank_and_world
 from ..fast import onednn as onednn_kernels
 
 logger = logging.getLogger(__name__)
@@ -92,8 +93,8 @@ class TrainConfig:
     save_steps: int = 0                  # checkpoint every N optimizer steps (0: only at the end)
     seed: int = 42                       # data order, sampling inside batches, dropout
     precision: str = "fp32"              # fp32 | fp16 | bf16 (autocast, CUDA only)
-    gradient_checkpointing: bool = False # recompute each encoder layer in backward: less memory, ~30% slower
-    onednn: bool = True                  # CPU fp32: Linears through oneDNN (minibge/onednn.py): same function, faster
+    gradient_checkpointing: bool = False # BertModel.gradient_checkpointing: less memory, one more forward per layer
+    onednn: bool = True                  # CPU fp32: Linears through oneDNN (fast/onednn.py): same function, faster
     log_steps: int = 10                  # write a log line every N optimizer steps
 
     def __post_init__(self):
@@ -115,37 +116,6 @@ class TrainConfig:
             raise TypeError(f"TrainConfig.onednn must be True or False, got {self.onednn!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-
-
-# -----------------------------------------------------------------------------
-# Distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK in the environment
-
-def setup_distributed(timeout: datetime.timedelta | None = None) -> torch.device:
-    """Join the torchrun process group if there is one (idempotent); returns this rank's device.
-
-    Without torchrun this is a no-op and the device is CUDA when available, else the CPU. timeout:
-    how long a collective waits for the other ranks (None: torch.distributed's default); it only
-    applies when this call creates the group.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, **({} if timeout is None else {"timeout": timeout}))
-        logger.info("rank %d of %d joined the %s process group", dist.get_rank(), dist.get_world_size(), backend)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
-
-
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_main_process() -> bool:
-    return rank_and_world()[0] == 0
 
 
 # -----------------------------------------------------------------------------
@@ -207,7 +177,7 @@ def move_to(batch, device: torch.device):
 
 
 # -----------------------------------------------------------------------------
-# Optimizer, schedule, gradient checkpointing
+# Optimizer, schedule, gradient checkpointing, gradient averaging
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only: biases and LayerNorm parameters (1-D) are exempt,
@@ -228,31 +198,27 @@ def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.opt
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def enable_gradient_checkpointing(model: nn.Module) -> int:
-    """Recompute every EncoderLayer's forward during backward instead of storing its activations.
+@contextlib.contextmanager
+def gradient_checkpointing(model: nn.Module, enable: bool):
+    """The loop's context: with `enable`, every BertModel inside `model` has its gradient_checkpointing
+    flag set while the loop runs, and back as it was afterwards; yields how many models were set.
 
-    I patch each layer instance's `forward` from the outside, so model.py stays a plain encoder.
-    Non-reentrant checkpointing replays dropout with the saved RNG state, so the gradients are
-    the ones the plain forward would give. Returns how many layers were wrapped.
+    It is the model's own flag (honoured in train mode only), not a patched forward, so after
+    training encode() still takes the fast path.
     """
-    from ..model import EncoderLayer
+    from ..model import BertModel
 
-    wrapped = 0
-    for layer in model.modules():
-        if isinstance(layer, EncoderLayer) and not getattr(layer, "_checkpointed", False):
-            plain_forward = layer.forward
-
-            def forward(*args, _plain=plain_forward, _layer=layer, **kwargs):
-                if _layer.training and torch.is_grad_enabled():
-                    return checkpoint(_plain, *args, use_reentrant=False, **kwargs)
-                return _plain(*args, **kwargs)
-
-            layer.forward = forward
-            layer._checkpointed = True
-            wrapped += 1
-    if wrapped == 0:
-        raise ValueError("gradient checkpointing: the model has no EncoderLayer to wrap")
-    return wrapped
+    models = [module for module in model.modules() if isinstance(module, BertModel)] if enable else []
+    if enable and not models:
+        raise ValueError("gradient checkpointing: the model has no BertModel, so no EncoderLayer to recompute")
+    before = [m.gradient_checkpointing for m in models]
+    for m in models:
+        m.gradient_checkpointing = True
+    try:
+        yield len(models)
+    finally:
+        for m, flag in zip(models, before):
+            m.gradient_checkpointing = flag
 
 
 def average_gradients(model: nn.Module) -> None:
@@ -413,7 +379,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler) 
 # -----------------------------------------------------------------------------
 # The loop
 
-def onednn_linears(model: nn.Module, config: TrainConfig):
+def onednn_while_training(model: nn.Module, config: TrainConfig):
     """The loop's context: the model's nn.Linears on oneDNN while it runs, when config.onednn asks for
     it and the parameters are fp32 on a CPU with a working operator; otherwise nothing changes."""
     if not (config.onednn and onednn_kernels.available(next(model.parameters()))):
@@ -433,6 +399,140 @@ def _as_floats(losses: dict) -> dict:
             for name, value in losses.items()}
 
 
+def agree_on_output_dir(output_dir: Path, run_info: dict, resume: bool) -> Path | None:
+    """Rank 0 checks the output folder (prepare_output_dir) and every rank learns its verdict, so a
+    refusal stops every rank rather than leaving the others hanging in a collective. Returns the
+    checkpoint to resume from, or None."""
+    rank, world = rank_and_world()
+    verdict = [None, None]  # (checkpoint to resume from, error message)
+    if rank == 0:
+        try:
+            verdict[0] = prepare_output_dir(output_dir, run_info, resume)
+        except ValueError as err:
+            verdict[1] = str(err)
+    if world > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    resume_from, refusal = verdict
+    if refusal:
+        raise ValueError(refusal)
+    return resume_from
+
+
+def seed_everything(seed: int) -> None:
+    """torch, Python and numpy from one seed (train() adds the rank: dropout differs across ranks)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def resume_or_start(resume_from: Path | None, output_dir: Path, run_info: dict, model: nn.Module, optimizer,
+                    scheduler, scaler) -> tuple[int, tuple[int, int]]:
+    """(step, (epoch, next batch)) to start from: a checkpoint's, or the beginning. Rank 0 marks the
+    folder as this run's (run.json) and drops log lines the resumed run will write again."""
+    step, position = 0, (0, 0)
+    if resume_from is not None:
+        step, position = load_checkpoint(resume_from, model, optimizer, scheduler, scaler)
+    if rank_and_world()[0] == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _write_run_file(output_dir, run_info, finished=False)
+        _truncate_log(output_dir / LOG_FILE, step)
+    return step, position
+
+
+def step_groups(batches: Batches, epoch: int, next_batch: int, grad_accumulation: int) -> Iterator:
+    """(the micro-batches of one optimizer step, (epoch, next batch) after them), from a position on,
+    forever: up to grad_accumulation micro-batches a step, never across an epoch boundary."""
+    group = []
+    while True:
+        for batch in batches.epoch(epoch, start=next_batch):
+            next_batch += 1
+            group.append(batch)
+            if len(group) == grad_accumulation or next_batch == len(batches):
+                yield group, ((epoch, next_batch) if next_batch < len(batches) else (epoch + 1, 0))
+                group = []
+        epoch, next_batch = epoch + 1, 0
+
+
+def accumulate_gradients(loss_fn: Callable, group: list, device: torch.device, precision: str, scaler,
+                         step: int) -> dict:
+    """Backward through every micro-batch of a step; returns the step's losses (means over the group)."""
+    step_losses = {}
+    for batch in group:
+        with _autocast(device, precision):
+            losses = loss_fn(move_to(batch, device))
+        if "loss" not in losses:
+            raise ValueError(f"loss_fn must return a dict with a 'loss' entry, got keys {sorted(losses)}")
+        loss = losses["loss"] / len(group)  # the step's gradient is the mean over its micro-batches
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        for name, value in _as_floats(losses).items():
+            step_losses[name] = step_losses.get(name, 0.0) + value / len(group)
+    if not math.isfinite(step_losses["loss"]):
+        raise FloatingPointError(f"step {step + 1}: the loss is {step_losses['loss']}; lower the lr "
+                                 "or check the data (fp16 overflow? try bf16)")
+    return step_losses
+
+
+def optimizer_step(model: nn.Module, optimizer, scheduler, scaler, max_grad_norm: float | None) -> tuple:
+    """Average the gradients over ranks, clip, step AdamW and the schedule, clear the gradients.
+    Returns (the learning rate this step used, the gradient norm before clipping or None)."""
+    average_gradients(model)
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    grad_norm = None
+    if max_grad_norm is not None:
+        grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm))
+    lr = scheduler.get_last_lr()[0]
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr, grad_norm
+
+
+class TrainLog:
+    """The losses of the steps since the last log line; every log_steps steps (and at the last one)
+    their means, the lr, throughput and gradient norm go to train_log.jsonl (rank 0) and the bar."""
+
+    def __init__(self, output_dir: Path, config: TrainConfig, total_steps: int, bar):
+        _, world = rank_and_world()
+        self.path, self.bar, self.log_steps, self.total_steps = output_dir / LOG_FILE, bar, config.log_steps, total_steps
+        self.examples_per_step = config.batch_size * config.grad_accumulation * world
+        self.window, self.window_start, self.logged = [], time.perf_counter(), {}
+
+    def add(self, step: int, epoch: int, lr: float, grad_norm: float | None, step_losses: dict) -> None:
+        self.window.append(step_losses)
+        if step % self.log_steps != 0 and step != self.total_steps:
+            return
+        elapsed = time.perf_counter() - self.window_start
+        logged = {name: sum(w[name] for w in self.window) / len(self.window) for name in self.window[0]}
+        logged.update(step=step, epoch=epoch, lr=lr,
+                      examples_per_s=len(self.window) * self.examples_per_step / elapsed)
+        if grad_norm is not None:
+            logged["grad_norm"] = grad_norm
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in logged.items() if k not in ("step", "epoch")})
+        if rank_and_world()[0] == 0:
+            with open(self.path, "a", encoding="utf-8") as log:
+                log.write(json.dumps(logged) + "\n")
+        self.window, self.window_start, self.logged = [], time.perf_counter(), logged
+
+
+def save_final(output_dir: Path, run_info: dict, save_fn: Callable | None, step: int) -> None:
+    """Rank 0 writes the artefact, deletes the checkpoints and marks the run finished; all ranks wait."""
+    rank, world = rank_and_world()
+    if rank == 0:
+        if save_fn is not None:
+            save_fn(output_dir)
+        for old in checkpoints(output_dir):
+            shutil.rmtree(old)
+        _write_run_file(output_dir, run_info, finished=True)
+        logger.info("training done: %d steps; wrote %s", step, output_dir)
+    if world > 1:
+        dist.barrier()
+
+
 def train(model: nn.Module, loss_fn: Callable[[object], dict], batches: Batches, config: TrainConfig,
           output_dir, save_fn: Callable[[Path], object] | None = None, resume: bool = False,
           run_info: dict | None = None, device: torch.device | None = None) -> dict:
@@ -445,126 +545,41 @@ def train(model: nn.Module, loss_fn: Callable[[object], dict], batches: Batches,
     """
     output_dir = Path(output_dir)
     run_info = json.loads(json.dumps(run_info or {}))  # what run.json will read back (tuples -> lists)
-    rank, world = rank_and_world()
+    rank, _ = rank_and_world()
     device = device or next(model.parameters()).device
     if config.precision != "fp32" and device.type != "cuda":
         logger.warning("precision %s needs CUDA; training in fp32 on %s", config.precision, device)
-    verdict = [None, None]  # (checkpoint to resume from, error message): rank 0 checks the folder
-    if rank == 0:
-        try:
-            verdict[0] = prepare_output_dir(output_dir, run_info, resume)
-        except ValueError as err:
-            verdict[1] = str(err)
-    if world > 1:  # everyone learns the verdict, so a refusal stops every rank rather than hanging them
-        dist.broadcast_object_list(verdict, src=0)
-    resume_from, refusal = verdict
-    if refusal:
-        raise ValueError(refusal)
+    resume_from = agree_on_output_dir(output_dir, run_info, resume)
 
-    steps_per_epoch = math.ceil(len(batches) / config.grad_accumulation)
-    total_steps = config.max_steps or config.epochs * steps_per_epoch
-    torch.manual_seed(config.seed + rank)  # dropout differs across ranks, as with independent GPUs
-    random.seed(config.seed + rank)
-    np.random.seed(config.seed + rank)
-    if config.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+    total_steps = config.max_steps or config.epochs * math.ceil(len(batches) / config.grad_accumulation)
+    seed_everything(config.seed + rank)  # dropout differs across ranks, as with independent GPUs
     broadcast_parameters(model)
     optimizer = build_optimizer(model, config)
     scheduler = linear_schedule(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" and device.type == "cuda" else None
+    step, (epoch, next_batch) = resume_or_start(resume_from, output_dir, run_info, model, optimizer, scheduler, scaler)
 
-    step, (epoch, next_batch) = 0, (0, 0)
-    if resume_from is not None:
-        step, (epoch, next_batch) = load_checkpoint(resume_from, model, optimizer, scheduler, scaler)
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        _write_run_file(output_dir, run_info, finished=False)
-        _truncate_log(output_dir / LOG_FILE, step)
-
-    examples_per_step = config.batch_size * config.grad_accumulation * world
-    logged, window, window_start = {}, [], time.perf_counter()
     model.train()
-
-    def micro_batches():
-        """(epoch, index of the batch after this one, batch), from the resume position on, forever."""
-        e, i = epoch, next_batch
-        while True:
-            for batch in batches.epoch(e, start=i):
-                i += 1
-                yield e, i, batch
-            e, i = e + 1, 0
-
-    stream = micro_batches()
-    with onednn_linears(model, config) as switched:  # undone when the loop ends or raises
+    groups = step_groups(batches, epoch, next_batch, config.grad_accumulation)
+    with onednn_while_training(model, config) as switched, \
+            gradient_checkpointing(model, config.gradient_checkpointing):  # both undone when the loop ends or raises
         if switched and rank == 0:
             logger.info("%d Linear layers compute through oneDNN while training (CPU, fp32; off: --no-onednn, "
                         "TrainConfig(onednn=False))", switched)
         from tqdm.auto import tqdm  # the bar comes after that line: a log line drawn over a bar is hard to find
         bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=rank != 0)
+        log = TrainLog(output_dir, config, total_steps, bar)
         while step < total_steps:
-            # one optimizer step: up to grad_accumulation micro-batches, never across an epoch boundary
-            group = []
-            for e, i, batch in stream:
-                group.append(batch)
-                position = (e, i) if i < len(batches) else (e + 1, 0)
-                if len(group) == config.grad_accumulation or i == len(batches):
-                    break
-            step_losses = {}
-            for batch in group:
-                with _autocast(device, config.precision):
-                    losses = loss_fn(move_to(batch, device))
-                if "loss" not in losses:
-                    raise ValueError(f"loss_fn must return a dict with a 'loss' entry, got keys {sorted(losses)}")
-                loss = losses["loss"] / len(group)  # the step's gradient is the mean over its micro-batches
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                for name, value in _as_floats(losses).items():
-                    step_losses[name] = step_losses.get(name, 0.0) + value / len(group)
-            if not math.isfinite(step_losses["loss"]):
-                raise FloatingPointError(f"step {step + 1}: the loss is {step_losses['loss']}; lower the lr "
-                                         "or check the data (fp16 overflow? try bf16)")
-            average_gradients(model)
-            if scaler is not None:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            grad_norm = None
-            if config.max_grad_norm is not None:
-                grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
-            lr = scheduler.get_last_lr()[0]
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            group, position = next(groups)
+            step_losses = accumulate_gradients(loss_fn, group, device, config.precision, scaler, step)
+            lr, grad_norm = optimizer_step(model, optimizer, scheduler, scaler, config.max_grad_norm)
             step += 1
-            epoch, next_batch = position
-
-            window.append(step_losses)
             bar.update(1)
-            if step % config.log_steps == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                logged = {name: sum(w[name] for w in window) / len(window) for name in window[0]}
-                logged.update(step=step, epoch=epoch, lr=lr, examples_per_s=len(window) * examples_per_step / elapsed)
-                if grad_norm is not None:
-                    logged["grad_norm"] = grad_norm
-                bar.set_postfix({k: f"{v:.3g}" for k, v in logged.items() if k not in ("step", "epoch")})
-                if rank == 0:
-                    with open(output_dir / LOG_FILE, "a", encoding="utf-8") as log:
-                        log.write(json.dumps(logged) + "\n")
-                window, window_start = [], time.perf_counter()
+            log.add(step, position[0], lr, grad_norm, step_losses)
             if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-                save_checkpoint(output_dir, step, (epoch, next_batch), model, optimizer, scheduler, scaler,
-                                save_fn, config)
+                save_checkpoint(output_dir, step, position, model, optimizer, scheduler, scaler, save_fn, config)
     bar.close()
 
     model.eval()
-    if rank == 0:
-        if save_fn is not None:
-            save_fn(output_dir)
-        for old in checkpoints(output_dir):
-            shutil.rmtree(old)
-        _write_run_file(output_dir, run_info, finished=True)
-        logger.info("training done: %d steps; wrote %s", step, output_dir)
-    if world > 1:
-        dist.barrier()
-    return logged
+    save_final(output_dir, run_info, save_fn, step)
+    return log.logged

@@ -15,7 +15,6 @@ The teacher scores of old negatives no longer apply, so "neg_scores" is dropped.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import random
@@ -23,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from ..common import LineError, iter_lines
 from ..evaluate.data import document_text
-from .finetune import DataError, TrainExample, query_text
 from ..evaluate.search import top_k
+from .finetune import DataError, TrainExample, query_text
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +36,12 @@ def read_corpus(path) -> list[str]:
     """Candidate passages from a jsonl file ({"text"}, plus "title" as BEIR corpora have; .gz is fine)
     or, for any other suffix, a plain text file with one passage per line. Duplicates are removed."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
+    jsonl = ".jsonl" in path.suffixes or ".json" in path.suffixes
     texts = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        jsonl = ".jsonl" in path.suffixes or ".json" in path.suffixes
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    try:
+        for number, line in iter_lines(path, skip_blank=True):
             if not jsonl:
-                texts.append(line.rstrip("\n"))
+                texts.append(line)
                 continue
             try:
                 obj = json.loads(line)
@@ -54,6 +51,8 @@ def read_corpus(path) -> list[str]:
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise DataError(f"{path} line {number}: expected a JSON object with a \"text\" string") from None
             texts.append(text)
+    except LineError as e:
+        raise DataError(str(e)) from None
     texts = list(dict.fromkeys(texts))
     if not texts:
         raise DataError(f"{path} holds no passages")

@@ -24,7 +24,8 @@ from ..hub import resolve_model_path
 from .mine import read_corpus
 from ..retromae import RetroMAECollator, RetroMAEForPretraining
 from ..tokenizer import Tokenizer
-from .loop import Batches, TrainConfig, setup_distributed, train
+from ..common import setup_distributed
+from .loop import Batches, TrainConfig, train
 
 logger = logging.getLogger(__name__)
 
