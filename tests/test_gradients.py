@@ -132,3 +132,21 @@ def test_padding_row_gets_no_gradient():
     model(ids, mask, types).sum().backward()
     grad = model.embeddings.word_embeddings.weight.grad
     assert torch.count_nonzero(grad[config.pad_token_id]) == 0 and torch.count_nonzero(grad) > 0
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
+def test_gradient_checkpointing_flag_gives_the_same_gradients(attn_impl):
+    # BertModel.gradient_checkpointing recomputes each layer in backward: the gradients must not change
+    config = no_dropout(BertConfig(**TINY))
+    torch.manual_seed(0)
+    plain = BertModel(config, attn_impl=attn_impl).train()
+    flagged = BertModel(config, attn_impl=attn_impl).train()
+    flagged.load_state_dict(plain.state_dict())
+    flagged.gradient_checkpointing = True
+    ids, mask, types = random_batch(config, 4, 16, seed=2)
+    for model in (plain, flagged):
+        hidden = model(ids, mask, types)
+        (hidden[mask.bool()].square().mean() + model.pooler_output(hidden).sum()).backward()
+    for (name, a), b in zip(plain.named_parameters(), flagged.parameters()):
+        error = ((b.grad - a.grad).norm() / a.grad.norm().clamp(min=1e-30)).item()
+        assert error <= 1e-5, f"{name}: relative gradient error {error:.3e}"

@@ -167,7 +167,7 @@ def test_half_precision_on_cpu_warns_and_trains_in_fp32(tmp_path, caplog):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     config = BertConfig(**{**TINY, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1})
     torch.manual_seed(0)
     plain = BertModel(config).train()
@@ -183,7 +183,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         if a.grad is not None:
             assert torch.allclose(a.grad, b.grad, atol=1e-6), f"{name}: {diff_report(a.grad, b.grad)}"
     with pytest.raises(ValueError, match="no EncoderLayer"):
-        run(toy_model(), TrainConfig(epochs=1, batch_size=8, gradient_checkpointing=True), "unused")
+        run(toy_model(), TrainConfig(epochs=1, batch_size=8, gradient_checkpointing=True), tmp_path / "out")
+    assert not (tmp_path / "out").exists(), "refused before the output folder is touched"
 
 
 def test_gradient_checkpointing_leaves_the_fast_path_open(tmp_path):

@@ -198,6 +198,16 @@ def linear_schedule(optimizer, warmup_steps: int, total_steps: int) -> torch.opt
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def bert_models(model: nn.Module) -> list:
+    """The BertModels inside `model` (itself included), whose flag gradient checkpointing sets."""
+    from ..model import BertModel
+
+    models = [module for module in model.modules() if isinstance(module, BertModel)]
+    if not models:
+        raise ValueError("gradient checkpointing: the model has no BertModel, so no EncoderLayer to recompute")
+    return models
+
+
 @contextlib.contextmanager
 def gradient_checkpointing(model: nn.Module, enable: bool):
     """The loop's context: with `enable`, every BertModel inside `model` has its gradient_checkpointing
@@ -206,11 +216,7 @@ def gradient_checkpointing(model: nn.Module, enable: bool):
     It is the model's own flag (honoured in train mode only), not a patched forward, so after
     training encode() still takes the fast path.
     """
-    from ..model import BertModel
-
-    models = [module for module in model.modules() if isinstance(module, BertModel)] if enable else []
-    if enable and not models:
-        raise ValueError("gradient checkpointing: the model has no BertModel, so no EncoderLayer to recompute")
+    models = bert_models(model) if enable else []
     before = [m.gradient_checkpointing for m in models]
     for m in models:
         m.gradient_checkpointing = True
@@ -549,6 +555,8 @@ def train(model: nn.Module, loss_fn: Callable[[object], dict], batches: Batches,
     device = device or next(model.parameters()).device
     if config.precision != "fp32" and device.type != "cuda":
         logger.warning("precision %s needs CUDA; training in fp32 on %s", config.precision, device)
+    if config.gradient_checkpointing:
+        bert_models(model)  # a model it cannot apply to fails here, before the output folder is touched
     resume_from = agree_on_output_dir(output_dir, run_info, resume)
 
     total_steps = config.max_steps or config.epochs * math.ceil(len(batches) / config.grad_accumulation)
