@@ -41,7 +41,8 @@ The embeddings and the MLM head (its output matrix tied to the word embeddings) 
 encoder and decoder; only the decoder layer is new. The decoder sees nothing of the encoder's
 token states, so its gradient reaches the encoder layers through h_X alone.
 
-Where the two upstream codebases differ (../shared/reference/flagembedding.md §3), and where I do:
+Where the two upstream codebases (staoxiao/RetroMAE and FlagEmbedding's pre-training script) differ,
+and where I do:
 
     thing                    RetroMAE (staoxiao)      FlagEmbedding (BGE)      minibge
     query stream h1          h_X + P (raw rows)       through Embeddings       variant="bge" (default) | "retromae"
@@ -56,9 +57,8 @@ The whole-word rule is that of transformers 4.x's DataCollatorForWholeWordMask, 
 collators subclass (transformers 5 replaced it with per-token Bernoulli draws): count = max(1, round(L·p))
 with L counting [CLS]/[SEP], words visited in random order, a word that would overshoot the count
 skipped. Every random number comes from a torch.Generator, so a batch is a pure function of its seed
-(what train.py's exact resume needs).
+(what train/loop.py's exact resume needs).
 """
-import json
 import logging
 from pathlib import Path
 
@@ -66,13 +66,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint
 
-from .fast import onednn
-from .embedder import Embedder
+from .embedder import write_sentence_transformers_files
 from .hub import resolve_model_path
 from .model import BertModel, EncoderLayer, activation
 from .tokenizer import Tokenizer
-from .weights import CONFIG_NAME, KEY_MAP, SAFETENSORS_NAME, load_model, read_state_dict, save_pretrained, write_safetensors
+from .weights import KEY_MAP, copy_checked, load_model, read_state_dict, save_pretrained, write_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -196,25 +196,27 @@ class RetroMAECollator:
 # The MLM head, under transformers' BertForMaskedLM names
 
 class MLMHead(nn.Module):
-    """Hidden states → vocabulary logits: dense → GELU → LayerNorm → · Eᵀ + b.
+    """Hidden states → vocabulary logits: dense → GELU → LayerNorm → decoder (· Eᵀ + b).
 
-    The output matrix E is the word-embedding table itself (BERT ties them), so it is passed in
-    rather than owned: no second copy, and no duplicated tensor in a state dict.
+    The decoder is an nn.Linear whose weight *is* the word-embedding table E (BERT ties them, as
+    transformers' BertLMPredictionHead does): no second copy of it. Being a plain nn.Linear, it is
+    switched to oneDNN by train/'s switch like every other Linear; it is the biggest matmul of
+    pre-training (V = 30,522 columns). `bias` is the decoder's bias, under its official name.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, word_embeddings: nn.Embedding):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.act = activation(config.hidden_act)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.bias = nn.Parameter(torch.zeros(config.vocab_size))  # the only parameter of the output layer
+        # on the meta device: placeholders that cost no memory and draw no random numbers, replaced at once
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, device="meta")
+        self.decoder.weight = word_embeddings.weight  # tied
+        self.bias = self.decoder.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
-    def forward(self, hidden, word_embeddings):
-        """hidden (..., H), word_embeddings (V, H) → logits (..., V)."""
-        # The output matrix is no nn.Linear, so train.py's switch to oneDNN cannot reach it; I follow
-        # the head's own dense layer. It is the biggest matmul of pre-training (V = 30,522 columns).
-        project = onednn.autograd_linear if isinstance(self.dense, onednn.Linear) else F.linear
-        return project(self.norm(self.act(self.dense(hidden))), word_embeddings, self.bias)
+    def forward(self, hidden):
+        """hidden (..., H) → logits (..., V)."""
+        return self.decoder(self.norm(self.act(self.dense(hidden))))
 
 
 HEAD_NAMES = {  # minibge name → official name (transformers BertForMaskedLM / BertForPreTraining)
@@ -225,7 +227,7 @@ HEAD_NAMES = {  # minibge name → official name (transformers BertForMaskedLM /
     "bias": "cls.predictions.bias",
 }
 # Not loaded: cls.predictions.decoder.weight, the tied word embeddings (BertForMaskedLM ties them on
-# load too). Read only when cls.predictions.bias is absent: the alias some files store instead.
+# load too). DECODER_BIAS is read only when cls.predictions.bias is absent: the alias some files store.
 DECODER_BIAS = "cls.predictions.decoder.bias"
 
 
@@ -241,19 +243,6 @@ def decoder_names(layer: EncoderLayer) -> dict:
     return names
 
 
-def copy_checked(module: nn.Module, tensors: dict, source: str) -> None:
-    """Copy {name: tensor} into `module` after checking the exact key set and every shape."""
-    ours = module.state_dict()
-    if set(tensors) != set(ours):
-        raise ValueError(f"{source}: expected tensors {sorted(ours)}, got {sorted(tensors)}")
-    for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(ours[name].shape):
-            raise ValueError(f"{source}: {name} has shape {tuple(tensor.shape)}, expected {tuple(ours[name].shape)}")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            ours[name].copy_(tensor)
-
-
 # -----------------------------------------------------------------------------
 # The model
 
@@ -267,9 +256,10 @@ class RetroMAEForPretraining(nn.Module):
         self.encoder = encoder
         self.variant = variant
         self.decoder = EncoderLayer(encoder.config, encoder.attn_impl)  # the only decoder-specific weights
-        self.head = MLMHead(encoder.config)
+        self.head = MLMHead(encoder.config, encoder.embeddings.word_embeddings)
         self.decoder.apply(encoder._init_weights)  # HF init, as upstream applies lm._init_weights to c_head
-        self.head.apply(encoder._init_weights)     # (the head's bias Parameter starts at 0 either way)
+        for module in (self.head.dense, self.head.norm):  # not the decoder: its weight is the loaded embeddings
+            encoder._init_weights(module)
 
     @classmethod
     def from_pretrained(cls, path, variant: str = "bge", attn_impl: str = "sdpa") -> "RetroMAEForPretraining":
@@ -279,19 +269,19 @@ class RetroMAEForPretraining(nn.Module):
         folder = resolve_model_path(path)
         model = cls(load_model(folder, attn_impl=attn_impl), variant)
         state = read_state_dict(folder)
-        head = {ours: state[official] for ours, official in HEAD_NAMES.items() if official in state}
-        if "bias" not in head and DECODER_BIAS in state:
-            head["bias"] = state[DECODER_BIAS]
+        head = {official: state[official] for official in HEAD_NAMES.values() if official in state}
+        if HEAD_NAMES["bias"] not in head and DECODER_BIAS in state:
+            head[HEAD_NAMES["bias"]] = state[DECODER_BIAS]
         if head:
-            copy_checked(model.head, head, f"MLM head in {folder}")
+            copy_checked(model.head, head, f"MLM head in {folder}", HEAD_NAMES, what="an MLM head")
             logger.info("loaded the MLM head from %s", folder)
         else:
             logger.info("%s has no MLM head (cls.predictions.*); starting a fresh one", folder)
         if (folder / DECODER_NAME).is_file():
-            stored = load_file(folder / DECODER_NAME)
             names = decoder_names(model.decoder)
-            copy_checked(model.decoder, {ours: stored[official] for ours, official in names.items() if official in stored},
-                         str(folder / DECODER_NAME))
+            stored = {name: tensor for name, tensor in load_file(folder / DECODER_NAME).items()
+                      if name in names.values()}
+            copy_checked(model.decoder, stored, str(folder / DECODER_NAME), names, what="the RetroMAE decoder layer")
             logger.info("loaded the RetroMAE decoder from %s", folder / DECODER_NAME)
         return model.eval()
 
@@ -303,7 +293,7 @@ class RetroMAEForPretraining(nn.Module):
         I run the head on the labelled positions only: the same value as scoring every position and
         ignoring -100, without a (B, L, V) logits tensor for the 70% the encoder does not predict."""
         scored = labels != IGNORE  # (B, L)
-        logits = self.head(hidden[scored], self.encoder.embeddings.word_embeddings.weight)  # (N, V)
+        logits = self.head(hidden[scored])  # (N, V)
         return F.cross_entropy(logits.float(), labels[scored], reduction="sum") / scored.sum().clamp(min=1)
 
     def query_stream(self, sentence_embedding, length: int):
@@ -324,8 +314,11 @@ class RetroMAEForPretraining(nn.Module):
         # would poison the gradient of h_X. I let it see h_X instead: its output is never scored.
         sees_nothing = ~visible.any(dim=-1, keepdim=True)  # (B, L, 1)
         visible = torch.cat([visible[..., :1] | sees_nothing, visible[..., 1:]], dim=-1)
-        out, _ = self.decoder(self.query_stream(sentence_embedding, L), visible[:, None],
-                              key_value_states=content)  # (B, L, H); mask (B, 1, L, L) broadcasts over heads
+        query = self.query_stream(sentence_embedding, L)
+        if self.encoder.gradient_checkpointing and self.training and torch.is_grad_enabled():  # the encoder's flag
+            out, _ = checkpoint(self.decoder, query, visible[:, None], key_value_states=content, use_reentrant=False)
+        else:  # (B, L, H); the mask (B, 1, L, L) broadcasts over heads
+            out, _ = self.decoder(query, visible[:, None], key_value_states=content)
         return self.mlm_loss(out, decoder_labels)
 
     def forward(self, encoder_input_ids, encoder_attention_mask, encoder_labels,
@@ -346,22 +339,18 @@ class RetroMAEForPretraining(nn.Module):
             retromae_decoder.safetensors     the decoder layer, so pre-training can continue from here
         """
         directory = Path(directory)
-        if tokenizer is None:
-            save_pretrained(self.encoder, directory)
-        else:
-            Embedder(self.encoder, tokenizer, pooling="cls", max_length=max_length).save_pretrained(directory)
-        # weights.save_pretrained writes the encoder only; I add the head's five tensors to its file.
-        # (The tied decoder matrix is not stored: transformers 5 does not store it either.)
-        tensors = load_file(directory / SAFETENSORS_NAME)
+        # The head's five tensors go into the encoder's file, and config.json says it holds a masked-LM
+        # head: "architectures" is what tools (the Hub's widgets, transformers' pipelines) read to pick
+        # a class; AutoModel itself goes by model_type. (The tied decoder matrix is not stored:
+        # transformers 5 does not store it either.)
         head = self.head.state_dict()
-        tensors.update({official: head[ours].detach().cpu().contiguous() for ours, official in HEAD_NAMES.items()})
-        write_safetensors(tensors, directory / SAFETENSORS_NAME)
-        # The file holds an MLM head too, so I say so: "architectures" is what tools (the Hub's widgets,
-        # transformers' pipelines) read to pick a class; AutoModel itself goes by model_type.
-        config = {**json.loads((directory / CONFIG_NAME).read_text()), "architectures": ["BertForMaskedLM"]}
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        save_pretrained(self.encoder, directory, {official: head[ours] for ours, official in HEAD_NAMES.items()},
+                        architectures=["BertForMaskedLM"])
+        if tokenizer is not None:  # what Embedder.save_pretrained adds, with CLS pooling and no instruction
+            tokenizer.save_pretrained(directory)
+            write_sentence_transformers_files(directory, "cls", min(max_length, self.encoder.config.max_position_embeddings),
+                                              self.encoder.config.hidden_size, None)
         decoder = self.decoder.state_dict()
         write_safetensors({official: decoder[ours].detach().cpu().contiguous()
                            for ours, official in decoder_names(self.decoder).items()}, directory / DECODER_NAME)
         return directory
-

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -137,25 +138,37 @@ def normalize_names(state: dict) -> dict:
 # -----------------------------------------------------------------------------
 # Checking and copying
 
-def load_state_into(model: BertModel, state: dict, source: str = "checkpoint") -> None:
-    """Copy official-named tensors into `model` after checking the exact key set and every shape."""
-    state = normalize_names(state)
-    names = official_names(model)
-    expected, found = set(names.values()), set(state)
+def copy_checked(module: nn.Module, tensors: dict, source: str, names: dict | None = None,
+                 what: str | None = None) -> None:
+    """Copy `tensors` into `module` after checking the exact key set, every shape and every dtype.
+
+    names: {module's state_dict name: name in `tensors`} for the tensors to fill (default: all of the
+    module's, under their own names). Everything is checked before anything is copied, so a bad file
+    raises a ValueError naming the tensor and leaves the module as it was. `what` names the module
+    in the key-set message (e.g. "a BertModel with 12 layers").
+    """
+    ours = module.state_dict()
+    names = names if names is not None else {name: name for name in ours}
+    expected, found = set(names.values()), set(tensors)
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
-        raise ValueError(f"{source} does not match a BertModel with {model.config.num_hidden_layers} layers:\n"
+        raise ValueError(f"{source} does not match {what or type(module).__name__}:\n"
                          f"  missing ({len(missing)}): {missing[:10]}\n  unexpected ({len(unexpected)}): {unexpected[:10]}")
-    ours = model.state_dict()
-    for our_name, official in names.items():
-        if tuple(state[official].shape) != tuple(ours[our_name].shape):
-            raise ValueError(f"{source}: tensor {official} has shape {tuple(state[official].shape)}, "
+    for our_name, theirs in names.items():
+        if tuple(tensors[theirs].shape) != tuple(ours[our_name].shape):
+            raise ValueError(f"{source}: tensor {theirs} has shape {tuple(tensors[theirs].shape)}, "
                              f"but config.json implies {tuple(ours[our_name].shape)}")
-        if not state[official].is_floating_point():
-            raise ValueError(f"{source}: tensor {official} has dtype {state[official].dtype}, expected a float type")
+        if not tensors[theirs].is_floating_point():
+            raise ValueError(f"{source}: tensor {theirs} has dtype {tensors[theirs].dtype}, expected a float type")
     with torch.no_grad():
-        for our_name, official in names.items():
-            ours[our_name].copy_(state[official])  # copy_ also converts fp16/bf16 files to the model's dtype
+        for our_name, theirs in names.items():
+            ours[our_name].copy_(tensors[theirs])  # copy_ also converts fp16/bf16 files to the module's dtype
+
+
+def load_state_into(model: BertModel, state: dict, source: str = "checkpoint") -> None:
+    """Copy official-named tensors into `model` after checking the exact key set and every shape."""
+    copy_checked(model, normalize_names(state), source, official_names(model),
+                 what=f"a BertModel with {model.config.num_hidden_layers} layers")
 
 
 def load_model(path, attn_impl: str = "sdpa", device=None, dtype=None) -> BertModel:
@@ -184,15 +197,25 @@ def write_safetensors(tensors: dict, path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def save_pretrained(model: BertModel, directory) -> Path:
+def save_pretrained(model: BertModel, directory, extra_tensors: dict | None = None,
+                    architectures: list[str] | None = None) -> Path:
     """Write config.json + model.safetensors exactly as the official BAAI files are laid out:
     unprefixed official names, the pooler when the model has one, and the int64 position_ids
-    buffer, with safetensors metadata {"format": "pt"} (what transformers expects)."""
+    buffer, with safetensors metadata {"format": "pt"} (what transformers expects).
+
+    extra_tensors: more official-named tensors for the same file (RetroMAE's MLM head, cls.*);
+    architectures: config.json's "architectures" (default ["BertModel"]), what tools such as the
+    Hub's widgets read to pick a class for the file.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     ours = model.state_dict()
     tensors = {official: ours[name].detach().cpu().contiguous() for name, official in official_names(model).items()}
     tensors[POSITION_IDS] = torch.arange(model.config.max_position_embeddings).unsqueeze(0)  # (1, P) int64
+    tensors.update({name: tensor.detach().cpu().contiguous() for name, tensor in (extra_tensors or {}).items()})
     write_safetensors(tensors, directory / SAFETENSORS_NAME)
-    (directory / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    config = model.config.to_dict()
+    if architectures is not None:
+        config["architectures"] = list(architectures)
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return directory

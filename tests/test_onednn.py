@@ -230,24 +230,25 @@ def test_bert_model_on_onednn_matches_transformers_gradients():
 
 @needs_onednn
 def test_retromae_head_follows_its_dense_layer_onto_onednn():
-    # the vocabulary projection uses the tied embedding table, not an nn.Linear: the switch reaches it through the head
+    # the vocabulary projection is an nn.Linear tied to the embedding table: the switch reaches it like any Linear
     from minibge.retromae import MLMHead
 
     config = BertConfig(**TINY)
-    torch.manual_seed(0)
-    plain = MLMHead(config)
-    switched = MLMHead(config)
-    switched.load_state_dict(plain.state_dict())
-    onednn.use_onednn_linears(switched)
     generator = torch.Generator().manual_seed(1)
     table = torch.randn(config.vocab_size, config.hidden_size, generator=generator)
     hidden = torch.randn(2, 7, config.hidden_size, generator=generator)
+    tables = [nn.Embedding.from_pretrained(table.clone(), freeze=False) for _ in range(2)]
+    torch.manual_seed(0)
+    plain = MLMHead(config, tables[0])
+    switched = MLMHead(config, tables[1])
+    switched.load_state_dict(plain.state_dict())
+    onednn.use_onednn_linears(switched)
     results = []
-    for head in (plain, switched):
-        table_leaf, hidden_leaf = table.clone().requires_grad_(), hidden.clone().requires_grad_()
-        logits = head(hidden_leaf, table_leaf)
+    for head, table_module in zip((plain, switched), tables):
+        hidden_leaf = hidden.clone().requires_grad_()
+        logits = head(hidden_leaf)
         logits.logsumexp(dim=-1).sum().backward()
-        results.append({"logits": logits.detach(), "∂table": table_leaf.grad, "∂hidden": hidden_leaf.grad,
+        results.append({"logits": logits.detach(), "∂table": table_module.weight.grad, "∂hidden": hidden_leaf.grad,
                         "∂bias": head.bias.grad, "∂dense": head.dense.weight.grad})
         grad_fn = type(logits.grad_fn).__name__
     assert "LinearFunction" in grad_fn, f"the switched head's vocabulary projection ran {grad_fn}"

@@ -167,7 +167,7 @@ def test_mlm_head_matches_transformers(hf_checkpoint):
     model = RetroMAEForPretraining.from_pretrained(folder).eval()
     ids = torch.randint(1000, 2000, (3, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = model.head(model.encoder(ids), model.encoder.embeddings.word_embeddings.weight)
+        ours = model.head(model.encoder(ids))
         ref = hf_model(input_ids=ids).logits
     assert (ours - ref).abs().max() <= 1e-4, diff_report(ours, ref)
 
@@ -377,7 +377,7 @@ def test_save_reloads_in_transformers_and_minibge(hf_checkpoint, tokenizer, tmp_
     ids = torch.randint(1000, 2000, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         hidden = model.encoder(ids)
-        logits = model.head(hidden, model.encoder.embeddings.word_embeddings.weight)
+        logits = model.head(hidden)
         hf_base, info_base = transformers.BertModel.from_pretrained(out, output_loading_info=True)
         hf_mlm, info_mlm = transformers.BertForMaskedLM.from_pretrained(out, output_loading_info=True)
         hf_hidden = hf_base.eval()(input_ids=ids).last_hidden_state
