@@ -63,10 +63,11 @@ def _add_loop_options(p, batch_size: int, unit: str) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--seed", type=int, default=42, help="data order, sampling and dropout (default: 42)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="autocast on CUDA (default: fp32)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="less memory, more compute")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="set the model's gradient_checkpointing flag while training: less memory, more compute")
     p.add_argument("--no-onednn", action="store_true",
                    help="on the CPU, keep PyTorch's default matmuls (MKL) instead of oneDNN's, which are faster "
-                        "on some CPUs (2-3× on the AMD EPYC it was developed on); the results agree to float rounding")
+                        "on some CPUs (docs/benchmarks.md, \"Why oneDNN\"); the results agree to float rounding")
     p.add_argument("--log-steps", type=positive_int, default=10, help="log every N steps (default: 10)")
 
 
