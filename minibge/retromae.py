@@ -158,7 +158,7 @@ class RetroMAECollator:
         return ~hidden
 
     def __call__(self, texts: list[str], generator: torch.Generator | None = None) -> dict:
-        """`generator` (train.py passes one per batch) overrides the one given at construction."""
+        """`generator` (train/loop.py passes one per batch) overrides the one given at construction."""
         generator = generator if generator is not None else self.generator
         if isinstance(texts, (list, tuple)) and not texts:
             raise ValueError("RetroMAECollator got an empty list of texts")
@@ -265,7 +265,7 @@ class RetroMAEForPretraining(nn.Module):
     def from_pretrained(cls, path, variant: str = "bge", attn_impl: str = "sdpa") -> "RetroMAEForPretraining":
         """A checkpoint folder (or Hub id) → encoder + head + decoder. A BertForMaskedLM / BertForPreTraining
         checkpoint brings its MLM head; one of our outputs also brings its decoder; the rest starts fresh.
-        Returned in eval mode, like load_model's encoder: call .train() to train (train.py does)."""
+        Returned in eval mode, like load_model's encoder: call .train() to train (train/loop.py does)."""
         folder = resolve_model_path(path)
         model = cls(load_model(folder, attn_impl=attn_impl), variant)
         state = read_state_dict(folder)

@@ -1,4 +1,4 @@
-"""The shared training loop (minibge/train.py): data order, schedule, checkpoint + exact resume,
+"""The shared training loop (minibge/train/loop.py): data order, schedule, checkpoint + exact resume,
 output-folder rules, gradient checkpointing. Toy models keep every test well under a second."""
 import json
 import logging

@@ -48,7 +48,7 @@ def _rank_window(value: str) -> tuple[int, int]:
 
 
 def _add_loop_options(p, batch_size: int, unit: str) -> None:
-    """The options of train.py's loop (TrainConfig and --out), shared by finetune and pretrain."""
+    """The options of train/loop.py's loop (TrainConfig and --out), shared by finetune and pretrain."""
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty, or a run to --resume)")
     p.add_argument("--epochs", type=positive_int, default=1, help="passes over the data (default: 1)")
     p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps (overrides --epochs)")

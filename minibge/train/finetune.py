@@ -18,7 +18,7 @@ is a complete embedder folder (Embedder.save_pretrained): the weights in the off
 the tokenizer and the sentence-transformers files, with the base model's pooling, maximum
 length and query instruction, so load_embedder, transformers and sentence-transformers load it.
 
-Everything random here (which positive, which negatives) comes from the generator train.Batches
+Everything random here (which positive, which negatives) comes from the generator loop.Batches
 hands to collate, so a resumed run samples exactly what the uninterrupted run would have.
 """
 from __future__ import annotations

@@ -47,7 +47,7 @@ def read_corpus(path) -> list[str]:
                 obj = json.loads(line)
                 if not isinstance(obj["text"], str):
                     raise TypeError
-                text = document_text(obj)  # the text evaluate.py embeds
+                text = document_text(obj)  # the text evaluate/ embeds
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise DataError(f"{path} line {number}: expected a JSON object with a \"text\" string") from None
             texts.append(text)

@@ -1,14 +1,14 @@
-"""RetroMAE pre-training on raw text: `minibge pretrain`, on the shared training loop (train.py).
+"""RetroMAE pre-training on raw text: `minibge pretrain`, on the shared training loop (loop.py).
 
     texts ──RetroMAECollator──▶ encoder batch (30% masked) + decoder batch ((B, L, L) masks)
-          ──RetroMAEForPretraining──▶ {"loss", "encoder_loss", "decoder_loss"} ──▶ train.py
+          ──RetroMAEForPretraining──▶ {"loss", "encoder_loss", "decoder_loss"} ──▶ loop.py
 
 The corpus is read by mine.read_corpus, the reader hard-negative mining uses for its pool: jsonl
 lines {"text": ...} (a BEIR "title" is put in front), or any other file as one text per line;
 .gz is fine, blank lines are skipped, repeated texts kept once, and an empty corpus is an error.
 
 Everything the loop needs for an exact resume is in place: the collator draws its masks from the
-per-batch generator train.Batches hands it, and the decoder layer and MLM head are ordinary
+per-batch generator loop.Batches hands it, and the decoder layer and MLM head are ordinary
 parameters of the model, so they are checkpointed with the encoder and its optimizer state.
 The output folder (and every checkpoint-N/) holds RetroMAEForPretraining.save_pretrained's
 files: the encoder with its MLM head in the official layout, the tokenizer, sentence-transformers
