@@ -32,6 +32,19 @@ Names from the outside never become paths unchecked. A repository id must be exa
 out of it. Every file name in a listing must be a plain relative path ("1_Pooling/config.json"
 is fine; "../x", "/etc/x" and "a/../../x" make us refuse the whole listing), and the folder a
 file is written into is checked once more after resolving symlinks, right before writing.
+Files are opened with O_NOFOLLOW, so a planted symlink (``vocab.txt.incomplete -> /elsewhere``)
+is refused, never written through; minibge_source.json goes to a unique temporary name first.
+
+A hostile or broken server cannot make a download last for ever or grow without bound:
+pagination has a page cap, refuses a page seen before and any page on another host (so the
+token never leaves the Hub's host), reads stop at the listed size, and only http(s) redirects
+are followed. Environment variables (read at each download):
+
+    MINIBGE_HUB_SPEED_LIMIT  bytes/s a file transfer must average over each window (1024; 0: off)
+    MINIBGE_HUB_SPEED_TIME   that window in seconds, as curl's --speed-time (60)
+    MINIBGE_HUB_LISTING_TIMEOUT  seconds for the whole file listing, all pages (60)
+    MINIBGE_HUB_MAX_PAGES    listing pages followed at most (100)
+    MINIBGE_HUB_MAX_FILE_SIZE  bytes accepted for a file the listing gives no size for (2 GiB)
 """
 from __future__ import annotations
 
@@ -42,12 +55,15 @@ import json
 import logging
 import os
 import re
+import stat
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urljoin, urlsplit
 
 HUB_URL_ENV = "MINIBGE_HUB_URL"
 WEIGHTS_DIR_ENV = "MINIBGE_WEIGHTS_DIR"
@@ -56,6 +72,9 @@ TIMEOUT_S = 30
 RETRIES = 5
 RETRY_BACKOFF_S = 0.5  # doubled after each failed try: 0.5, 1, 2, 4, 8 seconds
 CHUNK_BYTES = 1 << 20
+MAX_LISTING_PAGE_BYTES = 64 << 20  # a real page of 1000 entries is ~200 KB
+_HEX40 = re.compile(r"[0-9a-f]{40}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json",
@@ -72,6 +91,68 @@ log = logging.getLogger(__name__)
 
 class HubError(RuntimeError):
     """A download problem explained in one message; the CLI prints it without a traceback."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The bounds on one download, from the environment (see the module docstring)."""
+    speed_limit: float = 1024.0
+    speed_time: float = 60.0
+    listing_timeout: float = 60.0
+    max_pages: int = 100
+    max_file_size: int = 2 << 30
+
+    @classmethod
+    def from_env(cls) -> "Limits":
+        values = {}
+        for field, kind in (("speed_limit", float), ("speed_time", float), ("listing_timeout", float),
+                            ("max_pages", int), ("max_file_size", int)):
+            name = "MINIBGE_HUB_" + field.upper()
+            raw = os.environ.get(name)
+            if raw:
+                try:
+                    values[field] = kind(raw)
+                except ValueError:
+                    raise HubError(f"${name}={raw!r} is not a {kind.__name__}") from None
+                if values[field] < 0:
+                    raise HubError(f"${name}={raw!r} must not be negative")
+        return cls(**values)
+
+
+class _StallGuard:
+    """curl's --speed-limit/--speed-time for one file: fail when fewer than `speed_limit` bytes
+    per second arrived over a window of `speed_time` seconds. It spans retries, so a server that
+    keeps timing out or trickling cannot stretch a file's download without end."""
+
+    def __init__(self, url: str, limits: Limits):
+        self.url, self.limit, self.window = url, limits.speed_limit, limits.speed_time
+        self.start, self.bytes = time.monotonic(), 0
+
+    def add(self, n: int) -> None:
+        self.bytes += n
+        self.check()
+
+    def check(self) -> None:
+        elapsed = time.monotonic() - self.start
+        if self.limit <= 0 or elapsed < self.window:
+            return
+        if self.bytes < self.limit * elapsed:
+            raise HubError(f"{self.url} stalled: {self.bytes} bytes in {elapsed:.0f}s, below "
+                           f"MINIBGE_HUB_SPEED_LIMIT={self.limit:g} B/s over MINIBGE_HUB_SPEED_TIME="
+                           f"{self.window:g}s; run again to resume")
+        self.start, self.bytes = time.monotonic(), 0
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib also follows redirects to ftp://; a Hub never sends one."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urlsplit(urljoin(req.full_url, newurl)).scheme not in ("http", "https"):
+            raise HubError(f"{req.full_url} redirected to {newurl}: only http(s) redirects are followed")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_opener = urllib.request.build_opener(_HttpOnlyRedirects)
 
 
 def default_weights_dir() -> Path:
@@ -149,14 +230,19 @@ def local_folder(repo_id: str) -> Path:
 
 
 # ---------------------------------------------------------------- HTTP
-def _open(url: str, offset: int = 0):
+def _same_host(a: str, b: str) -> bool:
+    a, b = urlsplit(a), urlsplit(b)
+    return (a.scheme, a.netloc.lower()) == (b.scheme, b.netloc.lower())
+
+
+def _open(url: str, offset: int = 0, base: str | None = None, timeout: float = TIMEOUT_S):
     request = urllib.request.Request(url, headers={"User-Agent": "minibge"})
     if offset:
         request.add_header("Range", f"bytes={offset}-")
-    if os.environ.get("HF_TOKEN"):
+    if os.environ.get("HF_TOKEN") and (base is None or _same_host(url, base)):
         # "Unredirected": the token goes to the Hub only, never to the CDN it redirects LFS files to.
         request.add_unredirected_header("Authorization", f"Bearer {os.environ['HF_TOKEN']}")
-    return urllib.request.urlopen(request, timeout=TIMEOUT_S)
+    return _opener.open(request, timeout=max(timeout, 0.1))
 
 
 def _unreachable(base: str, error: Exception, dest: Path) -> str:
@@ -166,14 +252,63 @@ def _unreachable(base: str, error: Exception, dest: Path) -> str:
             f"or set {HUB_URL_ENV} to a mirror.")
 
 
-def _list_files(base: str, repo_id: str, revision: str, dest: Path) -> dict[str, dict]:
+def _read_page(response, url: str, deadline: float) -> bytes:
+    """The body of one listing page, within the listing's deadline and MAX_LISTING_PAGE_BYTES."""
+    body = bytearray()
+    while chunk := response.read1(CHUNK_BYTES):
+        body += chunk
+        if len(body) > MAX_LISTING_PAGE_BYTES:
+            raise HubError(f"{url} sent a listing page over {MAX_LISTING_PAGE_BYTES} bytes; is it really a Hub?")
+        if time.monotonic() > deadline:
+            raise TimeoutError("the listing took longer than $MINIBGE_HUB_LISTING_TIMEOUT")
+    return bytes(body)
+
+
+def _check_entry(entry: dict, base: str, repo_id: str) -> None:
+    """One clear error for a file entry whose size or checksums are not what a Hub sends."""
+    def bad(what):
+        return HubError(f"the Hub at {base} sent a malformed entry in the listing of '{repo_id}': "
+                        f"{entry['path']!r} has {what}")
+
+    def check_size(size, where):
+        if size is not None and (type(size) is not int or size < 0):
+            raise bad(f"{where} {size!r} (not a byte count)")
+
+    check_size(entry.get("size"), "size")
+    oid = entry.get("oid")
+    if oid is not None and not (isinstance(oid, str) and _HEX40.fullmatch(oid)):
+        raise bad(f"oid {str(oid)[:80]!r} (not a git blob id)")
+    lfs = entry.get("lfs")
+    if lfs is None:
+        return
+    if not isinstance(lfs, dict):
+        raise bad(f"lfs {str(lfs)[:80]!r} (not an object)")
+    check_size(lfs.get("size"), "lfs size")
+    if lfs.get("oid") is not None and not (isinstance(lfs["oid"], str) and _HEX64.fullmatch(lfs["oid"])):
+        raise bad(f"lfs oid {str(lfs['oid'])[:80]!r} (not a sha256)")
+
+
+def _list_files(base: str, repo_id: str, revision: str, dest: Path, limits: Limits | None = None) -> dict[str, dict]:
     """path -> listing entry, for every file (not directory) of the repository."""
+    limits = limits or Limits()
     url = f"{base}/api/models/{quote(repo_id)}/tree/{quote(revision, safe='')}?recursive=true"
+    deadline = time.monotonic() + limits.listing_timeout
     entries: list[dict] = []
+    seen: set[str] = set()
     while url:  # the Hub pages long listings and names the next page in a Link header
+        # Bounded, because the next page is named by the server: no page twice, no other host,
+        # no more than max_pages. The token is only ever sent to the Hub's own host.
+        if url in seen:
+            raise HubError(f"the listing of '{repo_id}' at {base} names {url} as its next page again; refusing to loop")
+        if not _same_host(url, base):
+            raise HubError(f"the listing of '{repo_id}' at {base} names a next page on another host ({url}); refused")
+        if len(seen) >= limits.max_pages:
+            raise HubError(f"the listing of '{repo_id}' at {base} has more than {limits.max_pages} pages "
+                           f"($MINIBGE_HUB_MAX_PAGES); refusing to read further")
+        seen.add(url)
         try:
-            with _open(url) as response:
-                page = json.load(response)
+            with _open(url, base=base, timeout=min(TIMEOUT_S, deadline - time.monotonic())) as response:
+                page = json.loads(_read_page(response, url, deadline))
                 link = re.search(r'<([^>]+)>;\s*rel="next"', response.headers.get("Link", ""))
         except urllib.error.HTTPError as e:
             if e.code in (401, 403, 404):  # the Hub answers 401 for unknown repos too, to hide private ones
@@ -181,13 +316,16 @@ def _list_files(base: str, repo_id: str, revision: str, dest: Path) -> dict[str,
                                f"revision '{revision}'; for a private or gated model, set HF_TOKEN)") from None
             raise HubError(f"the Hub at {base} answered HTTP {e.code} ({e.reason}) for {url}") from None
         except _TRANSIENT as e:
+            if time.monotonic() > deadline:
+                raise HubError(f"listing '{repo_id}' at {url} took over {limits.listing_timeout:g}s "
+                               f"($MINIBGE_HUB_LISTING_TIMEOUT); the server is too slow or stalled") from None
             raise HubError(_unreachable(base, e, dest)) from None
         except ValueError:
             raise HubError(f"{url} did not return a JSON file listing; is {base} really a Hub?") from None
         if not isinstance(page, list):
             raise HubError(f"{url} did not return a file listing: {str(page)[:200]}")
         entries += page
-        url = link.group(1) if link else None
+        url = urljoin(url, link.group(1)) if link else None
     for entry in entries:
         if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
             raise HubError(f"the Hub at {base} sent a malformed entry in the listing of '{repo_id}': {str(entry)[:100]}")
@@ -196,6 +334,8 @@ def _list_files(base: str, repo_id: str, revision: str, dest: Path) -> dict[str,
         if not _is_relative_file_name(entry["path"]):
             raise HubError(f"refusing to download '{repo_id}' from {base}: its listing names {entry['path']!r}, "
                            f"which points outside the model folder")
+        if entry.get("type") == "file":
+            _check_entry(entry, base, repo_id)
     return {entry["path"]: entry for entry in entries if entry.get("type") == "file"}
 
 
@@ -207,13 +347,24 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _problem(path: Path, size: int | None, sha256: str | None) -> str | None:
+def _git_blob_id(path: Path) -> str:
+    """git's object id of a file: sha1 of b"blob <size>\\0" + content (what the listing's oid is)."""
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _problem(path: Path, size: int | None, sha256: str | None, git_oid: str | None = None) -> str | None:
     """What is wrong with a downloaded file compared with the listing, or None if nothing is."""
     got = path.stat().st_size
     if size is not None and got != size:
         return f"it has {got} bytes, the Hub lists {size}"
     if sha256 and (digest := _sha256(path)) != sha256:
         return f"its sha256 is {digest}, the Hub lists {sha256}"
+    if git_oid and not sha256 and (blob := _git_blob_id(path)) != git_oid:
+        return f"its git blob id is {blob}, the Hub lists {git_oid}"
     return None
 
 
@@ -226,41 +377,90 @@ def _progress_bar(enabled: bool, total: int | None, initial: int, name: str):
                 desc=name, disable=not enabled, leave=False)
 
 
-def _stream(url: str, partial: Path, size: int | None, progress: bool) -> None:
-    """Append the rest of `url` to `partial`; raise ConnectionError if the body comes up short."""
+def _open_no_follow(path: Path, append: bool):
+    """`path` opened for writing, refusing a symlink in its place (O_NOFOLLOW): a planted link must
+    not make us create or overwrite a file outside the model folder."""
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | (os.O_APPEND if append else os.O_TRUNC)
+    try:
+        return os.fdopen(os.open(path, flags, 0o644), "ab" if append else "wb")
+    except OSError as e:
+        if os.path.islink(path):
+            raise HubError(f"refusing to write through the symlink {path} (remove it and run again)") from None
+        raise HubError(f"cannot write {path}: {e.strerror}") from None
+
+
+def _is_symlink(path: Path) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _stream(url: str, partial: Path, size: int | None, progress: bool,
+            limits: Limits | None = None, guard: _StallGuard | None = None) -> None:
+    """Append the rest of `url` to `partial`; raise ConnectionError if the body comes up short.
+
+    Never more than `size` bytes (or limits.max_file_size when the listing gives none) reach disk.
+    """
+    limits = limits or Limits()
+    guard = guard or _StallGuard(url, limits)
+    if _is_symlink(partial):
+        raise HubError(f"refusing to write through the symlink {partial} (remove it and run again)")
     offset = partial.stat().st_size if partial.exists() else 0
     if size is not None and offset > size:  # a leftover from another version of the file
         partial.unlink()
         offset = 0
     if size is not None and offset == size:
         return  # all bytes are on disk already; the checksum decides whether they are right
-    with _open(url, offset) as response:
+    cap = size if size is not None else limits.max_file_size
+    what = f"the {size} bytes the listing gives" if size is not None else \
+        f"the {cap} bytes allowed for a file without a listed size ($MINIBGE_HUB_MAX_FILE_SIZE)"
+    # the socket wakes us at least once a window, so a silent server meets the stall guard
+    timeout = min(TIMEOUT_S, limits.speed_time) if limits.speed_limit > 0 else TIMEOUT_S
+    with _open(url, offset, timeout=timeout) as response:
         if offset and response.status != 206:
             log.info("the server ignored the Range request for %s; starting over", partial.name)
             offset = 0
         length = response.headers.get("Content-Length")
-        expected_end = offset + int(length) if length is not None else size
-        with open(partial, "ab" if offset else "wb") as f, \
+        expected_end = offset + int(length) if length is not None and length.isdigit() else size
+        if expected_end is not None and expected_end > cap:
+            raise HubError(f"{url} announces {expected_end} bytes, more than {what}; nothing kept past them")
+        with _open_no_follow(partial, append=bool(offset)) as f, \
                 _progress_bar(progress, size, offset, partial.name[:-len(".incomplete")]) as bar:
-            while chunk := response.read(CHUNK_BYTES):
+            written = offset
+            while written < cap and (chunk := response.read1(min(CHUNK_BYTES, cap - written))):
                 f.write(chunk)
+                written += len(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
+                guard.add(len(chunk))
+            if written >= cap and length is None:
+                try:  # no length announced: one more byte means the server sends too much
+                    extra = response.read1(1)
+                except TimeoutError:
+                    extra = b""
+                if extra:
+                    f.close()
+                    partial.unlink()
+                    raise HubError(f"{url} sent more than {what}; refused, nothing kept")
     got = partial.stat().st_size
     # urllib does not always raise when the server hangs up early; I check the byte count myself.
     if expected_end is not None and got < expected_end:
         raise ConnectionError(f"connection closed after {got} of {expected_end} bytes")
 
 
-def _fetch_file(url: str, final: Path, size: int | None, sha256: str | None, progress: bool) -> None:
-    if final.is_file() and _problem(final, size, sha256) is None:
+def _fetch_file(url: str, final: Path, size: int | None, sha256: str | None, progress: bool,
+                git_oid: str | None = None, limits: Limits | None = None) -> None:
+    limits = limits or Limits()
+    if final.is_file() and _problem(final, size, sha256, git_oid) is None:
         log.debug("%s is already complete", final)
         return
     final.parent.mkdir(parents=True, exist_ok=True)
     partial = final.with_name(final.name + ".incomplete")
+    guard = _StallGuard(url, limits)  # one per file, across retries
     for attempt in range(RETRIES + 1):
         try:
-            _stream(url, partial, size, progress)
+            _stream(url, partial, size, progress, limits, guard)
             break
         except urllib.error.HTTPError as e:
             if e.code < 500:  # 4xx will not get better by asking again; 5xx might
@@ -268,19 +468,33 @@ def _fetch_file(url: str, final: Path, size: int | None, sha256: str | None, pro
             error: Exception = e
         except _TRANSIENT as e:
             error = e
+        guard.check()  # a server that keeps timing out is a stalled one
         if attempt == RETRIES:
             raise HubError(f"downloading {url} failed {RETRIES + 1} times (last: {error}); "
                            f"run the same command again to resume from {partial}") from None
         wait = RETRY_BACKOFF_S * 2 ** attempt
         log.warning("connection lost while downloading %s (%s); resuming in %.1fs", final.name, error, wait)
         time.sleep(wait)
-    problem = _problem(partial, size, sha256)
+    problem = _problem(partial, size, sha256, git_oid)
     if problem is not None:
         # I delete the bad bytes: resuming on top of them could never produce a good file.
         partial.unlink()
         raise HubError(f"{final.name} from {url} is corrupt: {problem}; nothing was kept, try again")
     os.replace(partial, final)
     log.info("fetched %s (%d bytes)", final, final.stat().st_size)
+
+
+def _write_source(dest: Path, repo_id: str, revision: str) -> None:
+    """minibge_source.json, written to a unique temporary name and renamed: never through a symlink."""
+    fd, tmp = tempfile.mkstemp(dir=dest, prefix="." + SOURCE_FILE + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"repo_id": repo_id, "revision": revision}) + "\n")
+        os.replace(tmp, dest / SOURCE_FILE)  # replaces a symlink itself, not its target
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _shard_names(index: Path) -> list[str]:
@@ -310,7 +524,8 @@ def download(repo_id: str, dest: Path | None = None, revision: str = "main",
     base = hub_url(base_url)
     dest = Path(dest).expanduser() if dest is not None else local_folder(repo_id)
     check_source(dest, repo_id)  # never mix two repositories' files in one folder
-    listing = _list_files(base, repo_id, revision, dest)
+    limits = Limits.from_env()
+    listing = _list_files(base, repo_id, revision, dest, limits)
     if "config.json" not in listing:
         raise HubError(f"'{repo_id}' has no config.json at revision '{revision}'; is it a BERT/BGE model?")
     log.info("downloading %s@%s from %s into %s", repo_id, revision, base, dest)
@@ -322,7 +537,9 @@ def download(repo_id: str, dest: Path | None = None, revision: str = "main",
         entry = listing[path]
         lfs = entry.get("lfs") or {}
         url = f"{base}/{quote(repo_id)}/resolve/{quote(revision, safe='')}/{quote(path)}"
-        _fetch_file(url, dest / path, lfs.get("size", entry.get("size")), lfs.get("oid"), progress)
+        size = lfs["size"] if lfs.get("size") is not None else entry.get("size")
+        git_oid = None if lfs else entry.get("oid")  # an LFS file's oid is its pointer's, not its content's
+        _fetch_file(url, dest / path, size, lfs.get("oid"), progress, git_oid, limits)
 
     for path in TOKENIZER_FILES + SENTENCE_TRANSFORMERS_FILES:
         if path in listing:
@@ -344,7 +561,7 @@ def download(repo_id: str, dest: Path | None = None, revision: str = "main",
         raise HubError(f"'{repo_id}' has no weights minibge can read "
                        f"(model.safetensors, {SHARD_INDEX} or pytorch_model.bin)")
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / SOURCE_FILE).write_text(json.dumps({"repo_id": repo_id, "revision": revision}) + "\n")
+    _write_source(dest, repo_id, revision)
     fetch("config.json")  # last: its presence marks a complete folder
     return dest
 
@@ -365,6 +582,10 @@ def resolve_model_path(name_or_path: str | Path, download_if_missing: bool = Tru
     local = local_folder(name)
     if (local / "config.json").is_file():
         check_source(local, name)
+        if recorded_source(local) is None:
+            # Filled by hand or by weights/fetch_minilm.py: it could hold another org's model of that name.
+            log.warning("answering '%s' with %s, which records no source (no %s); if it holds another "
+                        "repository's model, move it away", name, local, SOURCE_FILE)
         return local
     not_a_folder = f"no folder {path.absolute()}, and as a Hub id"
     if not download_if_missing:
