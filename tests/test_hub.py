@@ -10,6 +10,7 @@ import random
 import re
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
@@ -72,6 +73,12 @@ class FakeHub:
         self.corrupt = set()     # file paths served with wrong bytes (same length)
         self.ignore_range = False
         self.extra_entries = []  # appended to every listing as they are: e.g. malformed ones
+        self.entry_patch = {}    # path -> fields that replace the listing entry's own
+        self.link = None         # a Link header sent with every listing page (or a function making one)
+        self.trickle = {}        # path -> seconds between single bytes of its body
+        self.extra_bytes = {}    # path -> bytes sent after the file's own
+        self.no_length = set()   # paths served without Content-Length (closed to end)
+        self.redirect = {}       # path -> Location answered with 302
         hub_state = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -93,12 +100,32 @@ class FakeHub:
                     if m.group(1) not in hub_state.repos:
                         return self.send(404, b'{"error": "Repository not found"}')
                     entries = listing(hub_state.repos[m.group(1)]) + hub_state.extra_entries
-                    return self.send(200, json.dumps(entries).encode())
+                    for entry in entries:
+                        if isinstance(entry, dict) and entry.get("path") in hub_state.entry_patch:
+                            entry.update(hub_state.entry_patch[entry["path"]])
+                    link = hub_state.link() if callable(hub_state.link) else hub_state.link
+                    return self.send(200, json.dumps(entries).encode(), [("Link", link)] if link else [])
                 m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
                 if not m or m.group(3) not in hub_state.repos.get(m.group(1), {}):
                     return self.send(404, b"Entry not found")
                 name = m.group(3)
-                data = hub_state.repos[m.group(1)][name]
+                data = hub_state.repos[m.group(1)][name] + hub_state.extra_bytes.get(m.group(3), b"")
+                if name in hub_state.redirect:
+                    return self.send(302, b"", [("Location", hub_state.redirect[name])])
+                if name in hub_state.trickle or name in hub_state.no_length:
+                    self.send_response(200)
+                    if name not in hub_state.no_length:
+                        self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.close_connection = True
+                    for i in range(len(data) if name in hub_state.trickle else 1):  # bounded
+                        try:
+                            self.wfile.write(data[i:i + 1] if name in hub_state.trickle else data)
+                            self.wfile.flush()
+                        except OSError:  # the client gave up: that is what we test
+                            return
+                        time.sleep(hub_state.trickle.get(name, 0))
+                    return
                 if name in hub_state.corrupt:
                     data = bytes([data[0] ^ 0xFF]) + data[1:]
                 start = 0
@@ -424,3 +451,144 @@ def test_no_progress_bars_in_logs_by_default(fake_hub, tmp_path, capsys):
     assert capsys.readouterr().err == ""
     download(SHARDED, tmp_path / "s", base_url=fake_hub.url, progress=True)
     assert "model-00001-of-00002" in capsys.readouterr().err  # the bar, when asked for
+
+
+# ---------------------------------------------------------------- hostile servers (issue 23: 6, 7, 8, 11)
+def test_trickling_server_is_given_up_by_the_stall_guard(fake_hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIBGE_HUB_SPEED_LIMIT", "1000")
+    monkeypatch.setenv("MINIBGE_HUB_SPEED_TIME", "1")
+    fake_hub.trickle["vocab.txt"] = 0.1  # ~10 B/s, and it would take 3 s to finish
+    start = time.monotonic()
+    with pytest.raises(HubError, match=r"vocab.txt stalled: .*MINIBGE_HUB_SPEED_LIMIT"):
+        download(REPO, tmp_path / "m", base_url=fake_hub.url, progress=False)
+    assert time.monotonic() - start < 2.5
+    assert not (tmp_path / "m" / "config.json").exists()
+
+
+def test_slow_but_steady_server_still_finishes(fake_hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIBGE_HUB_SPEED_LIMIT", "5")
+    monkeypatch.setenv("MINIBGE_HUB_SPEED_TIME", "0.5")
+    fake_hub.trickle["tokenizer_config.json"] = 0.02  # 50 B/s: slow, but above the floor
+    dest = download(REPO, tmp_path / "m", base_url=fake_hub.url, progress=False)
+    assert (dest / "tokenizer_config.json").read_bytes() == FILES["tokenizer_config.json"]
+
+
+def test_default_limits():
+    limits = hub.Limits.from_env()
+    assert (limits.speed_limit, limits.speed_time, limits.listing_timeout) == (1024, 60, 60)
+    assert (limits.max_pages, limits.max_file_size) == (100, 2 << 30)
+
+
+def test_bad_limit_setting_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("MINIBGE_HUB_SPEED_TIME", "soon")
+    with pytest.raises(HubError, match=r"\$MINIBGE_HUB_SPEED_TIME='soon' is not a float"):
+        download(REPO, tmp_path / "m", base_url=dead_url(), progress=False)
+
+
+@pytest.mark.parametrize("link", ["<{url}/api/models/test-org/tiny-bge/tree/main?recursive=true>; rel=\"next\"",
+                                  "</api/models/test-org/tiny-bge/tree/main?recursive=true>; rel=\"next\""])
+def test_next_page_pointing_at_itself_is_an_error_not_a_loop(fake_hub, tmp_path, link):
+    fake_hub.link = link.format(url=fake_hub.url)
+    with pytest.raises(HubError, match="as its next page again"):
+        download(REPO, tmp_path / "m", base_url=fake_hub.url, progress=False)
+    assert len(fake_hub.requests) == 1
+
+
+def test_page_cap(fake_hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIBGE_HUB_MAX_PAGES", "3")
+    cursors = iter(range(1000))  # a fresh cursor for every page, so only the cap can stop it
+    fake_hub.link = lambda: f"<?recursive=true&cursor={next(cursors)}>; rel=\"next\""
+    with pytest.raises(HubError, match=r"more than 3 pages \(\$MINIBGE_HUB_MAX_PAGES\)"):
+        download(REPO, tmp_path / "m", base_url=fake_hub.url, progress=False)
+    assert len(fake_hub.requests) == 3
+
+
+def test_next_page_on_another_host_is_refused_and_gets_no_token(fake_hub, tmp_path, monkeypatch):
+    other = FakeHub()
+    try:
+        monkeypatch.setenv("HF_TOKEN", "secret")
+        fake_hub.link = f"<{other.url}/api/models/{REPO}/tree/main?recursive=true>; rel=\"next\""
+        with pytest.raises(HubError, match="next page on another host"):
+            download(REPO, tmp_path / "m", base_url=fake_hub.url, progress=False)
+        assert other.requests == []
+    finally:
+        other.server.shutdown()
+        other.server.server_close()
+
+
+@pytest.mark.parametrize("no_length", [False, True])
+def test_reads_stop_at_the_listed_size(fake_hub, tmp_path, no_length):
+    fake_hub.extra_bytes["vocab.txt"] = b"x" * 100_000
+    if no_length:
+        fake_hub.no_length.add("vocab.txt")
+    with pytest.raises(HubError, match="vocab.txt (announces|sent more than).*the %d bytes the listing gives"
+                       % len(FILES["vocab.txt"])):
+        download(REPO, tmp_path / "m", base_url=fake_hub.url, progress=False)
+    assert not (tmp_path / "m" / "vocab.txt").exists()
+    assert not (tmp_path / "m" / "vocab.txt.incomplete").exists()
+
+
+def test_entry_without_size_has_a_cap(fake_hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIBGE_HUB_MAX_FILE_SIZE", "1000")
+    fake_hub.entry_patch["vocab.txt"] = {"size": None, "oid": None}
+    fake_hub.extra_bytes["vocab.txt"] = b"x" * 5000
+    fake_hub.no_length.add("vocab.txt")
+    with pytest.raises(HubError, match=r"vocab.txt sent more than the 1000 bytes allowed.*MINIBGE_HUB_MAX_FILE_SIZE"):
+        download(REPO, tmp_path / "m", base_url=fake_hub.url, progress=False)
+    assert not (tmp_path / "m" / "vocab.txt.incomplete").exists()
+
+
+@pytest.mark.parametrize("patch", [{"size": -1}, {"size": "abc"}, {"lfs": [1, 2]}, {"lfs": {"size": -5}},
+                                   {"oid": 7}])
+def test_bad_sizes_in_listing_are_one_clear_error(fake_hub, tmp_path, patch):
+    fake_hub.entry_patch["model.safetensors"] = patch
+    with pytest.raises(HubError, match=r"malformed entry.*'model.safetensors' has") as info:
+        download(REPO, tmp_path / "m", base_url=fake_hub.url, progress=False)
+    assert "\n" not in str(info.value)
+    assert fake_hub.content_gets() == []
+
+
+def test_non_lfs_file_is_checked_against_its_git_blob_id(fake_hub, tmp_path):
+    fake_hub.corrupt.add("vocab.txt")
+    with pytest.raises(HubError, match="vocab.txt .*corrupt: its git blob id is"):
+        download(REPO, tmp_path / "m", base_url=fake_hub.url, progress=False)
+    assert not (tmp_path / "m" / "vocab.txt").exists()
+    assert not (tmp_path / "m" / "vocab.txt.incomplete").exists()
+
+
+def test_redirect_to_ftp_is_an_error_not_retries(fake_hub, tmp_path):
+    fake_hub.redirect["vocab.txt"] = "ftp://127.0.0.1/vocab.txt"
+    with pytest.raises(HubError, match=r"vocab.txt redirected to ftp://.*only http\(s\) redirects"):
+        download(REPO, tmp_path / "m", base_url=fake_hub.url, progress=False)
+    assert len(fake_hub.content_gets("vocab.txt")) == 1
+
+
+def test_planted_dangling_symlink_is_not_written_through(fake_hub, tmp_path):
+    dest, outside = tmp_path / "m", tmp_path / "outside" / "x"
+    dest.mkdir()
+    outside.parent.mkdir()
+    (dest / "vocab.txt.incomplete").symlink_to(outside)
+    with pytest.raises(HubError, match="refusing to write through the symlink .*vocab.txt.incomplete"):
+        download(REPO, dest, base_url=fake_hub.url, progress=False)
+    assert not outside.exists()
+
+
+def test_symlinked_source_record_does_not_overwrite_its_target(fake_hub, tmp_path):
+    dest, target = tmp_path / "m", tmp_path / "precious.txt"
+    dest.mkdir()
+    target.write_text("keep me")
+    (dest / hub.SOURCE_FILE).symlink_to(target)
+    download(REPO, dest, base_url=fake_hub.url, progress=False)
+    assert target.read_text() == "keep me"
+    assert not (dest / hub.SOURCE_FILE).is_symlink() and hub.recorded_source(dest) == REPO
+    assert all_files(dest) == sorted(WANTED + [hub.SOURCE_FILE])  # no temporary left
+
+
+def test_unrecorded_folder_answers_a_hub_id_with_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(hub.WEIGHTS_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(hub.HUB_URL_ENV, dead_url())
+    (tmp_path / "all-MiniLM-L6-v2").mkdir()
+    (tmp_path / "all-MiniLM-L6-v2" / "config.json").write_text("{}")
+    with caplog.at_level("WARNING", logger="minibge.hub"):
+        assert resolve_model_path("someone/all-MiniLM-L6-v2") == tmp_path / "all-MiniLM-L6-v2"
+    assert "records no source" in caplog.text and "someone/all-MiniLM-L6-v2" in caplog.text
