@@ -79,6 +79,7 @@ class FakeHub:
         self.extra_bytes = {}    # path -> bytes sent after the file's own
         self.no_length = set()   # paths served without Content-Length (closed to end)
         self.redirect = {}       # path -> Location answered with 302
+        self.trickle_listing = 0  # seconds between single bytes of the listing
         hub_state = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -104,6 +105,19 @@ class FakeHub:
                         if isinstance(entry, dict) and entry.get("path") in hub_state.entry_patch:
                             entry.update(hub_state.entry_patch[entry["path"]])
                     link = hub_state.link() if callable(hub_state.link) else hub_state.link
+                    if hub_state.trickle_listing:
+                        body = json.dumps(entries).encode()
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        for i in range(len(body)):  # bounded, and stops when the client hangs up
+                            try:
+                                self.wfile.write(body[i:i + 1])
+                                self.wfile.flush()
+                            except OSError:
+                                return
+                            time.sleep(hub_state.trickle_listing)
+                        return
                     return self.send(200, json.dumps(entries).encode(), [("Link", link)] if link else [])
                 m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
                 if not m or m.group(3) not in hub_state.repos.get(m.group(1), {}):
@@ -492,6 +506,15 @@ def test_next_page_pointing_at_itself_is_an_error_not_a_loop(fake_hub, tmp_path,
     with pytest.raises(HubError, match="as its next page again"):
         download(REPO, tmp_path / "m", base_url=fake_hub.url, progress=False)
     assert len(fake_hub.requests) == 1
+
+
+def test_trickling_listing_meets_its_deadline(fake_hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIBGE_HUB_LISTING_TIMEOUT", "1")
+    fake_hub.trickle_listing = 0.05  # the listing would take minutes at this rate
+    start = time.monotonic()
+    with pytest.raises(HubError, match=r"listing 'test-org/tiny-bge' at .* took over 1s \(\$MINIBGE_HUB_LISTING_TIMEOUT\)"):
+        download(REPO, tmp_path / "m", base_url=fake_hub.url, progress=False)
+    assert time.monotonic() - start < 2.5
 
 
 def test_page_cap(fake_hub, tmp_path, monkeypatch):
