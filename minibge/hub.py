@@ -18,7 +18,8 @@ The download protocol, file by file:
    interrupted), ask only for the rest with ``Range: bytes=N-``; a server that ignores the
    range answers 200 with the whole file, and then we start over.
 3. If the connection drops mid-file, retry a few times, each time resuming from disk.
-4. Check the size, and the sha256 the listing gives for LFS files. On a mismatch, delete the
+4. Check the size, and the sha256 the listing gives for LFS files (for other files, their git
+   blob id, sha1 of b"blob <size>\\0" + content). On a mismatch, delete the
    partial file and fail; otherwise rename it into place with ``os.replace``. The rename is
    atomic, so a file under its final name is always a complete, verified one.
 
