@@ -371,3 +371,25 @@ POOLING = {"cls": cls_pool, "mean": mean_pool}
 def l2_normalize(x, eps=1e-12):
     """Unit-length rows, so a dot product is a cosine similarity (F.normalize, as BGE and ST use)."""
     return F.normalize(x, p=2, dim=-1, eps=eps)
+
+
+# -----------------------------------------------------------------------------
+# Work done by one forward pass (as nanoGPT's estimate_mfu sits beside its model)
+
+def encoder_flops(config, lengths) -> float:
+    """Useful FLOPs of one forward pass of the encoder over texts of these token lengths.
+
+    A (n × k) @ (k × m) matmul costs 2·n·k·m FLOPs (one multiply, one add per term). For a text of
+    n real tokens, each of the L layers does:
+
+        Q, K, V, out-projection   4 Linears H→H      2·n·4H²
+        feed-forward              H→I and I→H        2·n·2HI
+        attention scores  QKᵀ     (n × H)·(H × n)    2·n²·H    (summed over heads: heads·d = H)
+        weighted values   P·V     (n × n)·(n × H)    2·n²·H
+
+    so L·(2·n·(4H² + 2HI) + 4·n²·H) in all. Only real tokens count: padding is work a batch
+    layout wastes, not work the text needs, so every implementation is charged the same. Left out
+    as small next to these: embeddings, LayerNorm, GELU, softmax, biases, the pooler.
+    """
+    H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    return float(sum(L * (2 * n * (4 * H * H + 2 * H * I) + 4 * n * n * H) for n in map(int, lengths)))

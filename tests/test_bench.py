@@ -14,7 +14,8 @@ from minibge import BertConfig, BertModel, Embedder, load_embedder
 from minibge.bench import gpu as bench_gpu
 from minibge.bench import train as bench_train
 from minibge.fast import onednn
-from minibge.bench.run import Workload, build_peers, encoder_flops, markdown, run_rounds, summarise
+from minibge.bench.run import Workload, build_peers, markdown, run_rounds, summarise
+from minibge.model import encoder_flops
 from minibge.bench.peers import all_peers
 
 

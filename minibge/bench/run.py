@@ -18,7 +18,8 @@ sentence-transformers, ONNX Runtime with its BERT graph optimizer. The reference
 (`pip install minibge[bench]`); a peer whose library is missing is listed as skipped.
 
 Useful work is counted the same for every peer, from the real (unpadded) token counts: for a text
-of n tokens, each of L layers costs 2·n·(4H² + 2HI) FLOPs in its matmuls and 4·n²·H in attention.
+of n tokens, each of L layers costs 2·n·(4H² + 2HI) FLOPs in its matmuls and 4·n²·H in attention
+(minibge.model.encoder_flops, which derives the count).
 The matmul peak is a (2048 × 2048) fp32 product timed in the same run, under the same threads.
 The peers live in peers.py, the contrastive training-step benchmark in train.py (both in minibge/bench/).
 """
@@ -41,7 +42,7 @@ from ..config import preset
 from ..embedder import Embedder, load_embedder
 from ..evaluate.data import load_beir, load_sts_csv
 from ..evaluate.tasks import spearman
-from ..model import BertModel
+from ..model import BertModel, encoder_flops
 from .peers import all_peers
 from .timing import PeakRSS, matmul_peaks
 
@@ -90,13 +91,6 @@ def model_folder(name: str, folder: Path) -> Path:
     Embedder(BertModel(preset(RANDOM_PRESETS[name])).eval(), tokenizer, pooling="cls", max_length=512,
              name=name).save_pretrained(folder)
     return folder
-
-
-def encoder_flops(config, lengths) -> float:
-    """Useful FLOPs of one forward pass over texts of these token lengths (no padding counted)."""
-    H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    n = np.asarray(lengths, dtype=np.float64)
-    return float(L * (2 * n * (4 * H * H + 2 * H * I) + 4 * n * n * H).sum())
 
 
 # -----------------------------------------------------------------------------
