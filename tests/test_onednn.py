@@ -5,6 +5,11 @@ The differences are float rounding: oneDNN and MKL sum the products in different
 relative to the size of the values compared (max |diff| ≤ 1e-5 · max |reference|), because
 an absolute bar would be too loose for small outputs and too strict for large ones.
 """
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch.nn as nn
@@ -254,3 +259,32 @@ def test_retromae_head_follows_its_dense_layer_onto_onednn():
     assert "LinearFunction" in grad_fn, f"the switched head's vocabulary projection ran {grad_fn}"
     for name, ref in results[0].items():
         assert_close(results[1][name], ref, name)
+
+
+# -----------------------------------------------------------------------------
+# Importing minibge changes no environment variable; the first oneDNN work caps the kernel caches
+
+def test_import_changes_no_environment_variable():
+    script = "import os; before = dict(os.environ); import minibge; assert dict(os.environ) == before"
+    environment = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY",
+                                                                        "LRU_CACHE_CAPACITY")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_first_onednn_work_caps_the_caches_and_a_user_value_wins():
+    script = textwrap.dedent("""
+        import os, torch
+        from minibge.fast import onednn
+        assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
+        onednn.available(torch.zeros(1))
+        print(os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"), os.environ.get("LRU_CACHE_CAPACITY"))
+    """)
+    environment = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    environment["LRU_CACHE_CAPACITY"] = "7"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reaches_the_op = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    assert result.stdout.split()[-2:] == (["64", "7"] if reaches_the_op else ["None", "7"])

@@ -36,13 +36,24 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 
-# oneDNN, and ideep (PyTorch's layer over it), each keep one compiled kernel per matmul shape, up to
-# 1024. Packed batches (fast.py) have a new row count almost every time, so over 200k texts the two
-# caches held +500 MB of kernels nobody would ask for again. 64 entries still cover every shape of a
-# batch (4 per layer, the same in all layers). Both libraries read these variables once, at their
-# first matmul, so they apply when minibge is imported before any oneDNN work; a value the user set wins.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
-os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
+def cap_kernel_caches() -> None:
+    """Cap oneDNN's and ideep's kernel caches at 64 entries, unless the user set a size already.
+
+    oneDNN, and ideep (PyTorch's layer over it), each keep one compiled kernel per matmul shape, up
+    to 1024 by default. Packed batches (fast/encoder.py) have a new row count almost every time, so
+    over a long stream the two caches fill with kernels nobody asks for again, and the process
+    grows by hundreds of MB (tests/test_memory.py). 64 entries still cover every shape of a batch
+    (4 per layer, the same in all layers).
+
+    Both libraries read ONEDNN_PRIMITIVE_CACHE_CAPACITY and LRU_CACHE_CAPACITY once, when they first
+    build a kernel (not when the library is loaded), so setting them just before minibge's first
+    oneDNN operation is enough: _op_works() calls this before its test product, and every oneDNN
+    call in minibge (the fast path, the training switch, the benchmarks) passes through available()
+    first. Importing minibge changes no environment variable; oneDNN work the user's own code did
+    before that has already fixed the sizes, and a value the user set wins (setdefault).
+    """
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "64")
+    os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
 
 
 @functools.cache
@@ -50,6 +61,7 @@ def _op_works() -> bool:
     """The operator exists in this build and gives F.linear's numbers on a small problem."""
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
+    cap_kernel_caches()  # before the first oneDNN kernel is built, which is when both caches read their size
     generator = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(*shape, generator=generator) for shape in ((5, 16), (8, 16), (8,)))
     w_view = w.t().contiguous().t()  # the same matrix, column-major: LinearFunction.backward passes such views
