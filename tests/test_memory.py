@@ -2,8 +2,9 @@
 
 The fast path gives every batch its own packed row count, and oneDNN (with ideep over it) compiles
 and caches one kernel per matmul shape: with their default 1024-entry caches, RSS grew by ~500 MB
-over 200k texts. minibge.onednn caps both caches at import; this test runs in a fresh process, as
-a user would, and checks the growth from the first 2k texts to 40k more, all of different lengths.
+over 200k texts. minibge/fast/onednn.py caps both caches just before its first oneDNN operation
+(cap_kernel_caches); this test runs in a fresh process, as a user would, and checks the growth from
+the first 2k texts to 40k more, all of different lengths.
 """
 import json
 import subprocess

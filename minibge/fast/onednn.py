@@ -1,10 +1,10 @@
 """fp32 Linear layers through oneDNN instead of the BLAS that PyTorch's CPU wheels link (MKL).
 
-Why this file exists: on the AMD EPYC development machine, PyTorch sends an fp32 `nn.Linear`
-to MKL's sgemm, which reached 190 GFLOP/s on 2 cores, while oneDNN, the other matmul library
-inside the same wheel, reached 420-460 GFLOP/s on BERT's shapes (docs/benchmarks.md, "Why
-oneDNN", measured by bench.matmul_libraries). The function computed is the same Linear; only
-the kernel differs.
+Why this file exists: PyTorch's CPU wheels send an fp32 `nn.Linear` to MKL's sgemm, yet the same
+wheel holds a second matmul library, oneDNN, which on some CPUs (AMD ones among them) runs BERT's
+matmul shapes at about twice the rate. The function computed is the same Linear; only the kernel
+differs. bench.matmul_libraries measures both on the machine at hand; the numbers are in
+docs/benchmarks.md, "Why oneDNN".
 
 The kernel is `torch.ops.mkldnn._linear_pointwise(x, W, b, post_op, scalars, algorithm)`, the
 fused linear that PyTorch's Inductor emits for CPUs: dense fp32 in, dense out, y = x Wᵀ + b,
@@ -22,9 +22,11 @@ The transposes cost little: the operator copies its input into row-major order i
 reorders every dense weight into oneDNN's blocked layout on each call anyway, so a transposed
 weight view rides on that reorder for free. `_op_works` checks that this build takes such views.
 
-Training uses it through `onednn_linears(model)` (train.py): inside the `with` block the model's
-nn.Linears compute through oneDNN, afterwards they are plain nn.Linears again. A matmul that is no
-nn.Linear (RetroMAE's head multiplies by the tied embedding table) calls `autograd_linear`.
+Training uses it through `onednn_linears(model)` (train/loop.py): inside the `with` block the
+model's nn.Linears compute through oneDNN, afterwards they are plain nn.Linears again. That covers
+every matmul of fine-tuning and of RetroMAE pre-training, whose MLM decoder is a plain nn.Linear
+tied to the word-embedding table (retromae.py, MLMHead). `autograd_linear` is the same function
+for a matmul that is no nn.Linear.
 """
 import contextlib
 import functools
@@ -93,8 +95,8 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     tensor (layout torch._mkldnn) holding a second copy of the weight; it is only valid as long as
     the weight does not change, so FastEncoder re-packs whenever it rebuilds its matmuls.
     """
-    # The second argument is the number of rows oneDNN may pick a layout for; on the development
-    # machine 64, 512 and 4096 gave the same speed on both workloads.
+    # The second argument is the number of rows oneDNN may pick a layout for; the speed hardly
+    # depends on it (64, 512 and 4096 ran alike on short and long texts), so one middle value.
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 512)
 
 
@@ -142,7 +144,7 @@ class LinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             rows = x.reshape(-1, x.shape[-1])                                          # (N, in)
             # ∂W = gᵀ x. The first operand is copied to row-major, the second rides on oneDNN's weight
-            # reorder, so I copy the smaller transpose: 25% faster for RetroMAE's (30,522 × 384) head.
+            # reorder, so I copy the smaller transpose (xᵀ, not gᵀ, for RetroMAE's (30,522 × 384) decoder).
             if weight.shape[0] <= weight.shape[1]:
                 grad_w = linear(g.t(), rows.t())                                       # (out, N)(N, in) → (out, in)
             else:
@@ -184,7 +186,7 @@ def use_onednn_linears(model: nn.Module, enable: bool = True) -> int:
 def onednn_linears(model: nn.Module):
     """`with onednn_linears(model) as n:` model's n plain nn.Linears compute through oneDNN inside the
     block, and are plain nn.Linears again after it, also when it raises. Modules that were oneDNN
-    Linears before stay so. This is how train.py uses it: the caller gets its model back as it gave
+    Linears before stay so. This is how train/loop.py uses it: the caller gets its model back as it gave
     it, because exact-type code only knows nn.Linear (quantize_dynamic's {nn.Linear} mapping, for one).
     """
     switched = _retype([module for module in model.modules() if type(module) is nn.Linear], Linear)
