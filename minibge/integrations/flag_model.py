@@ -12,7 +12,11 @@ FlagModel is only a set of defaults around one `Embedder` (embedder.py): every c
 becomes exactly one call of `Embedder.encode` / `encode_queries`, so the model, the batching and
 the input checks are the embedder's own, and a bad input gets the same error either way.
 
-How FlagModel's arguments map onto the embedder (FlagEmbedding ≥ 1.3 semantics, flagembedding.md §1.2):
+The FlagModel followed is FlagEmbedding ≥ 1.3's, where FlagModel is its encoder-only BaseEmbedder:
+defaults query_instruction_for_retrieval=None, pooling_method="cls", use_fp16=True, batch_size=256,
+query_max_length=passage_max_length=512, convert_to_numpy=True; encode_queries builds each text as
+instruction + query, encode_corpus and encode add nothing; on a CPU it runs in float32. How those
+arguments map onto the embedder:
 
     query_instruction_for_retrieval   None = NO instruction, as in FlagEmbedding. This is the one
                                       place where None does not mean "the model's own default"
@@ -34,8 +38,12 @@ How FlagModel's arguments map onto the embedder (FlagEmbedding ≥ 1.3 semantics
                                       GPUs over worker processes; minibge encodes on one device
 
 Where the outputs differ from FlagEmbedding's: arrays are always float32 (FlagEmbedding returns
-float16 arrays when the model ran in fp16), and batches are sorted by characters, not tokens
-(the order of the results is the input order either way).
+float16 arrays when the model ran in fp16). Batching differs too, though not the vectors' order
+(the input order either way): FlagEmbedding tokenizes the whole input and sorts it by token length,
+longest first; minibge's default (fast) path sorts by token length too, but a window of
+embedder.sort_window texts at a time (memory bounded by the window), and caps each batch at
+embedder.max_tokens real tokens besides batch_size; the plain path (fast=False, or a model the
+fast path cannot run) sorts by characters, as sentence-transformers does.
 """
 from ..embedder import load_embedder
 
