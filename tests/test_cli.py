@@ -139,7 +139,7 @@ def test_encode_npy_matches_embedder(minilm_dir, embedder, tmp_path, monkeypatch
     # --plain: the plain model instead of the fast path, the same vectors
     plain = tmp_path / "plain.npy"
     fast_calls = []
-    monkeypatch.setattr("minibge.fast.encoder.iter_fast_batches", lambda *a, **k: fast_calls.append(1) or iter(()))
+    monkeypatch.setattr("minibge.fast.encoder.FastEncoder.forward", lambda *a, **k: fast_calls.append(1) or 1 / 0)
     assert main(["encode", "-m", str(minilm_dir), "--input", str(source), "--output", str(plain), "--plain"]) == 0
     assert not fast_calls, "--plain ran the fast path"
     diff = np.abs(np.load(plain) - array)

@@ -17,7 +17,7 @@ from pathlib import Path
 from .args import Formatter, examples, max_length, positive_int
 from .io import PROG, CliError, atomic_output, check_readable, check_writable, progress_setting
 from ..retromae import VARIANTS
-from ..train import PRECISIONS, TrainConfig
+from ..train import AUTOCAST_DTYPES, TrainConfig
 
 
 def _positive_float(value: str) -> float:
@@ -62,7 +62,7 @@ def _add_loop_options(p, batch_size: int, unit: str) -> None:
     p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (default: 0, at the end only)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--seed", type=int, default=42, help="data order, sampling and dropout (default: 42)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="autocast on CUDA (default: fp32)")
+    p.add_argument("--precision", choices=list(AUTOCAST_DTYPES), default="fp32", help="autocast on CUDA (default: fp32)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="set the model's gradient_checkpointing flag while training: less memory, more compute")
     p.add_argument("--no-onednn", action="store_true",

@@ -73,7 +73,7 @@ from ..fast import onednn as onednn_kernels
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 RUN_FILE = "run.json"               # marks a folder as this trainer's output and records what run it is
 LOG_FILE = "train_log.jsonl"        # one JSON object per logged step
 STATE_FILE = "trainer_state.pt"     # inside checkpoint-N/: everything but the artefact
@@ -114,8 +114,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
         if not isinstance(self.onednn, bool):
             raise TypeError(f"TrainConfig.onednn must be True or False, got {self.onednn!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainConfig.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"TrainConfig.precision must be one of {list(AUTOCAST_DTYPES)}, got {self.precision!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -394,7 +394,7 @@ def onednn_while_training(model: nn.Module, config: TrainConfig):
 
 
 def _autocast(device: torch.device, precision: str):
-    dtype = PRECISIONS[precision]
+    dtype = AUTOCAST_DTYPES[precision]
     if dtype is None or device.type != "cuda":
         return torch.autocast(device.type, enabled=False)
     return torch.autocast("cuda", dtype=dtype)
