@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 # FlagEmbedding's retrieval instructions; added to short queries only, never to passages
 INSTRUCTION_EN = "Represent this sentence for searching relevant passages: "
 INSTRUCTION_ZH = "为这个句子生成表示以用于检索相关文章："
-PROGRESS_BAR_MIN_TEXTS = 1024  # show_progress_bar=None shows a bar from this many texts on
+PROGRESS_BAR_MIN_TEXTS = 1024
+OUTPUT_VALUES = ("sentence_embedding", "token_embeddings")  # what encode(output_value=) can return  # show_progress_bar=None shows a bar from this many texts on
 
 
 def read_pooling_mode(folder: Path) -> str | None:
@@ -204,9 +205,11 @@ class Embedder:
     def dimension(self) -> int:
         return self.model.config.hidden_size
 
-    def get_sentence_embedding_dimension(self) -> int:
-        """sentence-transformers' name for `dimension`."""
+    def get_embedding_dimension(self) -> int:
+        """sentence-transformers' name for `dimension` (get_sentence_embedding_dimension before 6.0)."""
         return self.dimension
+
+    get_sentence_embedding_dimension = get_embedding_dimension
 
     @property
     def max_seq_length(self) -> int:
@@ -331,8 +334,8 @@ class Embedder:
         path on purpose). On the plain path the step is embed(), so a subclass's embed() is what
         encode() runs. Float32 out: numpy has no bfloat16, and callers expect it.
         """
-        if output_value not in ("sentence_embedding", "token_embeddings"):
-            raise ValueError(f"output_value must be 'sentence_embedding' or 'token_embeddings', got {output_value!r}")
+        if output_value not in OUTPUT_VALUES:
+            raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, got {output_value!r}")
         if self.model.training and not self._warned_training:
             # I leave the mode as the caller set it (the lab's "forgot model.eval()" is a real mistake to
             # see), but say so loudly: sentence-transformers switches to eval itself
@@ -378,7 +381,8 @@ class Embedder:
                show_progress_bar: bool | None = None, output_value: str = "sentence_embedding",
                precision: str = "float32", convert_to_numpy: bool = True, convert_to_tensor: bool = False,
                device=None, normalize_embeddings: bool = True, truncate_dim: int | None = None,
-               chunk_size: int | None = None, *, max_length: int | None = None):
+               chunk_size: int | None = None, *, max_length: int | None = None, ranges=None,
+               calibration_embeddings=None):
         """Embed one string (→ (D,)) or a list of strings (→ (N, D)), in input order.
 
         sentence-transformers' signature and meanings (version 5 and later), with two differences in
@@ -388,7 +392,8 @@ class Embedder:
           ("query" is BGE's retrieval instruction); default_prompt_name when neither is given.
         - truncate_dim: keep the first d dimensions (Matryoshka), then normalise when asked.
         - precision: float32, or int8 / uint8 / binary / ubinary as quantization.quantize_embeddings
-          computes them from this call's float vectors (their own ranges, as sentence-transformers).
+          computes them from this call's float vectors: with their own ranges, as sentence-transformers,
+          or (minibge extras) with `ranges` (2, D) or ranges from `calibration_embeddings`.
         - output_value="token_embeddings": a list of (n_i, H) arrays, each text's real tokens.
         - device: moves the model there first (as sentence-transformers); several devices are refused.
         - chunk_size: sentence-transformers' multi-process chunking; there is no pool here, so unused.
@@ -397,6 +402,8 @@ class Embedder:
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if output_value not in OUTPUT_VALUES:
+            raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, got {output_value!r}")
         if isinstance(device, (list, tuple)):
             raise ValueError("encode() runs on one device; for several, run `minibge encode` under torchrun "
                              "(one process per device)")
@@ -431,7 +438,7 @@ class Embedder:
                 out = (l2_normalize(out) if on_device
                        else l2_normalize(torch.from_numpy(np.ascontiguousarray(out))).numpy())
         if precision != "float32":
-            out = quantize_embeddings(out, precision)
+            out = quantize_embeddings(out, precision, ranges=ranges, calibration_embeddings=calibration_embeddings)
             if convert_to_tensor:
                 out = torch.from_numpy(out)
         if single:
