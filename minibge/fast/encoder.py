@@ -136,7 +136,7 @@ def dense_attention(q, k, v):
     if q.device.type != "cpu" or L > SHORT_ATTENTION:
         return F.scaled_dot_product_attention(q, k, v)
     if L < 16:
-        # PyTorch's CPU softmax over the last dimension vectorises along it, and measured 2-4x slower
+        # PyTorch's CPU softmax over the last dimension vectorises along it, and is several times slower
         # when it is shorter than 16 (one AVX-512 vector of floats). Over dim -2 it vectorises across
         # the last dimension instead, so for under 16 keys I lay the scores out as (keys, queries):
         scores_t = (k @ q.transpose(-1, -2)).mul_(scale)             # (b, heads, L_keys, L_queries)
@@ -197,11 +197,11 @@ class FastEncoder(nn.Module):
     mode: no dropout, whatever model.training says (encode() checks that, see model_blocker).
 
     onednn (CPU, fp32; default on where minibge.onednn works): every matmul runs through oneDNN
-    instead of MKL's sgemm, which is slow on some CPUs (docs/benchmarks.md has the measurements), with the exact GELU fused into the up-projection and the
-    residual adds fused into the output and down projections (one kernel, no extra pass over
-    the (N, I) activations). prepack (with onednn): each matmul weight packed once into oneDNN's
-    layout (`self.packed_weights`, keyed by the Linear), 5-6% faster on short texts, for a second
-    copy of those weights in memory.
+    instead of MKL's sgemm, which is slow on some CPUs (docs/benchmarks.md), with the exact GELU
+    fused into the up-projection and the residual adds fused into the output and down projections
+    (one kernel, no extra pass over the (N, I) activations). prepack (with onednn): each matmul
+    weight packed once into oneDNN's layout (`self.packed_weights`, keyed by the Linear), which
+    saves a reorder per call on short texts, for a second copy of those weights in memory.
     """
 
     def __init__(self, model: BertModel, attention: str = "auto", fuse_qkv: bool = True, onednn: bool | None = None,
