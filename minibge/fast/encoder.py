@@ -59,6 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import onednn as onednn_kernels
+from .kernels import choose_matmul
 from ..model import BertModel
 
 logger = logging.getLogger(__name__)
@@ -196,8 +197,8 @@ class FastEncoder(nn.Module):
     nn.Linear) and torch.compile see the whole thing. It always computes the model in inference
     mode: no dropout, whatever model.training says (encode() checks that, see model_blocker).
 
-    onednn (CPU, fp32; default on where minibge.onednn works): every matmul runs through oneDNN
-    instead of MKL's sgemm, which is slow on some CPUs (docs/benchmarks.md), with the exact GELU
+    onednn (CPU, fp32; None: measured, kernels.choose_matmul, on where oneDNN beats MKL on this
+    machine): every matmul runs through oneDNN instead of MKL's sgemm, with the exact GELU
     fused into the up-projection and the residual adds fused into the output and down projections
     (one kernel, no extra pass over the (N, I) activations). prepack (with onednn): each matmul
     weight packed once into oneDNN's layout (`self.packed_weights`, keyed by the Linear), which
@@ -219,7 +220,15 @@ class FastEncoder(nn.Module):
         self.attention = attention
         self.attend = ATTEND[attention]
         self.fuse_qkv = fuse_qkv
-        self.onednn = onednn_kernels.available(weight) if onednn is None else onednn
+        self.matmul_choice = None
+        if onednn is None:
+            # measured once per machine and model shape (kernels.py): oneDNN only where it beats MKL
+            onednn = onednn_kernels.available(weight)
+            if onednn:
+                config = model.config
+                self.matmul_choice = choose_matmul(config.hidden_size, config.intermediate_size)
+                onednn = self.matmul_choice.route == "onednn"
+        self.onednn = onednn
         self.prepack = prepack
         self.linears, self.built_from, self.packed_weights = None, None, {}
         self.sync()
