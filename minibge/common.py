@@ -1,5 +1,5 @@
 """Small helpers that several parts of minibge share, each written once: reading JSON side files,
-reading text/jsonl(.gz) lines, and where this process stands in a torchrun group.
+what the CPU can do, reading text/jsonl(.gz) lines, and where this process stands in a torchrun group.
 """
 from __future__ import annotations
 
@@ -28,6 +28,16 @@ def read_json(path: Path, default=None):
     if not path.is_file():
         return default
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: this CPU multiplies bf16 in hardware (elsewhere bf16 is emulated, slower
+    than float32), read from /proc/cpuinfo's flags; False where there is no such file."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 # -----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import read_json
+from .common import cpu_has_native_bf16, read_json
 from .fast import encoder as fast_path
 from .hub import resolve_model_path
 from .model import POOLING, l2_normalize
@@ -89,6 +89,10 @@ def read_prompt_settings(embedder: "Embedder", folder: Path) -> None:
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """The weights' dtype for this device. On the CPU: float16 falls back to float32 with a warning (as
+    FlagEmbedding does: no CPU multiplies fp16 fast), and bfloat16 runs where the CPU multiplies it in
+    hardware (AVX-512 BF16 or AMX) and is refused elsewhere, where it would be emulated and slower.
+    Its vectors differ from float32's by about 1 − cos ≈ 4e-3 (docs/benchmarks.md has the scores)."""
     if isinstance(dtype, str):
         names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
                  "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -97,10 +101,12 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
         dtype = names[dtype]
     if dtype is None:
         return torch.float32
-    if dtype in (torch.float16, torch.bfloat16) and device.type == "cpu":
-        # as FlagEmbedding does: half precision on the CPU is slower and less exact, so stay in fp32
+    if dtype == torch.float16 and device.type == "cpu":
         logger.warning("%s requested on the CPU; using float32", dtype)
         return torch.float32
+    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
+        raise ValueError("bfloat16 on this CPU would be emulated (no avx512_bf16 or amx_bf16 flag), slower than "
+                         "float32: use float32 here, or bfloat16 on a CPU or GPU that multiplies it in hardware")
     return dtype
 
 

@@ -114,6 +114,22 @@ def test_half_precision_stays_fp32_on_cpu_and_outputs_float32(minilm_dir, caplog
     assert half.dtype == np.float32 and float(half[0] @ reference[0]) > 0.99
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_on_the_cpu_only_where_it_multiplies_in_hardware(minilm_dir, monkeypatch, native):
+    monkeypatch.setattr("minibge.embedder.cpu_has_native_bf16", lambda: native)
+    if not native:
+        with pytest.raises(ValueError, match="emulated"):
+            minibge.load_embedder(minilm_dir, dtype="bfloat16", device="cpu")
+        return
+    texts = ["a sentence about cats", "Giant pandas eat bamboo.", "x"]
+    bf16 = minibge.load_embedder(minilm_dir, dtype="bfloat16", device="cpu")
+    assert bf16.model.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+    assert bf16.fast_path_blocker() is None, "a bf16 model still takes the fast backend"
+    got, ref = bf16.encode(texts), minibge.load_embedder(minilm_dir, device="cpu").encode(texts)
+    cos = (got * ref).sum(1)
+    assert got.dtype == np.float32 and cos.min() > 0.99, f"bf16 vs fp32: min cosine {cos.min():.5f}"
+
+
 def test_bge_defaults_cls_pooling_and_instruction(fake_bge):
     embedder = minibge.load_embedder(fake_bge("bge-small-en-v1.5"))
     assert embedder.pooling == "cls" and embedder.max_length == 512

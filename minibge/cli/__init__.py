@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{', '.join(DEFAULT_MODELS)} found in the weights folder)")
     group.add_argument("--device", type=device, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     group.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                       help="weights' precision; half precision applies on a GPU only (default: float32)")
+                       help="weights' precision: float16 on a GPU only; bfloat16 on a GPU or on a CPU that "
+                            "multiplies it in hardware (avx512_bf16, AMX), refused on other CPUs (default: float32)")
     model = Parser(add_help=False, parents=[model_only])
     group = model.add_argument_group("batching options")
     group.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward pass (default: 32)")

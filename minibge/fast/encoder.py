@@ -52,12 +52,12 @@ such a write, call `embedder.fast_encoder.sync(force=True)`, or write under torc
 import functools
 import logging
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..common import cpu_has_native_bf16
 from . import onednn as onednn_kernels
 from .kernels import choose_matmul
 from ..model import BertModel
@@ -408,15 +408,6 @@ def model_blocker(model) -> str | None:
 
 # -----------------------------------------------------------------------------
 # Optional speed modes: they change the numbers a little, so their STS-B score goes beside their speed
-
-def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: the CPU multiplies bf16 in hardware (elsewhere bf16 is emulated, slower)."""
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
 
 def speed_options(embedder, compile: bool = False, precision: str = "fp32"):
     """Apply in place, to embedder's fast encoder *and the model it shares*: precision "bf16"
