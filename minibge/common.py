@@ -72,6 +72,15 @@ def read_json(path: Path, default=None):
     return parse_json(text, path)
 
 
+def read_json_object(path: Path, default=None):
+    """read_json for a file that must hold a JSON object: a list or a number there is a ValueError
+    naming the file, not an AttributeError later."""
+    obj = read_json(path, default)
+    if obj is not default and not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def file_fingerprint(path) -> dict:
     """{"bytes": size, "sha256": hex digest} of a file, read 1 MiB at a time: what a training run
     records of its data, so that --resume can tell a changed file from the same one."""
