@@ -223,6 +223,8 @@ def iter_lines(path, name: str | None = None, skip_blank: bool = False,
     - A line that is not UTF-8 raises LineError, or, given on_error, is handed to it and skipped.
     """
     if str(path) == "-":
+        if sys.stdin is None:  # the process was started with stdin closed (<&-)
+            raise ValueError(f"{name or 'stdin'}: stdin is closed; give a file, or pipe the texts in")
         # A text stream with no bytes underneath (e.g. io.StringIO in tests) is encoded back.
         lines = getattr(sys.stdin, "buffer", None)
         if lines is None:

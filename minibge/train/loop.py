@@ -318,16 +318,41 @@ def prepare_output_dir(output_dir: Path, run_info: dict, resume: bool) -> Path |
                          f"it, or choose a new folder")
     if recorded.get("finished"):
         raise ValueError(f"the run in {output_dir} has already finished; nothing to resume")
+    found = checkpoints(output_dir)
+    if not found:  # nothing to continue, so nothing the settings must agree with
+        logger.warning("--resume: %s holds no checkpoint yet; starting from step 0 with these settings", output_dir)
+        return None
     before, now = (_what_is_computed(info) for info in (recorded.get("run", {}), run_info))
+    _check_same_data(before, now, output_dir)
     differs = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if differs:
         raise ValueError(f"--resume: {output_dir} is a different run (it differs in {', '.join(differs)}); "
                          f"resume with the same settings, or choose a new folder")
-    found = checkpoints(output_dir)
-    if not found:
-        logger.warning("--resume: %s holds no checkpoint yet; starting from step 0", output_dir)
-        return None
     return found[-1]
+
+
+DATA_KEY = "train_file_fingerprint"  # run_info's {"bytes", "sha256"} of the training file (common.file_fingerprint)
+
+
+def _check_same_data(before: dict, now: dict, output_dir: Path) -> None:
+    """Refuse to resume on a training file that changed since the run started (same path, other
+    lines: the batches after the checkpoint would not be the ones the run was going to see).
+    A run recorded before fingerprints were kept is resumed with a warning."""
+    if DATA_KEY not in now:
+        return
+    if DATA_KEY not in before:
+        logger.warning("--resume: %s records no fingerprint of its training file (an older minibge); "
+                       "cannot check that %s is unchanged", output_dir, now.get("train_file"))
+        before[DATA_KEY] = now[DATA_KEY]
+        return
+    then, today = before[DATA_KEY], now[DATA_KEY]
+    if then != today:
+        def describe(f):
+            return (f"{f.get('bytes', 0):,} bytes, sha256 {str(f.get('sha256'))[:16]}…" if isinstance(f, dict)
+                    else repr(f))
+        raise ValueError(f"--resume: the training file {now.get('train_file')} has changed since the run in "
+                         f"{output_dir} started ({describe(then)} then, {describe(today)} now); resume with the "
+                         f"original file, or start a new run in a new folder")
 
 
 # TrainConfig fields that change how a step is computed, not what: a run may be resumed with them
