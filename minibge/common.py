@@ -148,8 +148,9 @@ def atomic_folder(path) -> Iterator[Path]:
     """Yield a fresh, empty temporary folder beside `path` to build a folder output in; when the
     block succeeds it takes `path`'s place, and when it fails it is deleted.
 
-    - `path` missing (or an empty folder): one rename, so the folder appears complete or not at all.
-      If another writer created it meanwhile, this one is refused (FileExistsError), nothing replaced.
+    - `path` missing (or an empty folder) when the block starts: one rename at the end, so the folder
+      appears complete or not at all. If another writer filled it meanwhile, this one is refused
+      (FileExistsError) and nothing of it is mixed in.
     - `path` an existing folder with files: each entry is moved over its namesake (a file by one
       atomic rename, a subfolder by renaming the old one aside first); entries of the old folder the
       new one does not have are kept, as transformers' save_pretrained keeps them. Each file is
@@ -157,27 +158,28 @@ def atomic_folder(path) -> Iterator[Path]:
       unfinished in run.json until its final save is in (train/loop.py).
     """
     path = Path(path)
+    fresh = not path.exists() or (path.is_dir() and not any(path.iterdir()))  # decided now, not at the end
     tmp = Path(tempfile.mkdtemp(**_temporary_name(path)))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only
         yield tmp
-        _install_folder(tmp, path)
+        _install_folder(tmp, path, fresh)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _install_folder(tmp: Path, path: Path) -> None:
+def _install_folder(tmp: Path, path: Path, fresh: bool) -> None:
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise FileExistsError(f"{path} exists and is not a folder; nothing was written")
-    if not path.exists() or not any(path.iterdir()):
+    if fresh:
         try:
             os.rename(tmp, path)  # onto nothing or an empty folder: atomic
             return
         except OSError as err:
             if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
-            raise FileExistsError(f"{path} was filled by another writer while this one wrote; "
-                                  f"it was left as the other writer made it") from None
+            raise FileExistsError(f"{path} was created by another writer while this one wrote; it was left "
+                                  f"as the other writer made it, and nothing of this one was written") from None
     for entry in sorted(tmp.iterdir()):
         target = path / entry.name
         if target.is_dir() and not target.is_symlink():  # an old subfolder: renamed aside, then removed

@@ -696,19 +696,21 @@ def train(model: nn.Module, loss_fn: Callable[[object], dict], batches: Batches,
         from tqdm.auto import tqdm  # the bar comes after that line: a log line drawn over a bar is hard to find
         bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=rank != 0)
         log = TrainLog(output_dir, config, total_steps, bar)
-        while step < total_steps:
-            group, position = next(groups)
-            step_losses = accumulate_gradients(loss_fn, group, device, config.precision, scaler, step)
-            lr, grad_norm = optimizer_step(model, optimizer, scheduler, scaler, config.max_grad_norm)
-            step += 1
-            bar.update(1)
-            log.add(step, position[0], lr, grad_norm, step_losses)
-            if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+        try:  # the bar is closed whether the loop ends or raises: an error is then the last line on stderr
+            while step < total_steps:
+                group, position = next(groups)
+                step_losses = accumulate_gradients(loss_fn, group, device, config.precision, scaler, step)
+                lr, grad_norm = optimizer_step(model, optimizer, scheduler, scaler, config.max_grad_norm)
+                step += 1
+                bar.update(1)
+                log.add(step, position[0], lr, grad_norm, step_losses)
+                if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+                    check_before_saving(model, loss_fn, group[-1], device, config.precision, step)
+                    save_checkpoint(output_dir, step, position, model, optimizer, scheduler, scaler, save_fn, config)
+            if step > start_step:  # the final save's check; a run resumed at its end has nothing new to check
                 check_before_saving(model, loss_fn, group[-1], device, config.precision, step)
-                save_checkpoint(output_dir, step, position, model, optimizer, scheduler, scaler, save_fn, config)
-        if step > start_step:  # the final save's check; a run resumed at its end has nothing new to check
-            check_before_saving(model, loss_fn, group[-1], device, config.precision, step)
-    bar.close()
+        finally:
+            bar.close()
 
     model.eval()
     save_final(output_dir, run_info, save_fn, step)
