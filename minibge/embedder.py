@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import cpu_has_native_bf16, read_json
+from .common import atomic_folder, cpu_has_native_bf16, read_json
 from .fast import encoder as fast_path
 from .hub import resolve_model_path
 from .model import POOLING, l2_normalize
 from .quantization import PRECISIONS, quantize_embeddings
 from .similarity import SIMILARITY_FUNCTIONS, similarity, similarity_pairwise
 from .tokenizer import Tokenizer, check_texts
-from .weights import load_model
+from .weights import check_side_files, load_model
 from .weights import save_pretrained as save_model
 
 logger = logging.getLogger(__name__)
@@ -507,12 +507,14 @@ class Embedder:
             config_sentence_transformers.json    prompts: {"query": instruction}, used by prompt_name="query"
         """
         directory = Path(directory)
-        save_model(self.model, directory)
-        self.tokenizer.save_pretrained(directory)
-        write_sentence_transformers_files(directory, self.pooling, self.max_length, self.dimension,
-                                          self.query_instruction, prompts=self.prompts,
-                                          default_prompt_name=self.default_prompt_name,
-                                          similarity_fn_name=self.similarity_fn_name)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_folder(directory) as partial:  # built beside it, then moved in: never half a folder
+            save_model(self.model, partial)
+            self.tokenizer.save_pretrained(partial)
+            write_sentence_transformers_files(partial, self.pooling, self.max_length, self.dimension,
+                                              self.query_instruction, prompts=self.prompts,
+                                              default_prompt_name=self.default_prompt_name,
+                                              similarity_fn_name=self.similarity_fn_name)
         return directory
 
 
@@ -552,10 +554,12 @@ def load_embedder(name_or_path, device=None, dtype=None, attn_impl: str = "sdpa"
     """A local checkpoint folder or a Hub id ("BAAI/bge-small-en-v1.5") → a ready Embedder.
 
     Hub ids are looked up under weights/ first and downloaded only when missing (see hub.py).
-    device defaults to CUDA when available; dtype "float16"/"bfloat16" applies on CUDA only.
-    fast=False makes encode() run the plain model (minibge/model.py) rather than minibge/fast.py.
+    device defaults to CUDA when available; dtype "float16" applies on CUDA only, "bfloat16" on CUDA
+    and on CPUs that multiply it in hardware (resolve_dtype). fast=False makes encode() run the plain
+    model (model.py) rather than the fast backend (fast/).
     """
     folder = resolve_model_path(name_or_path)
+    check_side_files(folder)  # each field of the JSON files read below, with errors naming file and field
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(folder, attn_impl=attn_impl, device=device, dtype=resolve_dtype(dtype, device))
     tokenizer = Tokenizer.from_pretrained(folder)
