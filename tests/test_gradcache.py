@@ -55,16 +55,26 @@ def gradients(model) -> dict:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+# The key projection's bias adds the same q·b_k to every score of a softmax row, which the softmax
+# ignores: its gradient is exactly 0 in exact arithmetic, and in fp32 it is rounding noise (~1e-9 on
+# MiniLM), which no "within 1e-3 of its largest entry" can hold to. It must stay noise-sized instead.
+ZERO_IN_EXACT_ARITHMETIC = ("attention.key.bias",)
+
+
 def assert_same_gradient(cached: dict, plain: dict, label: str) -> float:
     """The acceptance criterion: relative L2 error over all parameters ≤ 1e-5, and every tensor within
-    1e-3 of its own largest entry. Returns the relative error."""
+    1e-3 of its own largest entry (but the ZERO_IN_EXACT_ARITHMETIC ones). Returns the relative error."""
     assert cached.keys() == plain.keys(), f"{label}: gradients for different parameters"
     error = math.sqrt(sum(float((cached[k] - plain[k]).double().square().sum()) for k in plain))
     norm = math.sqrt(sum(float(plain[k].double().square().sum()) for k in plain))
     assert norm > 0, f"{label}: the plain gradient is zero"
     assert error / norm <= 1e-5, f"{label}: ||g_cached - g_plain|| / ||g_plain|| = {error / norm:.3e}"
+    largest = max(float(g.abs().max()) for g in plain.values())
     for name in plain:
         worst, scale = float((cached[name] - plain[name]).abs().max()), float(plain[name].abs().max())
+        if name.endswith(ZERO_IN_EXACT_ARITHMETIC):
+            assert scale <= 1e-5 * largest, f"{label}: {name} should be rounding noise, its largest entry is {scale:.3e}"
+            continue
         assert worst <= 1e-3 * scale, f"{label}: {name}: max |diff| {worst:.3e} vs its largest entry {scale:.3e}"
     return error / norm
 
@@ -224,7 +234,8 @@ def test_two_torchrun_ranks_with_cross_device_negatives(tmp_path):
     for chunk in CHUNKS:
         for rank in range(2):
             got = torch.load(tmp_path / f"rank{rank}_chunk{chunk}.pt")
-            assert abs(got["info_nce"] - float(losses["info_nce"])) < 1e-5, (got["info_nce"], float(losses["info_nce"]))
+            expected = losses["info_nce"].item()
+            assert abs(got["info_nce"] - expected) < 1e-5, f"rank {rank}: loss {got['info_nce']} vs one process {expected}"
             assert_same_gradient(got["grads"], plain, f"rank {rank}, chunk {chunk}")
 
 
