@@ -105,6 +105,19 @@ def test_training_step_rows(tiny_folder, monkeypatch):
     assert "| minibge BertModel, MKL (no oneDNN) |" in bench_train.markdown(rows, "tiny")
 
 
+def test_gradient_caching_rows(tiny_folder):
+    rows = bench_train.cached_step_benchmark(tiny_folder, TEXTS[:3], TEXTS[3:], batches=(2, 16), chunk_size=4,
+                                             plain_max_batch=2)
+    assert [(r["queries"], r["step"]) for r in rows] == [(2, "plain"), (2, "cached (chunk 4)"),
+                                                         (16, "plain"), (16, "cached (chunk 4)")]
+    assert "skipped" in rows[2] and all(r["tokens_per_s"] > 0 for r in rows if "skipped" not in r)
+    cached_2, cached_16 = rows[1]["activations_mb"], rows[3]["activations_mb"]
+    assert cached_16 <= 1.5 * cached_2, f"chunked activations grew: {cached_2:.2f} → {cached_16:.2f} MB"
+    assert cached_2 < rows[0]["activations_mb"], "2 queries × 4 passages in chunks of 4 hold less than all 10 at once"
+    report = bench_train.cached_markdown(rows, "tiny")
+    assert "| 16 (64) | plain |" in report and "not run" in report
+
+
 @pytest.mark.slow
 def test_onnx_runtime_peers_agree(tiny_folder):
     require_module("onnxruntime")

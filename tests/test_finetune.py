@@ -157,24 +157,22 @@ def test_cli_refuses_an_occupied_output_folder(base_model, tmp_path, capsys):
 # The result, and resuming
 
 def crash_after(n_batches):
-    """A stand-in for finetune.contrastive_step whose loss function dies (like Ctrl-C) on batch n+1."""
-    plain_step = finetune_module.contrastive_step
+    """A stand-in for finetune.contrastive_step whose loss dies (like Ctrl-C) on batch n+1: a ContrastiveStep
+    still, so gradient caching takes it too (inputs() is called once a batch, plain or cached)."""
+    class CrashingStep(finetune_module.ContrastiveStep):
+        calls = 0
 
-    def crashing_step(*args, **kwargs):
-        loss_fn, calls = plain_step(*args, **kwargs), []
-
-        def wrapped(batch):
-            calls.append(1)
-            if len(calls) > n_batches:
+        def inputs(self, batch):
+            CrashingStep.calls += 1
+            if CrashingStep.calls > n_batches:
                 raise KeyboardInterrupt
-            return loss_fn(batch)
-        return wrapped
-    return crashing_step
+            return super().inputs(batch)
+    return CrashingStep
 
 
 @pytest.mark.parametrize("command", ["finetune", "pretrain"])
 @pytest.mark.parametrize("flag, expected", [([], True), (["--no-onednn"], False)])
-def test_no_onednn_flag_reaches_the_training_loop(base_model, tmp_path, monkeypatch, command, flag, expected):
+def test_loop_flags_reach_the_training_loop(base_model, tmp_path, monkeypatch, command, flag, expected):
     import minibge.train.pretrain as pretrain_module
 
     seen = {}
@@ -191,6 +189,13 @@ def test_no_onednn_flag_reaches_the_training_loop(base_model, tmp_path, monkeypa
         args = [command, "-m", str(base_model), "--train", str(corpus), "--out", str(tmp_path / "out"), *flag]
     assert main(args) == 0
     assert seen["config"].onednn is expected
+    if command == "finetune":
+        assert seen["config"].cache_chunk_size is None
+        assert main([*args[:args.index("--out") + 1], str(tmp_path / "cached"), *args[args.index("--out") + 2:],
+                     "--cache-chunk-size", "7"]) == 0
+        assert seen["config"].cache_chunk_size == 7
+    else:  # RetroMAE's loss is per text: nothing to cache, and no such option
+        assert main([*args, "--cache-chunk-size", "7"]) == 2
 
 
 @pytest.mark.slow  # imports transformers and sentence-transformers
@@ -238,6 +243,29 @@ def test_resume_after_a_crash_ends_with_the_same_weights(base_model, tmp_path, m
             f"{name}: {diff_report(straight[name].float(), resumed[name].float())}"
     log = [json.loads(line)["step"] for line in (tmp_path / "crashed" / "train_log.jsonl").read_text().splitlines()]
     assert log == [10], "the log has each step once"
+
+
+@pytest.mark.slow  # three short trainings with gradient caching
+def test_resume_with_gradient_caching_is_bit_identical(base_model, tmp_path, monkeypatch):
+    """Dropout on, 4 queries × 3 passages a batch embedded 3 texts at a time: interrupted and resumed, the
+    run ends with exactly the uninterrupted run's weights, and caching on or off is a how, not a what."""
+    train = write_jsonl(tmp_path / "t.jsonl", training_rows(20))
+    args = ["--epochs", "2", "--save-steps", "3", "--cache-chunk-size", "3"]
+    assert main(finetune_args(base_model, train, tmp_path / "straight", *args)) == 0
+
+    monkeypatch.setattr(finetune_module, "contrastive_step", crash_after(7))  # dies in step 8, after checkpoint 6
+    assert main(finetune_args(base_model, train, tmp_path / "crashed", *args)) == 130
+    monkeypatch.undo()
+    assert main(finetune_args(base_model, train, tmp_path / "crashed", *args, "--resume")) == 0
+    straight, resumed = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "crashed" / "model.safetensors")
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), f"{name}: {diff_report(straight[name], resumed[name])}"
+
+    # a run may be resumed with another chunk size (say, after running out of memory)
+    monkeypatch.setattr(finetune_module, "contrastive_step", crash_after(2))
+    assert main(finetune_args(base_model, train, tmp_path / "other", *args)) == 130
+    monkeypatch.undo()
+    assert main(finetune_args(base_model, train, tmp_path / "other", *args[:-1], "5", "--resume")) == 0
 
 
 def test_resume_refuses_a_different_run(base_model, tmp_path, capsys, monkeypatch):

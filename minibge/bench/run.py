@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import preset
+from ..config import BertConfig, preset
 from ..embedder import Embedder, load_embedder
 from ..evaluate.data import load_beir, load_sts_csv
 from ..evaluate.tasks import spearman
@@ -51,7 +51,10 @@ logger = logging.getLogger(__name__)
 MINILM = Path(__file__).resolve().parents[2] / "weights" / "all-MiniLM-L6-v2"
 DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "eval" / "data"
 RANDOM_PRESETS = {"bge-small": "bge-small-en-v1.5", "bge-base": "bge-base-en-v1.5"}
-MODELS = ("minilm", *RANDOM_PRESETS)
+# a 2-layer, 128-wide BERT (BERT-tiny's shape), random weights: the training rows on a machine too slow for MiniLM
+TINY_SHAPE = dict(vocab_size=30522, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=512, max_position_embeddings=512)
+MODELS = ("minilm", "tiny", *RANDOM_PRESETS)
 WORKLOADS = ("stsb", "scifact")
 
 
@@ -88,8 +91,8 @@ def model_folder(name: str, folder: Path) -> Path:
         return MINILM
     torch.manual_seed(0)
     tokenizer = load_embedder(MINILM, device="cpu").tokenizer
-    Embedder(BertModel(preset(RANDOM_PRESETS[name])).eval(), tokenizer, pooling="cls", max_length=512,
-             name=name).save_pretrained(folder)
+    config = BertConfig(**TINY_SHAPE) if name == "tiny" else preset(RANDOM_PRESETS[name])
+    Embedder(BertModel(config).eval(), tokenizer, pooling="cls", max_length=512, name=name).save_pretrained(folder)
     return folder
 
 
@@ -182,27 +185,36 @@ def machine() -> dict:
 
 
 def run_benchmark(models, workload_names, rounds, scifact_docs, stsb_texts=None, data_dir=DATA_DIR,
-                  speed_options=True, peer_filter=None, train_steps=0) -> dict:
-    """The whole benchmark; returns {"machine", "peak_gflops", "rows", "train"}."""
-    results = {"machine": machine(), "rows": [], "train": {}, "kernels": {}, "peaks_start": matmul_peaks()}
+                  speed_options=True, peer_filter=None, train_steps=0, cache_batches=(), cache_chunk_size=32,
+                  plain_max_batch=512, encode=True) -> dict:
+    """The whole benchmark; returns {"machine", "peak_gflops", "rows", "train", "cached", "kernels"}. encode=False
+    skips the encode peers (the training rows only); cache_batches: the gradient-caching rows' batch sizes."""
+    results = {"machine": machine(), "rows": [], "train": {}, "cached": {}, "kernels": {},
+               "peaks_start": matmul_peaks()}
     workloads = load_workloads(Path(data_dir), workload_names, scifact_docs, stsb_texts)
     if not workloads:
         raise ValueError(f"no benchmark data under {data_dir}: expected stsbenchmark/ and/or scifact/")
     with tempfile.TemporaryDirectory() as tmp:
         for model_name in models:
             folder = model_folder(model_name, Path(tmp) / model_name)
-            embedder = load_embedder(folder, device="cpu")
-            choice = embedder.fast_encoder.matmul_choice  # measured per machine (fast/kernels.py)
-            results["kernels"][model_name] = choice.describe() if choice is not None else "not measured (no oneDNN)"
-            peers = [p for p in all_peers(speed_options) if peer_filter is None or peer_filter(p.name)]
-            build_peers(peers, folder, embedder, workloads)
-            run_rounds(peers, workloads, rounds)
-            results["rows"] += summarise(model_name, embedder, peers, workloads)
-            del peers
+            if encode:
+                embedder = load_embedder(folder, device="cpu")
+                choice = embedder.fast_encoder.matmul_choice  # measured per machine (fast/kernels.py)
+                results["kernels"][model_name] = choice.describe() if choice is not None else "not measured (no oneDNN)"
+                peers = [p for p in all_peers(speed_options) if peer_filter is None or peer_filter(p.name)]
+                build_peers(peers, folder, embedder, workloads)
+                run_rounds(peers, workloads, rounds)
+                results["rows"] += summarise(model_name, embedder, peers, workloads)
+                del peers
             if train_steps:
                 from .train import train_step_benchmark
                 texts = [t for w in workloads for t in w.texts]  # short texts as queries, the rest as passages
                 results["train"][model_name] = train_step_benchmark(folder, texts, texts[::-1], train_steps)
+            if cache_batches:
+                from .train import cached_step_benchmark
+                # queries from the first workload (STS-B's sentences), passages from the last (SciFact's abstracts)
+                results["cached"][model_name] = cached_step_benchmark(
+                    folder, workloads[0].texts, workloads[-1].texts, cache_batches, cache_chunk_size, plain_max_batch)
     # measured before and after the peers: the better one is the machine's, the gap shows the load
     results["peaks_end"] = matmul_peaks()
     results["peak_gflops_start"], results["peak_gflops_end"] = (max(results[f"peaks_{when}"].values())
@@ -254,4 +266,7 @@ def markdown(results: dict, command: str) -> str:
     if results.get("train"):
         from .train import markdown as train_markdown
         lines += [train_markdown(rows, model) for model, rows in results["train"].items()]
+    if results.get("cached"):
+        from .train import cached_markdown
+        lines += [cached_markdown(rows, model) for model, rows in results["cached"].items()]
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """Timing and memory helpers shared by the benchmarks: best-of-N seconds, the matmul peak of this
-machine under the current thread count, and the peak resident memory of a block."""
+machine under the current thread count, the peak resident memory of a block, and the peak bytes
+autograd holds for backward (the activations) while a block runs."""
 from __future__ import annotations
 
 import os
@@ -95,3 +96,59 @@ class PeakRSS:
     @property
     def extra_mb(self) -> float:
         return (self.peak - self.base) / 2**20
+
+
+class SavedTensorBytes:
+    """The most bytes autograd held for backward at once while the block ran: the activations.
+
+    Every tensor a graph saves for backward (torch.autograd.graph.saved_tensors_hooks) counts from
+    when it is saved until the graph lets go of it (after its backward, or when it is dropped); a
+    storage saved by several ops counts once, and the tensors in `exclude` (the parameters) not at
+    all. A size, not a time: the same on any machine and under any load, for a test to bound.
+    """
+
+    def __init__(self, exclude=()):
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.live: dict[int, list[int]] = {}  # storage address → [saved tensors holding it, its bytes]
+        self.bytes = self.peak = 0
+
+    def _pack(self, tensor: torch.Tensor):
+        key = tensor.untyped_storage().data_ptr()
+        if key in self.exclude or key == 0:
+            return tensor
+        return _Held(self, tensor, key)
+
+    @staticmethod
+    def _unpack(saved):
+        return saved.tensor if isinstance(saved, _Held) else saved
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+
+class _Held:
+    """A saved tensor, counted in its SavedTensorBytes while the graph keeps this wrapper alive."""
+
+    def __init__(self, counter: SavedTensorBytes, tensor: torch.Tensor, key: int):
+        self.counter, self.tensor, self.key = counter, tensor, key
+        entry = counter.live.setdefault(key, [0, tensor.untyped_storage().nbytes()])
+        if entry[0] == 0:
+            counter.bytes += entry[1]
+            counter.peak = max(counter.peak, counter.bytes)
+        entry[0] += 1
+
+    def __del__(self):
+        entry = self.counter.live[self.key]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.counter.bytes -= entry[1]
+            del self.counter.live[self.key]

@@ -11,6 +11,10 @@ and the median over steps is reported as real (unpadded) tokens per second.
 compute through oneDNN (minibge/train/loop.py, minibge/fast/onednn.py). "minibge BertModel, MKL (no oneDNN)" is the
 same model on PyTorch's default matmuls, as `--no-onednn` trains it, and as transformers runs:
 the gap between the two rows is what oneDNN buys; the gap to transformers' row, the rest.
+
+cached_step_benchmark: one step of `minibge finetune` at growing batch sizes (group size 4), plain
+and with gradient caching (minibge/train/gradcache.py), with the bytes saved for backward (the
+activations, a size) beside the peak resident memory and the tokens/s.
 """
 from __future__ import annotations
 
@@ -105,4 +109,84 @@ def markdown(rows: list[dict], model_name: str) -> str:
              "| step | tokens/s | × transformers | median s (min–max) | peak extra MB |", "|---|---|---|---|---|"]
     lines += [f"| {r['step']} | {r['tokens_per_s']:,.0f} | {r['vs_transformers']:.2f} | "
               f"{r['median_s']:.2f} ({r['min_s']:.2f}–{r['max_s']:.2f}) | {r['peak_extra_mb']:.0f} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# Gradient caching: one step's memory and speed as the batch grows (minibge/train/gradcache.py)
+
+CACHE_GROUP = 4  # passages per query: the positive + 3 hard negatives
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim), so the next row's peak RSS starts low."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def cached_step_benchmark(folder, queries: list[str], passages: list[str], batches=(32, 128, 512, 2048),
+                          chunk_size: int = 32, plain_max_batch: int = 512) -> list[dict]:
+    """One training step (InfoNCE, group size 4, backward, AdamW) at each batch size, plain and with
+    gradient caching: seconds, real tokens/s, the peak bytes saved for backward (SavedTensorBytes: the
+    activations, a size) and the peak extra resident memory (PeakRSS: everything, noisier). Plain
+    steps above plain_max_batch queries are not run (their activations would not fit a shared machine)."""
+    from ..train.finetune import ContrastiveStep
+    from ..train.gradcache import cached_step
+    from .timing import SavedTensorBytes
+
+    embedder = load_embedder(folder, device="cpu")
+    onednn.use_onednn_linears(embedder.model)  # as `minibge finetune` trains on a CPU (fp32)
+    embedder.model.train()
+    step = ContrastiveStep(embedder, temperature=0.02)
+    optimizer = torch.optim.AdamW(embedder.model.parameters(), lr=1e-5)
+    take = lambda texts, n: [texts[i % len(texts)] for i in range(n)]  # noqa: E731  cycles through short lists
+
+    def batch_of(n: int) -> dict:
+        return {"query": embedder.tokenize(take(queries, n), max_length=QUERY_LEN),
+                "passages": embedder.tokenize(take(passages, n * CACHE_GROUP), max_length=PASSAGE_LEN)}
+
+    def one_step(batch: dict, cached: bool) -> None:
+        if cached:
+            cached_step(step, batch, chunk_size, lambda loss: loss.backward())
+        else:
+            step(batch)["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    one_step(batch_of(min(batches)), cached=True)  # warm-up: oneDNN's kernels, the allocator
+    rows = []
+    for n in batches:
+        batch = batch_of(n)
+        tokens = int(batch["query"]["attention_mask"].sum() + batch["passages"]["attention_mask"].sum())
+        for cached in (False, True):
+            row = {"queries": n, "passages": n * CACHE_GROUP, "tokens": tokens,
+                   "step": f"cached (chunk {chunk_size})" if cached else "plain"}
+            if not cached and n > plain_max_batch:
+                rows.append({**row, "skipped": f"not run (plain steps above {plain_max_batch} queries)"})
+                continue
+            _release_freed_memory()
+            with PeakRSS() as rss, SavedTensorBytes(exclude=embedder.model.parameters()) as saved:
+                start = time.perf_counter()
+                one_step(batch, cached)
+                seconds = time.perf_counter() - start
+            rows.append({**row, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                         "activations_mb": saved.peak_mb, "peak_extra_mb": rss.extra_mb})
+    return rows
+
+
+def cached_markdown(rows: list[dict], model_name: str) -> str:
+    lines = [f"### One training step, plain and with gradient caching, {model_name}: group size {CACHE_GROUP}, "
+             f"queries ≤ {QUERY_LEN} tokens, passages ≤ {PASSAGE_LEN}", "",
+             "| queries (passages) | step | real tokens | s | tokens/s | saved for backward, MB | peak extra RSS, MB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        head = f"| {r['queries']} ({r['passages']}) | {r['step']} | {r['tokens']:,} |"
+        if "skipped" in r:
+            lines.append(f"{head} {r['skipped']} | | | |")
+        else:
+            lines.append(f"{head} {r['seconds']:.2f} | {r['tokens_per_s']:,.0f} | {r['activations_mb']:,.0f} | "
+                         f"{r['peak_extra_mb']:,.0f} |")
     return "\n".join(lines) + "\n"

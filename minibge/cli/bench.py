@@ -20,7 +20,9 @@ def cmd_bench(args) -> int:
                             speed_options=not args.no_speed_options,
                             peer_filter=None if wanted is None else
                             lambda name: name == "sentence-transformers encode" or any(w in name.lower() for w in wanted),
-                            train_steps=args.train_steps)
+                            train_steps=args.train_steps, cache_batches=args.cache_batches or (),
+                            cache_chunk_size=args.cache_chunk_size, plain_max_batch=args.plain_max_batch,
+                            encode=not args.training_only)
     report = markdown(results, command)
     print(report)
     if args.markdown:
@@ -41,9 +43,10 @@ def add_bench_command(commands, parents) -> None:
                     "peak extra memory, agreement with minibge, STS-B Spearman. The references are optional: "
                     "pip install 'minibge[bench]'.",
         epilog=examples("minibge bench", "minibge bench --models minilm bge-small --rounds 5 --markdown bench.md",
+                         "minibge bench --models tiny --training-only --train-steps 0 --cache-batches 32 128 512 2048",
                          "minibge bench --peer onnx --peer 'minibge fast' --workloads stsb"))
     p.add_argument("--models", nargs="+", choices=MODELS, default=["minilm"],
-                   help="real all-MiniLM-L6-v2 and/or random-weight BGE shapes (default: minilm)")
+                   help="real all-MiniLM-L6-v2, random-weight BERT-tiny (2 layers, 128 wide) and/or BGE shapes (default: minilm)")
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     p.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds per peer (default: 3)")
     p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
@@ -55,6 +58,13 @@ def add_bench_command(commands, parents) -> None:
                    help="only peers whose name contains TEXT (repeatable; sentence-transformers always runs)")
     p.add_argument("--train-steps", type=int, default=5,
                    help="contrastive training steps per side, minibge vs transformers (default: 5; 0 skips)")
+    p.add_argument("--cache-batches", type=positive_int, nargs="+", metavar="N",
+                   help="also time one training step at these batch sizes (queries, group size 4), plain and with "
+                        "gradient caching, with its memory (e.g. 32 128 512 2048; default: none)")
+    p.add_argument("--cache-chunk-size", type=positive_int, default=32, help="gradient caching's chunk (default: 32)")
+    p.add_argument("--plain-max-batch", type=positive_int, default=512,
+                   help="plain (uncached) steps above this many queries are not run (default: 512)")
+    p.add_argument("--training-only", action="store_true", help="skip the encode peers: the training rows only")
     p.add_argument("--no-speed-options", action="store_true", help="skip the extra minibge.fast variants")
     p.add_argument("--markdown", metavar="FILE", help="also write the markdown report here")
     p.add_argument("-o", "--output", metavar="JSON", help="write all measurements as JSON")

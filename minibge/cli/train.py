@@ -48,8 +48,9 @@ def _rank_window(value: str) -> tuple[int, int]:
     return start, end
 
 
-def _add_loop_options(p, batch_size: int, unit: str) -> None:
-    """The options of train/loop.py's loop (TrainConfig and --out), shared by finetune and pretrain."""
+def _add_loop_options(p, batch_size: int, unit: str, cache: bool = False) -> None:
+    """The options of train/loop.py's loop (TrainConfig and --out), shared by finetune and pretrain
+    (cache: --cache-chunk-size, for losses split at the embeddings: finetune's)."""
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (new or empty, or a run to --resume)")
     p.add_argument("--epochs", type=positive_int, default=1, help="passes over the data (default: 1)")
     p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps (overrides --epochs)")
@@ -70,6 +71,10 @@ def _add_loop_options(p, batch_size: int, unit: str) -> None:
                    help="on the CPU, keep PyTorch's default matmuls (MKL) instead of oneDNN's, which are faster "
                         "on some CPUs (docs/benchmarks.md, \"Why oneDNN\"); the results agree to float rounding")
     p.add_argument("--log-steps", type=positive_int, default=10, help="log every N steps (default: 10)")
+    if cache:
+        p.add_argument("--cache-chunk-size", type=positive_int, metavar="N",
+                       help="gradient caching: embed at most N texts at a time (no graph, then again with one), so "
+                            "memory stays flat as --batch-size grows; the same gradient, one more forward pass")
 
 
 def _train_config(args) -> tuple[TrainConfig, Path]:
@@ -85,7 +90,7 @@ def _train_config(args) -> tuple[TrainConfig, Path]:
                          grad_accumulation=args.grad_accumulation, max_grad_norm=args.max_grad_norm,
                          save_steps=args.save_steps, seed=args.seed, precision=args.precision,
                          gradient_checkpointing=args.gradient_checkpointing, onednn=not args.no_onednn,
-                         log_steps=args.log_steps)
+                         log_steps=args.log_steps, cache_chunk_size=getattr(args, "cache_chunk_size", None))
     return config, out
 
 
@@ -101,10 +106,11 @@ def add_training_commands(commands, parents) -> None:
         epilog=examples("minibge finetune -m weights/all-MiniLM-L6-v2 --train train.jsonl --out runs/ft",
                          "minibge finetune -m BAAI/bge-small-en-v1.5 --train t.jsonl --out runs/ft --save-steps 100",
                          "minibge finetune ... --out runs/ft --resume        (continue an interrupted run)",
+                         "minibge finetune ... --batch-size 512 --cache-chunk-size 32   (a big batch, a chunk's memory)",
                          "torchrun --standalone --nproc_per_node 2 -m minibge finetune ..."))
     p.add_argument("-m", "--model", required=True, metavar="PATH_OR_ID", help="the model to start from")
     p.add_argument("--train", required=True, metavar="JSONL", help="training data, one query per line")
-    _add_loop_options(p, batch_size=16, unit="queries")
+    _add_loop_options(p, batch_size=16, unit="queries", cache=True)
     p.add_argument("--temperature", type=_positive_float, default=0.02, help="softmax temperature τ (default: 0.02)")
     p.add_argument("--group-size", type=positive_int, default=8,
                    help="passages per query: 1 positive + N−1 negatives (default: 8)")

@@ -13,7 +13,8 @@ Each step, every query in the batch gets a group of G passages, sampled afresh:
 Queries (instruction + text, ≤ 32 tokens) and passages (≤ 128 tokens) are embedded with the
 model's own pooling and L2-normalised, by Embedder.embed, which keeps the gradients; losses.py
 turns them into InfoNCE with in-batch (and, under torchrun, cross-device) negatives, plus
-distillation from pos_scores/neg_scores when asked; loop.py runs the optimisation. The result
+distillation from pos_scores/neg_scores when asked; loop.py runs the optimisation (with
+gradient caching, gradcache.py, when TrainConfig.cache_chunk_size is set). The result
 is a complete embedder folder (Embedder.save_pretrained): the weights in the official layout,
 the tokenizer and the sentence-transformers files, with the base model's pooling, maximum
 length and query instruction, so load_embedder, transformers and sentence-transformers load it.
@@ -33,6 +34,7 @@ import torch
 
 from ..common import LineError, file_fingerprint, iter_lines, rank_and_world, setup_distributed
 from ..losses import check_temperature, contrastive_loss
+from .gradcache import EmbeddingLoss
 from .loop import DATA_KEY, Batches, TrainConfig, train
 
 logger = logging.getLogger(__name__)
@@ -191,14 +193,33 @@ class GroupCollator:
 # -----------------------------------------------------------------------------
 # Putting it together
 
-def contrastive_step(embedder, temperature: float, in_batch_negatives: bool = True, cross_device: bool = False):
-    """The loss_fn for train.train: a collated batch → {"loss", "info_nce"[, "distill"]}."""
-    def loss_fn(batch: dict) -> dict:
-        q = embedder.embed(batch["query"])       # (B, D), unit length, with gradients
-        p = embedder.embed(batch["passages"])    # (B·G, D)
-        return contrastive_loss(q.float(), p.float(), temperature, in_batch_negatives, cross_device,
+class ContrastiveStep(EmbeddingLoss):
+    """The loss_fn for train.train: a collated batch → {"loss", "info_nce"[, "distill"]}.
+
+    Split at the embeddings (gradcache.EmbeddingLoss), so the loop can cache gradients
+    (TrainConfig.cache_chunk_size); called on a batch, it is the plain step.
+    """
+
+    def __init__(self, embedder, temperature: float, in_batch_negatives: bool = True, cross_device: bool = False):
+        self.embedder, self.temperature = embedder, temperature
+        self.in_batch_negatives, self.cross_device = in_batch_negatives, cross_device
+
+    def inputs(self, batch: dict) -> dict:
+        return {"query": batch["query"], "passages": batch["passages"]}  # tokens (B, Tq), (B·G, Tp)
+
+    def embed(self, tokens: dict) -> torch.Tensor:
+        return self.embedder.embed(tokens)       # (n, D), unit length, with gradients when enabled
+
+    def loss(self, embeddings: dict, batch: dict) -> dict:
+        q, p = embeddings["query"], embeddings["passages"]  # (B, D), (B·G, D)
+        return contrastive_loss(q.float(), p.float(), self.temperature, self.in_batch_negatives, self.cross_device,
                                 batch.get("teacher_scores"))
-    return loss_fn
+
+
+def contrastive_step(embedder, temperature: float, in_batch_negatives: bool = True,
+                     cross_device: bool = False) -> ContrastiveStep:
+    """The loss_fn for train.train (a ContrastiveStep)."""
+    return ContrastiveStep(embedder, temperature, in_batch_negatives, cross_device)
 
 
 def finetune(model, train_file, output_dir, config: TrainConfig, temperature: float = 0.02, group_size: int = 8,

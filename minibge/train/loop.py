@@ -23,6 +23,13 @@ and the loop does the rest, the same way for both stages:
            └─┴──────────────────────────────────────▶ step
              warm-up (warmup_ratio of all steps)
 
+Gradient caching (`cache_chunk_size`, gradcache.py): for a loss split at the embeddings (finetune's
+contrastive loss), each micro-batch's two lines above become gradcache.cached_step's three passes
+(embed every chunk without a graph; the loss and its gradient at the embeddings; re-embed chunk by
+chunk with a graph and back-propagate): the same gradient, with one chunk's activations in memory.
+That is not what accumulation does: accumulated micro-batches are separate in-batch losses, each
+query seeing only its own micro-batch's negatives; a cached batch is one loss over all of them.
+
 Checkpoints (every `save_steps` optimizer steps, and at the end) hold everything a run needs to
 continue as if it had never stopped: weights, AdamW moments, the scheduler, every rank's RNG
 states and the position in the data (epoch, next batch). That works because the batches are a
@@ -80,6 +87,7 @@ import torch.nn as nn
 from ..common import atomic_folder, rank_and_world, read_json, write_text_atomic
 from ..fast import onednn as onednn_kernels
 from ..weights import RUN_FILE
+from . import gradcache
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +114,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False # BertModel.gradient_checkpointing: less memory, one more forward per layer
     onednn: bool = True                  # CPU fp32: Linears through oneDNN (fast/onednn.py): same function, faster
     log_steps: int = 10                  # write a log line every N optimizer steps
+    cache_chunk_size: int | None = None  # gradient caching (gradcache.py): embed ≤ N texts at a time; same gradient
 
     def __post_init__(self):
         positive = ("epochs", "batch_size", "grad_accumulation", "log_steps")
@@ -124,6 +133,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
         if not isinstance(self.onednn, bool):
             raise TypeError(f"TrainConfig.onednn must be True or False, got {self.onednn!r}")
+        if self.cache_chunk_size is not None and (not isinstance(self.cache_chunk_size, int) or self.cache_chunk_size < 1):
+            raise ValueError(f"TrainConfig.cache_chunk_size must be None or a positive int, got {self.cache_chunk_size!r}")
         if self.precision not in AUTOCAST_DTYPES:
             raise ValueError(f"TrainConfig.precision must be one of {list(AUTOCAST_DTYPES)}, got {self.precision!r}")
 
@@ -357,7 +368,7 @@ def _check_same_data(before: dict, now: dict, output_dir: Path) -> None:
 # TrainConfig fields that change how a step is computed, not what: a run may be resumed with them
 # changed (say, gradient checkpointing turned on after running out of memory), and a run recorded
 # before one of them existed may be resumed too.
-HOW_NOT_WHAT = ("onednn", "gradient_checkpointing")
+HOW_NOT_WHAT = ("onednn", "gradient_checkpointing", "cache_chunk_size")
 
 
 def _what_is_computed(run_info: dict) -> dict:
@@ -574,16 +585,24 @@ def step_groups(batches: Batches, epoch: int, next_batch: int, grad_accumulation
 
 
 def accumulate_gradients(loss_fn: Callable, group: list, device: torch.device, precision: str, scaler,
-                         step: int) -> dict:
-    """Backward through every micro-batch of a step; returns the step's losses (means over the group)."""
+                         step: int, cache_chunk_size: int | None = None) -> dict:
+    """Backward through every micro-batch of a step; returns the step's losses (means over the group).
+    With cache_chunk_size, each micro-batch's gradient comes from gradcache.cached_step."""
+    def backward(loss: torch.Tensor) -> None:
+        loss = loss / len(group)  # the step's gradient is the mean over its micro-batches
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
     step_losses = {}
     for batch in group:
-        with _autocast(device, precision):
-            losses = loss_fn(move_to(batch, device))
-        if "loss" not in losses:
-            raise ValueError(f"loss_fn must return a dict with a 'loss' entry, got keys {sorted(losses)}")
-        loss = losses["loss"] / len(group)  # the step's gradient is the mean over its micro-batches
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if cache_chunk_size:
+            losses = gradcache.cached_step(loss_fn, move_to(batch, device), cache_chunk_size, backward,
+                                           autocast=lambda: _autocast(device, precision))
+        else:
+            with _autocast(device, precision):
+                losses = loss_fn(move_to(batch, device))
+            if "loss" not in losses:
+                raise ValueError(f"loss_fn must return a dict with a 'loss' entry, got keys {sorted(losses)}")
+            backward(losses["loss"])
         for name, value in _as_floats(losses).items():
             step_losses[name] = step_losses.get(name, 0.0) + value / len(group)
     if not math.isfinite(step_losses["loss"]):
@@ -674,6 +693,9 @@ def train(model: nn.Module, loss_fn: Callable[[object], dict], batches: Batches,
         logger.warning("precision %s needs CUDA; training in fp32 on %s", config.precision, device)
     if config.gradient_checkpointing:
         bert_models(model)  # a model it cannot apply to fails here, before the output folder is touched
+    if config.cache_chunk_size and not isinstance(loss_fn, gradcache.EmbeddingLoss):
+        raise ValueError("cache_chunk_size needs a loss split at the embeddings (gradcache.EmbeddingLoss, as "
+                         "finetune's); this loss is not, and a per-text loss needs no caching: use grad_accumulation")
     resume_from = agree_on_output_dir(output_dir, run_info, resume)
 
     total_steps = config.max_steps or config.epochs * math.ceil(len(batches) / config.grad_accumulation)
@@ -698,7 +720,8 @@ def train(model: nn.Module, loss_fn: Callable[[object], dict], batches: Batches,
         try:  # the bar is closed whether the loop ends or raises: an error is then the last line on stderr
             while step < total_steps:
                 group, position = next(groups)
-                step_losses = accumulate_gradients(loss_fn, group, device, config.precision, scaler, step)
+                step_losses = accumulate_gradients(loss_fn, group, device, config.precision, scaler, step,
+                                                   config.cache_chunk_size)
                 lr, grad_norm = optimizer_step(model, optimizer, scheduler, scaler, config.max_grad_norm)
                 step += 1
                 bar.update(1)
