@@ -97,7 +97,7 @@ class Embedder:
         self.model = model
         self.tokenizer = tokenizer
         self.pooling = pooling
-        self.max_length = min(max_length, model.config.max_position_embeddings)
+        self.max_length = min(max_length, model.config.max_sequence_length)  # XLM-R: 514 positions, 512 tokens
         self.query_instruction = query_instruction
         self.name = name
         # encode() through minibge/fast.py (same vectors, less work) unless fast=False or the
