@@ -227,7 +227,7 @@ class Tokenizer:
         specials = self._tok.num_special_tokens_to_add(is_pair=True)  # 3 for BERT, 4 for XLM-R
         if not pairs:
             return []
-        with self._truncation_lock:  # the truncation setting is shared, see encode_batch
+        with self._truncation_lock:  # no truncation setting may be switched on while I encode (see encode_batch)
             try:
                 query_encodings = self._tok.encode_batch(queries, add_special_tokens=False)
                 passage_encodings = self._tok.encode_batch(passages, add_special_tokens=False)
@@ -235,20 +235,19 @@ class Tokenizer:
                 _check_encodable(queries)
                 _check_encodable(passages)
                 raise
-            self._tok.enable_truncation(max_length, strategy="only_second")
-            try:
-                encoded = []
-                for i, (query, passage) in enumerate(zip(query_encodings, passage_encodings)):
-                    query.truncate(query_max_length)
-                    passage.truncate(max_length)
-                    if len(query.ids) + specials > max_length:  # transformers logs this and returns too many tokens
-                        raise ValueError(f"pairs[{i}]: its query ({len(query.ids)} tokens after query_max_length "
-                                         f"{query_max_length}) and {specials} special tokens leave no room for the "
-                                         f"passage within max_length {max_length}; lower query_max_length")
-                    pair = self._tok.post_process(query, passage, add_special_tokens=True)  # cut, then wrap
-                    encoded.append((pair.ids, pair.type_ids))
-            finally:
-                self._tok.no_truncation()
+        encoded = []
+        for i, (query, passage) in enumerate(zip(query_encodings, passage_encodings)):
+            query.truncate(query_max_length)
+            room = max_length - specials - len(query.ids)
+            if room < 0:  # transformers logs this and returns too many tokens; the model would then fail
+                raise ValueError(f"pairs[{i}]: its query ({len(query.ids)} tokens after query_max_length "
+                                 f"{query_max_length}) and {specials} special tokens leave no room for the "
+                                 f"passage within max_length {max_length}; lower query_max_length")
+            # "only_second": the passage alone is cut, from its end (the library's own only_second refuses
+            # to cut a passage down to nothing, which transformers and FlagEmbedding allow)
+            passage.truncate(min(room, max_length))
+            pair = self._tok.post_process(query, passage, add_special_tokens=True)  # wrap in the specials
+            encoded.append((pair.ids, pair.type_ids))
         return encoded
 
     def pad_pairs(self, encoded: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:

@@ -110,3 +110,24 @@ def write_bert_tokenizer(directory: Path, minilm_dir: Path) -> None:
 
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         shutil.copy(Path(minilm_dir) / name, Path(directory) / name)
+
+
+def flagembedding_pair(hf, query, passage, max_length, query_max_length):
+    """FlagEmbedding's reranker input, from transformers' tokenizer: the query cut alone to query_max_length,
+    then, in the pair, only the passage cut (transformers' truncation="only_second")."""
+    q = hf(query, add_special_tokens=False)["input_ids"]
+    p = hf(passage, add_special_tokens=False)["input_ids"]
+    full = hf(query, passage)  # the pair template, untruncated
+    specials = len(full["input_ids"]) - len(q) - len(p)
+    if len(q) <= query_max_length and len(q) + specials < max_length:  # transformers does all of it
+        return hf(query, passage, truncation="only_second", max_length=max_length)
+    # a long query, or no room left for any passage token (transformers 5 refuses to cut a passage to
+    # nothing; FlagEmbedding's prepare_for_model allowed it): cut by hand, specials where the template puts them
+    cut_q, cut_p = q[:query_max_length], p[:max(0, max_length - specials - query_max_length)]
+    layout = full["input_ids"]
+    ids = layout[:1] + cut_q + layout[1 + len(q):1 + len(q) + specials - 2] + cut_p + layout[-1:]
+    out = {"input_ids": ids}
+    if "token_type_ids" in full:  # BERT: segment 0 up to the first [SEP], segment 1 after it
+        first = 1 + len(cut_q) + specials - 2
+        out["token_type_ids"] = [0] * first + [full["token_type_ids"][-1]] * (len(ids) - first)
+    return out

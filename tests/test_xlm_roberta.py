@@ -12,7 +12,7 @@ import torch
 from conftest import diff_report, require_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rerank_fixtures import hf_xlmr_model, random_xlmr_batch, shrunk, write_xlmr_tokenizer
+from rerank_fixtures import flagembedding_pair, hf_xlmr_model, random_xlmr_batch, shrunk, write_xlmr_tokenizer
 
 import minibge
 from minibge import BertModel
@@ -195,22 +195,6 @@ def test_ids_match_transformers(tokenizers_pair, texts, max_length):
         hf(texts, max_length=max_length, truncation=True)["input_ids"]
 
 
-def flagembedding_pair(hf, query, passage, max_length, query_max_length):
-    """FlagEmbedding's reranker input, from transformers' tokenizer: the query cut alone to query_max_length,
-    then, in the pair, only the passage cut (transformers' truncation="only_second")."""
-    q = hf(query, add_special_tokens=False)["input_ids"]
-    p = hf(passage, add_special_tokens=False)["input_ids"]
-    full = hf(query, passage)  # the pair template, untruncated
-    specials = len(full["input_ids"]) - len(q) - len(p)
-    if len(q) <= query_max_length:  # transformers does all of it
-        return hf(query, passage, truncation="only_second", max_length=max_length)
-    # a long query: cut by hand as FlagEmbedding does, the specials where the template puts them
-    cut_q, cut_p = q[:query_max_length], p[:max(0, max_length - specials - query_max_length)]
-    layout = full["input_ids"]
-    ids = layout[:1] + cut_q + layout[1 + len(q):1 + len(q) + specials - 2] + cut_p + layout[-1:]
-    return {"input_ids": ids, "token_type_ids": None}
-
-
 @settings(max_examples=60, deadline=None)
 @given(query=TEXT.filter(bool), passage=TEXT.filter(bool), max_length=st.integers(10, 40))
 def test_pairs_match_transformers(tokenizers_pair, query, passage, max_length):
@@ -259,5 +243,4 @@ def test_bert_pairs_have_segments(minilm_dir):
         n_query = len(hf(query, add_special_tokens=False, max_length=query_max_length or 24,
                          truncation=True)["input_ids"])
         assert types == [0] * (n_query + 2) + [1] * (len(ids) - n_query - 2)
-        if ref["token_type_ids"] is not None:
-            assert types == ref["token_type_ids"]
+        assert types == ref["token_type_ids"]
