@@ -205,13 +205,15 @@ class Tokenizer:
                 self._tok.no_truncation()
         return [enc.ids for enc in encodings]
 
-    def encode_pairs(self, pairs, max_length: int, query_max_length: int | None = None) -> list[tuple[list[int], list[int]]]:
+    def encode_pairs(self, pairs, max_length: int, query_max_length: int | None = None,
+                     passage_max_length: int | None = None) -> list[tuple[list[int], list[int]]]:
         """(query, passage) pairs → (token ids, token type ids) per pair, not padded.
 
         Truncation is FlagEmbedding's reranker's: the query alone is cut to query_max_length tokens
-        (default 3/4 of max_length), the passage alone to max_length; then the pair is wrapped in its
-        special tokens and only the passage is cut further, from its end, until the whole fits in
-        max_length. A long passage never pushes the query out.
+        (default 3/4 of max_length), the passage alone to passage_max_length (default max_length; its
+        fine-tuning uses 128); then the pair is wrapped in its special tokens and only the passage is
+        cut further, from its end, until the whole fits in max_length. A long passage never pushes
+        the query out.
         """
         if isinstance(pairs, (list, tuple)) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs):
             raise TypeError("pairs must be a list of (query, passage) pairs; wrap a single pair in a list")
@@ -220,7 +222,8 @@ class Tokenizer:
         queries, passages = [q for q, _ in pairs], [p for _, p in pairs]
         check_texts(queries)
         check_texts(passages)
-        for name, value in (("max_length", max_length), ("query_max_length", query_max_length)):
+        for name, value in (("max_length", max_length), ("query_max_length", query_max_length),
+                            ("passage_max_length", passage_max_length)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         query_max_length = max_length * 3 // 4 if query_max_length is None else query_max_length
@@ -245,7 +248,7 @@ class Tokenizer:
                                  f"passage within max_length {max_length}; lower query_max_length")
             # "only_second": the passage alone is cut, from its end (the library's own only_second refuses
             # to cut a passage down to nothing, which transformers and FlagEmbedding allow)
-            passage.truncate(min(room, max_length))
+            passage.truncate(min(room, max_length if passage_max_length is None else passage_max_length))
             pair = self._tok.post_process(query, passage, add_special_tokens=True)  # wrap in the specials
             encoded.append((pair.ids, pair.type_ids))
         return encoded
