@@ -13,7 +13,9 @@ import json
 from pathlib import Path
 
 import torch
+from conftest import TINY
 
+from minibge import BertModel, Tokenizer, save_pretrained
 from minibge.config import BertConfig, preset
 
 # text the Unigram is trained on: English, accents, CJK, emoji, so that each kind has pieces
@@ -131,3 +133,19 @@ def flagembedding_pair(hf, query, passage, max_length, query_max_length):
         first = 1 + len(cut_q) + specials - 2
         out["token_type_ids"] = [0] * first + [full["token_type_ids"][-1]] * (len(ids) - first)
     return out
+
+
+WORDS = ("cat dog fish bird tree car road house river city blue red green small big old new fast slow "
+         "paper model query answer protein cell gene drug trial").split()
+
+
+def bert_folder(directory: Path) -> Path:
+    """A tiny random BERT encoder (a bare BertModel, as an embedder has) with a small WordPiece vocabulary."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz",
+             *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"), ":", ".", ","]
+    directory.mkdir(parents=True)
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(0)
+    save_pretrained(BertModel(BertConfig(**TINY)), directory)
+    Tokenizer.from_pretrained(directory).save_pretrained(directory)
+    return directory

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO_ROOT, TINY, diff_report, require_module
-from rerank_fixtures import shrunk, write_xlmr_tokenizer
+from rerank_fixtures import WORDS, bert_folder, shrunk, write_xlmr_tokenizer
 from safetensors.torch import load_file
 
 import minibge.train.rerank as rerank_module
@@ -24,10 +24,6 @@ from minibge.reranker import load_cross_encoder, load_reranker
 from minibge.tokenizer import Tokenizer
 from minibge.train.finetune import TrainExample, sample_group
 from minibge.train.rerank import PairGroupCollator
-
-WORDS = ("cat dog fish bird tree car road house river city blue red green small big old new fast slow "
-         "paper model query answer protein cell gene drug trial").split()
-
 
 # -----------------------------------------------------------------------------
 # The loss
@@ -74,18 +70,6 @@ def test_loss_input_errors():
 
 # -----------------------------------------------------------------------------
 # Tiny models and data
-
-def bert_folder(directory: Path) -> Path:
-    """A tiny random BERT encoder (a bare BertModel, as an embedder has) with a small WordPiece vocabulary."""
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz",
-             *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"), ":", ".", ","]
-    directory.mkdir(parents=True)
-    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    torch.manual_seed(0)
-    save_pretrained(BertModel(BertConfig(**TINY)), directory)
-    Tokenizer.from_pretrained(directory).save_pretrained(directory)
-    return directory
-
 
 def xlmr_folder(directory: Path) -> Path:
     """A tiny random XLM-R encoder (XLMRobertaModel layout) with a small Unigram tokenizer."""
