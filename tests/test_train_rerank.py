@@ -173,29 +173,20 @@ def test_finetune_learns_and_reloads_in_transformers(base_model, tmp_path):
     assert hf_tok(pairs[0][0])["input_ids"] == reranker.tokenizer.encode_batch([pairs[0][0]], 32)[0]
 
 
-def crash_after(n_batches):
-    """A stand-in for rerank.rerank_step whose loss function dies (like Ctrl-C) on batch n+1."""
-    plain_step = rerank_module.rerank_step
-
-    def crashing_step(*args, **kwargs):
-        loss_fn, calls = plain_step(*args, **kwargs), []
-
-        def wrapped(batch):
-            calls.append(1)
-            if len(calls) > n_batches:
-                raise KeyboardInterrupt
-            return loss_fn(batch)
-        return wrapped
-    return crashing_step
-
-
 @pytest.mark.slow
 def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, monkeypatch):
     base = bert_folder(tmp_path / "base")
     train = write_jsonl(tmp_path / "t.jsonl", training_rows(16))
     args = ["--epochs", "2", "--save-steps", "3"]  # 4 steps per epoch, 8 in all
     assert main(rerank_args(base, train, tmp_path / "straight", *args)) == 0
-    monkeypatch.setattr(rerank_module, "rerank_step", crash_after(5))  # dies in step 6, after checkpoint 3
+    calls = []
+
+    def crashing_loss(*args, **kwargs):  # dies (like Ctrl-C) in batch 6, i.e. step 6, after checkpoint 3
+        calls.append(1)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+        return reranker_loss(*args, **kwargs)
+    monkeypatch.setattr(rerank_module, "reranker_loss", crashing_loss)
     assert main(rerank_args(base, train, tmp_path / "crashed", *args)) == 130
     assert [p.name for p in (tmp_path / "crashed").glob("checkpoint-*")] == ["checkpoint-3"]
     monkeypatch.undo()

@@ -90,15 +90,13 @@ def test_positions_count_real_tokens_from_padding_idx_plus_one():
     assert positions.tolist() == hf_positions.tolist()
 
 
-def test_too_long_for_514_positions_is_refused(checkpoint):
-    folder, _, config = checkpoint
-    model = minibge.load_model(folder)
-    T = config.max_sequence_length + 1
-    if T > 600:
-        pytest.skip("bge-m3's 8192 positions: the base shape checks the same line")
-    ids = torch.full((1, T), 5)
-    with pytest.raises(ValueError, match=f"exceeds the model's {config.max_sequence_length} positions"):
-        model(ids)
+def test_too_long_for_514_positions_is_refused():
+    config = shrunk("bge-reranker-base")
+    model = BertModel(config).eval()
+    assert config.max_sequence_length == 512
+    model(torch.full((1, 512), 5))  # 512 tokens use positions 2..513: the last row of the table
+    with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
+        model(torch.full((1, 513), 5))
 
 
 def test_task_model_names_under_roberta_load_exactly(checkpoint):
