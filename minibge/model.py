@@ -38,7 +38,8 @@ post-LN blocks, so one BertModel runs both, and config.model_type says which. Wh
 
   so rows 0 and 1 of the position table are never used by a real token, and 514 positions hold
   512 tokens (8194 hold M3's 8192). A re-implementation with BERT's rule runs without an error
-  and is wrong everywhere by one table shift; tests/test_xlm_roberta.py checks that it fails.
+  and reads every real token's position vector two rows too early: every output is wrong
+  (tests/test_xlm_roberta.py checks that such a model fails the comparison).
   The position table has padding_idx = pad_token_id too (its row gets no gradient, as in HF).
 - LayerNorm eps 1e-5 (PyTorch's default, not BERT's 1e-12); type_vocab_size 1 (row 0 still added);
   vocabulary 250,002 SentencePiece pieces; <s> ... </s> instead of [CLS] ... [SEP], and pairs
