@@ -221,3 +221,32 @@ def test_instructions_are_prepended(cross_encoder):
     instructed = FlagReranker(str(folder), devices="cpu", query_instruction_for_rerank="A: ",
                               passage_instruction_for_rerank="B: ")
     assert instructed.compute_score([QUERY, "hi"]) == pytest.approx(plain.compute_score(["A: " + QUERY, "B: hi"]), abs=1e-6)
+
+
+def test_gradients_match_transformers(cross_encoder):
+    """Fine-tuning goes through the same gradients: every parameter's, including XLM-R's position table,
+    whose padding row (padding_idx) gets none, as in transformers (a <pad> id among the attended tokens
+    is the one case where that row would otherwise get a gradient)."""
+    folder, hf_model, _, kind = cross_encoder
+    model = load_cross_encoder(folder).train()
+    hf = hf_cross_encoder(config_for(kind), seed=1).train()  # the same weights as the saved folder (same seed)
+    ids, mask, types = random_batch(model.config, seed=7)
+    ids[0, 3] = model.config.pad_token_id  # a <pad> id inside the attended text: its rows must get no gradient
+    target = torch.tensor([0.3, -1.0, 2.0, 0.5, 1.5])[:, None]
+    ((model(ids, mask, types) - target) ** 2).sum().backward()
+    kwargs = {"token_type_ids": types} if kind == "bert" else {}
+    ((hf(input_ids=ids, attention_mask=mask, **kwargs).logits - target) ** 2).sum().backward()
+    hf_grads = {name: p.grad for name, p in hf.named_parameters()}
+    from minibge.weights import PREFIXES, official_names
+
+    names = {f"encoder.{ours}": PREFIXES[kind] + theirs for ours, theirs in official_names(model.encoder).items()}
+    names.update({f"head.{ours}": theirs for ours, theirs in model.head_names().items()})
+    worst = 0.0
+    for name, param in model.named_parameters():
+        ref = hf_grads[names[name]]
+        ours = param.grad if param.grad is not None else torch.zeros_like(ref)
+        worst = max(worst, ((ours - ref).norm() / ref.norm().clamp(min=1e-12)).item())
+    assert worst <= 1e-4, f"largest relative gradient error {worst:.2e}"
+    if kind == "xlm-roberta":
+        position_grad = model.encoder.embeddings.position_embeddings.weight.grad
+        assert position_grad[model.config.pad_token_id].abs().max() == 0
