@@ -31,10 +31,11 @@ tests/test_model.py checks that each builds a model of exactly that size, so a w
 pass unnoticed.
 """
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+
+from .common import read_json
 
 # the activations `hidden_act` may name; "gelu" is the exact erf form (what HF and BGE use)
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
@@ -132,10 +133,9 @@ class BertConfig:
     @classmethod
     def from_json(cls, path) -> "BertConfig":
         path = Path(path)
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        values = read_json(path)  # untrusted: a FIFO, /dev/zero, a huge or deeply nested file is a ValueError
         if not isinstance(values, dict):
             raise ValueError(f"{path} should hold a JSON object, got {type(values).__name__}")
         return cls.from_dict(values, source=str(path))

@@ -63,13 +63,20 @@ def check_pairs(q: torch.Tensor, p: torch.Tensor, temperature: float) -> int:
     if p.shape[0] % q.shape[0] != 0:
         raise ValueError(f"p must hold a group of G passages per query: {p.shape[0]} passages "
                          f"for {q.shape[0]} queries is not a multiple")
+    check_temperature(temperature, normalized=temperature > MAX_TEMPERATURE_NORMALIZED
+                      and _unit_length(q) and _unit_length(p))
+    return p.shape[0] // q.shape[0]
+
+
+def check_temperature(temperature: float, normalized: bool = True) -> None:
+    """ValueError unless τ > 0, and, for normalised embeddings, τ ≤ MAX_TEMPERATURE_NORMALIZED.
+    Fine-tuning calls it before anything is written, so a bad value never leaves a run folder behind."""
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    if temperature > MAX_TEMPERATURE_NORMALIZED and _unit_length(q) and _unit_length(p):
+    if normalized and temperature > MAX_TEMPERATURE_NORMALIZED:
         raise ValueError(f"temperature {temperature} is too high for normalised embeddings: cosines lie in "
                          f"[-1, 1], so the softmax would be nearly flat. Use ≤ {MAX_TEMPERATURE_NORMALIZED} "
                          "(BGE uses 0.01–0.02)")
-    return p.shape[0] // q.shape[0]
 
 
 def _unit_length(x: torch.Tensor) -> bool:

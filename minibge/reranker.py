@@ -27,7 +27,6 @@ score; sigmoid(logit) with normalize=True). The encoder is model.py's BertModel 
 The checkpoint layout is one table per head, HEAD_KEY_MAP, beside weights.py's KEY_MAP for the encoder,
 whose names sit under weights.PREFIXES ("bert." / "roberta.") in a task model.
 """
-import json
 import logging
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import torch.nn as nn
 
 from .common import read_json
 from .config import BertConfig
-from .fast.encoder import token_budget_batches
+from .embedder import length_sorted_batches
 from .hub import is_hub_id, resolve_model_path
 from .model import BertModel, Pooler
 from .tokenizer import Tokenizer
@@ -218,11 +217,8 @@ class Reranker:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         max_length = self.max_length if max_length is None else min(max_length, self.max_length)
         encoded = self.tokenizer.encode_pairs(check_pairs(pairs), max_length, query_max_length)
-        order = np.argsort([-len(ids) for ids, _ in encoded], kind="stable")
         scores = np.empty(len(encoded), dtype=np.float64)
-        lengths = [len(encoded[i][0]) for i in order]
-        for batch in token_budget_batches(lengths, max_tokens=batch_size * max_length, max_texts=batch_size):
-            members = order[batch.start:batch.stop]
+        for members in length_sorted_batches([len(ids) for ids, _ in encoded], batch_size):
             inputs = {k: v.to(self.device) for k, v in self.tokenizer.pad_pairs([encoded[i] for i in members]).items()}
             logits = self.logits(inputs).float()
             scores[members] = (torch.sigmoid(logits) if normalize else logits).cpu().numpy()

@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
+from .common import atomic_folder
 from .embedder import write_sentence_transformers_files
 from .hub import resolve_model_path
 from .model import BertModel, EncoderLayer, activation
@@ -344,13 +345,16 @@ class RetroMAEForPretraining(nn.Module):
         # a class; AutoModel itself goes by model_type. (The tied decoder matrix is not stored:
         # transformers 5 does not store it either.)
         head = self.head.state_dict()
-        save_pretrained(self.encoder, directory, {official: head[ours] for ours, official in HEAD_NAMES.items()},
-                        architectures=["BertForMaskedLM"])
-        if tokenizer is not None:  # what Embedder.save_pretrained adds, with CLS pooling and no instruction
-            tokenizer.save_pretrained(directory)
-            write_sentence_transformers_files(directory, "cls", min(max_length, self.encoder.config.max_position_embeddings),
-                                              self.encoder.config.hidden_size, None)
-        decoder = self.decoder.state_dict()
-        write_safetensors({official: decoder[ours].detach().cpu().contiguous()
-                           for ours, official in decoder_names(self.decoder).items()}, directory / DECODER_NAME)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_folder(directory) as partial:  # built beside it, then moved in: never half a folder
+            save_pretrained(self.encoder, partial, {official: head[ours] for ours, official in HEAD_NAMES.items()},
+                            architectures=["BertForMaskedLM"])
+            if tokenizer is not None:  # what Embedder.save_pretrained adds, with CLS pooling and no instruction
+                tokenizer.save_pretrained(partial)
+                write_sentence_transformers_files(partial, "cls",
+                                                  min(max_length, self.encoder.config.max_position_embeddings),
+                                                  self.encoder.config.hidden_size, None)
+            decoder = self.decoder.state_dict()
+            write_safetensors({official: decoder[ours].detach().cpu().contiguous()
+                               for ours, official in decoder_names(self.decoder).items()}, partial / DECODER_NAME)
         return directory

@@ -43,7 +43,7 @@ from tokenizers import AddedToken, Tokenizer as _HFTokenizer
 from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
-from .common import read_json
+from .common import check_small_file, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,18 @@ _SPECIAL_NAMES = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_toke
 def _token_str(value) -> str | None:
     # Special tokens are stored either as plain strings or as {"content": "[CLS]", ...} dicts.
     return value.get("content") if isinstance(value, dict) else value
+
+
+def _read_tokenizer_json(path: Path) -> _HFTokenizer:
+    """tokenizer.json through the tokenizers library, after the checks every side file gets (a
+    regular file of bounded size); the library's own error (a bare Exception) becomes a ValueError
+    naming the file, in one line."""
+    check_small_file(path)
+    try:
+        return _HFTokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a plain Exception for a malformed file
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{path} is not a tokenizer the tokenizers library can read: {first_line}") from None
 
 
 def _load_vocab(path: Path) -> dict[str, int]:
@@ -157,8 +169,8 @@ class Tokenizer:
         folder = Path(path)
         if not folder.is_dir():
             raise FileNotFoundError(f"tokenizer folder {folder} does not exist or is not a directory")
-        config = read_json(folder / "tokenizer_config.json", {})
-        special_map = read_json(folder / "special_tokens_map.json", {})
+        config = read_json_object(folder / "tokenizer_config.json", {})
+        special_map = read_json_object(folder / "special_tokens_map.json", {})
         specials = {}
         for name in _SPECIAL_NAMES:
             value = _token_str(config.get(name)) or _token_str(special_map.get(name))
@@ -169,9 +181,9 @@ class Tokenizer:
         if not isinstance(max_len, int) or not 0 < max_len <= 1_000_000:
             max_len = DEFAULT_MAX_LENGTH
 
-        if (folder / "tokenizer.json").is_file():
+        if (folder / "tokenizer.json").exists():
             logger.info("loading %s", folder / "tokenizer.json")
-            tok = _HFTokenizer.from_file(str(folder / "tokenizer.json"))
+            tok = _read_tokenizer_json(folder / "tokenizer.json")
         elif (folder / "vocab.txt").is_file():
             logger.info("no tokenizer.json in %s; building WordPiece from vocab.txt", folder)
             tok = _build_wordpiece(folder, config, specials)

@@ -16,6 +16,13 @@ or `roberta.` prefix, legacy LayerNorm gamma/beta, the int64 `embeddings.positio
 carry, MLM/NSP heads), then demand the exact key set and every shape *before* touching the
 model, so a bad file raises a ValueError that names the tensor and leaves nothing half-built.
 No Linear is transposed: HF BERT stores nn.Linear weights as (out, in), exactly as we do.
+
+A folder is untrusted. Before any weight is read, load_model refuses a folder whose training run
+did not finish (run.json "finished": false: its last save may have been cut short), and
+check_side_files checks the sentence-transformers files (modules.json, 1_Pooling/config.json,
+sentence_bert_config.json, config_sentence_transformers.json) and the tokenizer's JSON files field
+by field, with errors naming the file and the field, and keeps every path modules.json names
+inside the folder. save_pretrained builds its files in a temporary folder renamed into place.
 """
 import json
 import logging
@@ -28,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import hub
+from .common import atomic_folder, read_json, read_json_object
 from .config import BertConfig
 from .model import BertModel
 
@@ -37,6 +45,7 @@ CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 PYTORCH_NAME = "pytorch_model.bin"
+RUN_FILE = "run.json"  # written by minibge's training loop (train/loop.py): "finished" false until the final save is in
 
 # official module path → minibge module path; each row covers its .weight and .bias
 KEY_MAP = {
@@ -180,11 +189,83 @@ def load_state_into(model: BertModel, state: dict, source: str = "checkpoint") -
                  what=f"a BertModel with {model.config.num_hidden_layers} layers")
 
 
+# -----------------------------------------------------------------------------
+# Checking a folder before loading it
+
+def check_training_finished(directory: Path) -> None:
+    """Refuse a folder a minibge training run is still writing, or whose final save was cut short:
+    its run.json says "finished": false, and its files may be a mix (new tokenizer, old pooling)."""
+    run = read_json(directory / RUN_FILE)
+    if isinstance(run, dict) and "finished" in run and run["finished"] is not True:
+        raise ValueError(f"{directory} holds a training run that has not finished ({RUN_FILE}: \"finished\": "
+                         f"{json.dumps(run['finished'])}); its files may be incomplete. Finish it with the same "
+                         f"training command and --resume, or load one of its checkpoint-N folders")
+
+
+def _field(path: Path, obj: dict, name: str, kinds: tuple, what: str) -> None:
+    value = obj.get(name)
+    if name in obj and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+        raise ValueError(f"{path}: field {name!r} must be {what}, got {json.dumps(value)[:60]}")
+
+
+def module_path(directory: Path, entry_path: str, source: Path) -> Path:
+    """A path modules.json names, checked to stay inside the folder (no absolute path, no "..")."""
+    folder = directory.resolve()
+    target = (directory / entry_path).resolve()
+    if Path(entry_path).is_absolute() or not (target == folder or folder in target.parents):
+        raise ValueError(f"{source}: module path {entry_path!r} leads outside {directory}")
+    return directory / entry_path
+
+
+def check_side_files(directory: Path) -> None:
+    """Check the sentence-transformers files load_embedder reads, field by field (ValueError naming
+    the file and the field). (The tokenizer checks its own files: tokenizer.py.)"""
+    directory = Path(directory)
+    modules_file = directory / "modules.json"
+    modules = read_json(modules_file)
+    pooling_dir = directory / "1_Pooling"
+    if modules is not None:
+        if not isinstance(modules, list):
+            raise ValueError(f"{modules_file} must hold a JSON list of modules, got {type(modules).__name__}")
+        for i, module in enumerate(modules):
+            if not isinstance(module, dict):
+                raise ValueError(f"{modules_file}: entry {i} must be an object, got {json.dumps(module)[:60]}")
+            for name in ("type", "path", "name"):
+                _field(modules_file, module, name, (str,), "a string")
+            folder = module_path(directory, module.get("path") or "", modules_file)
+            if module.get("type", "").endswith("Pooling") and module.get("path"):
+                pooling_dir = folder
+    pooling_file = pooling_dir / "config.json"
+    pooling = read_json_object(pooling_file)
+    if pooling is not None:
+        _field(pooling_file, pooling, "pooling_mode", (str,), "a string")
+        _field(pooling_file, pooling, "word_embedding_dimension", (int,), "an integer")
+        for name in pooling:
+            if name.startswith("pooling_mode_") or name == "include_prompt":
+                _field(pooling_file, pooling, name, (bool,), "true or false")
+    st_file = directory / "sentence_bert_config.json"
+    st = read_json_object(st_file)
+    if st is not None:
+        _field(st_file, st, "max_seq_length", (int, type(None)), "an integer ≥ 2 or null")
+        if isinstance(st.get("max_seq_length"), int) and st["max_seq_length"] < 2:
+            raise ValueError(f"{st_file}: field 'max_seq_length' must be an integer ≥ 2, got {st['max_seq_length']}")
+        _field(st_file, st, "do_lower_case", (bool,), "true or false")
+    prompts_file = directory / "config_sentence_transformers.json"
+    config = read_json_object(prompts_file)
+    if config is not None:
+        _field(prompts_file, config, "prompts", (dict, type(None)), "an object of strings")
+        for name, prompt in (config.get("prompts") or {}).items():
+            if not isinstance(prompt, str):
+                raise ValueError(f"{prompts_file}: field 'prompts.{name}' must be a string, got {json.dumps(prompt)[:60]}")
+        _field(prompts_file, config, "default_prompt_name", (str, type(None)), "a string or null")
+
+
 def load_model(path, attn_impl: str = "sdpa", device=None, dtype=None) -> BertModel:
     """A checkpoint folder → BertModel in eval mode, every tensor checked on the way in."""
     directory = hub.resolve_model_path(path) if hub.is_hub_id(str(path)) else Path(path)  # as load_embedder
     if not directory.is_dir():
         raise FileNotFoundError(f"model folder not found: {directory}")
+    check_training_finished(directory)
     if not (directory / CONFIG_NAME).exists():
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; is this a BERT/BGE checkpoint folder?")
     config = BertConfig.from_json(directory / CONFIG_NAME)
@@ -217,9 +298,19 @@ def save_pretrained(model: BertModel, directory, extra_tensors: dict | None = No
     tools such as the Hub's widgets read to pick a class for the file; prefix: put before every encoder
     name (PREFIXES: a cross-encoder's "bert." / "roberta.", reranker.py); extra_config: more config.json
     keys (a cross-encoder's id2label).
+
+    The files are written into a temporary folder beside `directory` and moved into place at the
+    end (common.atomic_folder): a new folder appears complete or not at all.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(directory) as partial:
+        _write_model_files(model, partial, extra_tensors, architectures, prefix, extra_config)
+    return directory
+
+
+def _write_model_files(model: BertModel, directory: Path, extra_tensors: dict | None,
+                       architectures: list[str] | None, prefix: str, extra_config: dict | None) -> None:
     ours = model.state_dict()
     tensors = {prefix + official: ours[name].detach().cpu().contiguous() for name, official in official_names(model).items()}
     tensors[prefix + POSITION_IDS] = torch.arange(model.config.max_position_embeddings).unsqueeze(0)  # (1, P) int64
@@ -230,4 +321,3 @@ def save_pretrained(model: BertModel, directory, extra_tensors: dict | None = No
         config["architectures"] = list(architectures)
     config.update(extra_config or {})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    return directory

@@ -15,6 +15,11 @@ WEIGHTS_DIR = REPO_ROOT / "weights"
 MINILM_DIR = WEIGHTS_DIR / "all-MiniLM-L6-v2"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
+# the fast path's per-machine kernel choice (minibge/fast/kernels.py) is cached under the user's cache
+# folder; tests keep theirs in a folder of their own, measured once per test session
+import tempfile  # noqa: E402
+os.environ.setdefault("MINIBGE_CACHE_DIR", tempfile.mkdtemp(prefix="minibge-test-cache-"))
+
 
 def require_path(path: Path, what: str) -> Path:
     """Return `path` if it exists; otherwise skip the test (or fail it under CI=true)."""

@@ -139,7 +139,7 @@ def test_encode_npy_matches_embedder(minilm_dir, embedder, tmp_path, monkeypatch
     # --plain: the plain model instead of the fast path, the same vectors
     plain = tmp_path / "plain.npy"
     fast_calls = []
-    monkeypatch.setattr("minibge.fast.encoder.iter_fast_batches", lambda *a, **k: fast_calls.append(1) or iter(()))
+    monkeypatch.setattr("minibge.fast.encoder.FastEncoder.forward", lambda *a, **k: fast_calls.append(1) or 1 / 0)
     assert main(["encode", "-m", str(minilm_dir), "--input", str(source), "--output", str(plain), "--plain"]) == 0
     assert not fast_calls, "--plain ran the fast path"
     diff = np.abs(np.load(plain) - array)
@@ -315,7 +315,9 @@ def test_signal_during_encode_keeps_the_old_output_and_leaves_no_partial(minilm_
     source.write_text("".join(f"sentence number {i} of a long file\n" for i in range(50_000)))
     out = tmp_path / "out.npy"
     out.write_bytes(b"the previous results")
-    partial = tmp_path / "out.npy.partial"
+    def partial():  # the unique temporary name common.atomic_path gives the output while it is written
+        return next(tmp_path.glob(".out.npy.*.partial"), None)
+
     proc = subprocess.Popen([sys.executable, "-m", "minibge", "encode", "-m", str(minilm_dir),
                              "--input", str(source), "--output", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
@@ -323,9 +325,9 @@ def test_signal_during_encode_keeps_the_old_output_and_leaves_no_partial(minilm_
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300  # a guard against hanging, not a timing assertion
-        while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
+        while partial() is None and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert partial.exists(), f"encode ended before it could be interrupted: {proc.poll()}"
+        assert partial() is not None, f"encode ended before it could be interrupted: {proc.poll()}"
         proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=300)
     finally:

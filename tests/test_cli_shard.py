@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from minibge.cli import main
-from minibge.cli.io import CliError, join_parts, part_path, write_npy, write_jsonl, write_part
+from minibge.cli.io import CliError, join_parts, part_paths, write_npy, write_jsonl, write_part
 from minibge.cli.shard import slice_bounds
 
 from conftest import REPO_ROOT
@@ -79,7 +79,7 @@ def test_joined_parts_are_the_file_one_process_writes(suffix, tmp_path, capsys):
     parts = []
     for rank in range(3):  # 7 texts over 3 ranks: 3, 2, 2
         start, stop = slice_bounds(len(texts), rank, 3)
-        part = part_path(output, rank, 3)
+        part = part_paths(output, 3, run=7)[rank]
         assert write_part(part, output, [texts[start:stop]], fake_embed) == stop - start
         parts.append((part, stop - start))
     join_parts(output, parts, 3)
@@ -93,17 +93,17 @@ def test_joined_parts_are_the_file_one_process_writes(suffix, tmp_path, capsys):
 def test_a_part_of_the_wrong_size_writes_nothing(tmp_path):
     output = tmp_path / "out.npy"
     output.write_bytes(b"the previous results")
-    part = part_path(output, 0, 1)
+    part = part_paths(output, 1, run=7)[0]
     write_part(part, output, [["1", "2"]], fake_embed)
     with pytest.raises(CliError, match=r"holds 24 bytes, not 3 rows of 3 float32 \(36 bytes\)"):
         join_parts(output, [(part, 3)], 3)
     assert output.read_bytes() == b"the previous results"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npy", part.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out.npy", part.name])
 
 
 def test_a_failed_part_is_deleted(tmp_path):
     output = tmp_path / "out.npy"
-    part = part_path(output, 1, 2)
+    part = part_paths(output, 2, run=7)[1]
 
     def failing_embed(chunk):
         if chunk[0] == "bad":
@@ -127,13 +127,26 @@ def test_what_cannot_be_sharded_is_refused_before_any_work(tmp_path, monkeypatch
 
 
 # ---------------------------------------------------------------- two real processes
-def torchrun(*args, timeout=300):
-    """`torchrun --standalone --nproc_per_node 2 -m minibge encode ARGS` on the CPU, one thread per rank."""
+def torchrun(*args, timeout=300, run_number=None, tmp_path=None, popen=False):
+    """`torchrun --standalone --nproc_per_node 2 -m minibge encode ARGS` on the CPU, one thread per rank.
+
+    run_number: the number that names the run's parts, fixed (through a small launcher script in
+    tmp_path that sets cli.io.new_run_number) so a test can plant something where a part goes.
+    popen: start it and return the Popen rather than wait."""
     launcher = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     env = {k: v for k, v in os.environ.items() if k != "MINIBGE_MODEL"}
     env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    return subprocess.run([launcher, "--standalone", "--nproc_per_node", "2", "-m", "minibge", "encode", *args],
-                          capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO_ROOT)
+    entry = ["-m", "minibge"]
+    if run_number is not None:
+        script = tmp_path / "launch_with_run_number.py"
+        script.write_text("import sys\nimport minibge.cli.io as io\nfrom minibge.cli import main\n"
+                          f"io.new_run_number = lambda: {run_number}\nsys.exit(main())\n")
+        entry = [str(script)]
+    command = [launcher, "--standalone", "--nproc_per_node", "2", *entry, "encode", *args]
+    if popen:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                cwd=REPO_ROOT)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO_ROOT)
 
 
 def sentences(n):
@@ -194,10 +207,12 @@ def test_a_failing_rank_leaves_the_old_output_and_no_parts(minilm_dir, tmp_path)
     out = tmp_path / "out.npy"
     out.write_bytes(b"the previous results")
     # A folder where rank 1's part should go: rank 1 alone fails, after rank 0 began its slice.
-    blocker = part_path(out, 1, 2)
+    blocker = part_paths(out, 2, run=12345)[1]
     blocker.mkdir()
-    result = torchrun("-m", str(minilm_dir), "--input", str(source), "--output", str(out))
+    result = torchrun("-m", str(minilm_dir), "--input", str(source), "--output", str(out), run_number=12345,
+                      tmp_path=tmp_path)
     assert result.returncode != 0
-    assert f"minibge: error: {blocker}: Is a directory" in result.stderr
+    assert f"minibge: error: {blocker} already exists: another run is writing it" in result.stderr
     assert out.read_bytes() == b"the previous results"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([source.name, out.name, blocker.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([source.name, out.name, blocker.name,
+                                                                 "launch_with_run_number.py"])

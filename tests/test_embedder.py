@@ -3,9 +3,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import WEIGHTS_DIR
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import minibge
-from minibge.embedder import INSTRUCTION_EN, INSTRUCTION_ZH, read_pooling_mode
+from minibge.embedder import INSTRUCTION_EN, INSTRUCTION_ZH, length_sorted_batches, read_pooling_mode
 from minibge.evaluate.data import load_sts_csv
 from minibge.hub import HubError
 
@@ -87,9 +89,9 @@ def test_streams_batch_by_batch(minilm, monkeypatch, fast):
     monkeypatch.setattr(minilm, "fast", fast)
     batches = minilm.iter_batches(["text number %d" % i for i in range(10_000)], batch_size=16)
     next(batches)
-    # the generator tokenizes only what it is about to run: the plain path one batch, the fast
-    # path one window (sorted by token length together), never the whole input
-    assert seen == ([minilm.sort_window] if fast else [16])
+    # the generator tokenizes only what it is about to run: one window (sorted by token length
+    # together), on either path, never the whole input
+    assert minilm.sort_window < 10_000 and seen == [minilm.sort_window]
 
 
 def test_progress_bar_on_request(minilm, capsys):
@@ -110,6 +112,22 @@ def test_half_precision_stays_fp32_on_cpu_and_outputs_float32(minilm_dir, caplog
     embedder.model.to(torch.bfloat16)
     half = embedder.encode(["a sentence about cats"])
     assert half.dtype == np.float32 and float(half[0] @ reference[0]) > 0.99
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_on_the_cpu_only_where_it_multiplies_in_hardware(minilm_dir, monkeypatch, native):
+    monkeypatch.setattr("minibge.embedder.cpu_has_native_bf16", lambda: native)
+    if not native:
+        with pytest.raises(ValueError, match="emulated"):
+            minibge.load_embedder(minilm_dir, dtype="bfloat16", device="cpu")
+        return
+    texts = ["a sentence about cats", "Giant pandas eat bamboo.", "x"]
+    bf16 = minibge.load_embedder(minilm_dir, dtype="bfloat16", device="cpu")
+    assert bf16.model.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+    assert bf16.fast_path_blocker() is None, "a bf16 model still takes the fast backend"
+    got, ref = bf16.encode(texts), minibge.load_embedder(minilm_dir, device="cpu").encode(texts)
+    cos = (got * ref).sum(1)
+    assert got.dtype == np.float32 and cos.min() > 0.99, f"bf16 vs fp32: min cosine {cos.min():.5f}"
 
 
 def test_bge_defaults_cls_pooling_and_instruction(fake_bge):
@@ -255,3 +273,18 @@ def test_real_bge_base_published_reference():
     a, b = embedder.encode(["embedding", "I love machine learning and nlp"])
     assert np.allclose(a[:3], [0.014549762, -0.0096840411, 0.0037761475], atol=1e-5), a[:3]
     assert abs(float(a @ b) - 0.6077381) < 1e-5, float(a @ b)
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=st.lists(st.integers(1, 50), max_size=40), max_tokens=st.integers(1, 120) | st.none(),
+       batch_size=st.integers(1, 9))
+def test_length_sorted_batches_cover_everything_longest_first_within_budget(lengths, max_tokens, batch_size):
+    batches = length_sorted_batches(lengths, batch_size, max_tokens)
+    order = [int(i) for b in batches for i in b]
+    assert sorted(order) == list(range(len(lengths))), "every position exactly once"
+    # longest first, and equal lengths in input order (a stable sort: deterministic batches)
+    assert order == sorted(range(len(lengths)), key=lambda i: -lengths[i]), (lengths, order)
+    for b in batches:
+        assert 1 <= len(b) <= batch_size
+        if max_tokens is not None:
+            assert len(b) == 1 or sum(lengths[i] for i in b) <= max_tokens, (list(b), max_tokens)

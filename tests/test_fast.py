@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from minibge import BertConfig, BertModel, Embedder, cls_pool, load_embedder, mean_pool
 from minibge.evaluate.data import load_sts_csv
 from minibge.fast import encoder as fast_path
-from minibge.fast import ATTENTION_MODES, FastEncoder, Packing, pool_packed, speed_options, token_budget_batches
+from minibge.fast import ATTENTION_MODES, FastEncoder, Packing, speed_options
 from minibge.lab import MISTAKES, with_mistake
 
 COSINE_BAR = 0.99999
@@ -99,35 +99,25 @@ def test_fused_matmul_epilogues_equal_the_unfused_steps(act):
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_pool_packed_matches_padded_pooling(pooling):
+def test_pooling_the_fast_output_matches_pooling_the_model(pooling):
+    """encode() pools both paths with the one pooling of model.py: the fast encoder's (B, T, H)
+    output, zeros at padding, must pool to the model's vectors."""
     ids, mask, _ = random_batch(MODEL.config, 5, 11, seed=4)
     fast = FastEncoder(MODEL)
+    pool = {"cls": cls_pool, "mean": mean_pool}[pooling]
     with torch.inference_mode():
-        packing = Packing.from_mask(mask)
-        packed = fast.encode_packed(ids.flatten()[packing.token_index], packing)
-        ref = {"cls": cls_pool, "mean": mean_pool}[pooling](MODEL(ids, mask), mask)
-    got = pool_packed(packed, packing, pooling)
+        got, ref = pool(fast(ids, mask), mask), pool(MODEL(ids, mask), mask)
     assert (got - ref).abs().max() < 1e-5, f"{pooling}: max |diff| {(got - ref).abs().max():.3e}"
 
 
-def test_packing_from_lengths_matches_a_right_padded_mask():
+def test_packing_of_a_right_padded_mask():
     lengths = torch.tensor([4, 1, 3])
     mask = (torch.arange(4)[None, :] < lengths[:, None]).long()
-    a, b = Packing.from_lengths(lengths), Packing.from_mask(mask)
-    for name in ("token_index", "positions", "offsets", "lengths"):
-        assert torch.equal(getattr(a, name), getattr(b, name)), name
-    assert [L for L, _ in a.buckets()] == [1, 3, 4]
-
-
-@settings(max_examples=50, deadline=None)
-@given(lengths=st.lists(st.integers(1, 50), max_size=40), max_tokens=st.integers(1, 120), max_texts=st.integers(1, 9))
-def test_token_budget_batches_cover_everything_within_budget(lengths, max_tokens, max_texts):
-    lengths = sorted(lengths, reverse=True)
-    batches = token_budget_batches(lengths, max_tokens, max_texts)
-    assert [i for b in batches for i in b] == list(range(len(lengths)))
-    for b in batches:
-        assert len(b) <= max_texts
-        assert len(b) == 1 or sum(lengths[i] for i in b) <= max_tokens, (list(b), max_tokens)
+    packing = Packing.from_mask(mask)
+    assert packing.token_index.tolist() == [0, 1, 2, 3, 4, 8, 9, 10]
+    assert packing.positions.tolist() == [0, 1, 2, 3, 0, 0, 1, 2]
+    assert packing.offsets.tolist() == [0, 4, 5, 8] and packing.lengths.tolist() == [4, 1, 3]
+    assert [L for L, _ in packing.buckets()] == [1, 3, 4]
 
 
 def test_bad_attention_mode():
@@ -154,9 +144,15 @@ TEXTS = ["A man is playing a guitar.", "x", "", "how do giant pandas eat bamboo?
 
 
 def spy_fast_batches(monkeypatch) -> list:
-    """Record every call of the fast path's batch generator (so a test can tell which path ran)."""
-    calls, original = [], fast_path.iter_fast_batches
-    monkeypatch.setattr(fast_path, "iter_fast_batches", lambda *a, **k: calls.append(1) or original(*a, **k))
+    """Record every encode() that chose the fast backend (so a test can tell which path ran)."""
+    calls, original = [], Embedder.batch_step
+
+    def spy(self, *args, **kwargs):
+        if self.fast_path_blocker() is None:
+            calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Embedder, "batch_step", spy)
     return calls
 
 

@@ -11,7 +11,7 @@ from rerank_fixtures import WORDS, bert_folder
 
 from minibge import load_embedder, load_reranker
 from minibge.cli import main
-from minibge.evaluate import rerank_results, retrieval
+from minibge.evaluate import rerank_results
 from minibge.evaluate.tasks import _trec_order, retrieval_metrics
 
 

@@ -3,7 +3,6 @@
 (XLMRobertaForSequenceClassification, bge-reranker-base's layout, shrunk) random checkpoint, heads and
 LayerNorms perturbed, written by transformers' own save_pretrained.
 """
-import dataclasses
 import json
 
 import pytest
@@ -14,7 +13,7 @@ from rerank_fixtures import (flagembedding_pair, hf_cross_encoder, random_xlmr_b
 
 import minibge
 from minibge import BertConfig, FlagReranker
-from minibge.reranker import CrossEncoder, load_cross_encoder
+from minibge.reranker import load_cross_encoder
 
 transformers = require_module("transformers")
 

@@ -210,7 +210,7 @@ def test_gradient_checkpointing_leaves_the_fast_path_open(tmp_path):
     batches = Batches([batch] * 4, lambda examples, generator: examples[0], batch_size=1)
     train(model, checkpointing_loss, batches, TrainConfig(max_steps=2, batch_size=1, gradient_checkpointing=True),
           tmp_path / "out")
-    assert seen == [True, True], "set for the length of the loop"
+    assert seen == [True, True, True], "set for the length of the loop (two steps and the check before saving)"
     assert model.gradient_checkpointing is False, "and back as it was afterwards"
     embedder.encode(texts)
     assert embedder.fast_path_blocker() is None
@@ -239,7 +239,7 @@ def test_linears_run_on_onednn_only_while_training(tmp_path, caplog, enabled):
     with caplog.at_level(logging.INFO, logger="minibge.train"):
         train(model, loss_fn, Batches(toy_examples(), collate, 8), config, tmp_path / "out")
     on_onednn = enabled and onednn.available(model[0].weight)
-    assert during == [{onednn.Linear if on_onednn else torch.nn.Linear}] * 6
+    assert during == [{onednn.Linear if on_onednn else torch.nn.Linear}] * (6 + 1)  # + the check before saving
     assert linear_types(model) == {torch.nn.Linear}, "the caller gets its model back with plain nn.Linears"
     assert caplog.text.count("compute through oneDNN") == on_onednn, "logged once when on, never when off"
 
@@ -250,7 +250,7 @@ def test_a_crash_restores_plain_linears_and_checkpoints_keep_their_keys(tmp_path
     with pytest.raises(Interrupted):
         run(model, TrainConfig(epochs=2, batch_size=8, save_steps=2), tmp_path / "run", stop_after_batches=5)
     assert linear_types(model) == {torch.nn.Linear}
-    state = torch.load(train_module.checkpoints(tmp_path / "run")[-1] / train_module.STATE_FILE, weights_only=False)
+    state = torch.load(train_module.checkpoints(tmp_path / "run")[-1] / train_module.STATE_FILE, weights_only=True)
     assert list(state["model"]) == keys, "a checkpoint written on oneDNN Linears has the plain model's keys"
 
 

@@ -12,16 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY, diff_report, require_module
+from conftest import REPO_ROOT, diff_report, require_module
 from rerank_fixtures import WORDS, bert_folder, shrunk, write_xlmr_tokenizer
 from safetensors.torch import load_file
 
 import minibge.train.rerank as rerank_module
-from minibge import BertConfig, BertModel, save_pretrained
+from minibge import BertModel, save_pretrained
 from minibge.cli import main
 from minibge.losses import reranker_loss
 from minibge.reranker import load_cross_encoder, load_reranker
-from minibge.tokenizer import Tokenizer
 from minibge.train.finetune import TrainExample, sample_group
 from minibge.train.rerank import PairGroupCollator
 

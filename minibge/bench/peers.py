@@ -5,7 +5,7 @@ speed and agreement. The reference libraries are imported inside their builders 
 itself never needs them, and a missing one makes its peer "skipped", nothing more.
 
     sentence-transformers   SentenceTransformer(folder).encode, its own batching (by characters)
-    minibge encode          Embedder.encode as users get it: the fast path (minibge/fast.py)
+    minibge encode          Embedder.encode as users get it: the fast backend (minibge/fast/)
     minibge plain           Embedder.encode with fast=False: minibge/model.py, sdpa or manual attention
     minibge fast ...        the fast path with one option changed or one speed mode added
     transformers            BertModel (SDPA) in FlagEmbedding's loop: sort by token count, pad per batch
@@ -25,7 +25,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..embedder import load_embedder
+from ..embedder import length_sorted_batches, load_embedder
+from ..model import POOLING, l2_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -61,23 +62,17 @@ def fast_peer(**options):
 
 
 def pool_numpy(hidden, mask, pooling: str) -> np.ndarray:
-    """CLS or masked mean, then L2 normalisation, on (B, T, H) numpy arrays."""
-    if pooling == "cls":
-        pooled = hidden[:, 0]
-    else:
-        weights = mask[..., None].astype(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / np.clip(weights.sum(1), 1e-9, None)
-    return pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+    """model.py's pooling, then L2 normalisation, on a peer's (B, T, H) numpy output."""
+    pooled = POOLING[pooling](torch.from_numpy(hidden), torch.from_numpy(mask))  # (B, H)
+    return l2_normalize(pooled).numpy()
 
 
 def length_sorted_loop(tokenize, run, texts, max_length, batch_size=BATCH_SIZE):
     """FlagEmbedding's encode loop: tokenize everything unpadded, sort by token count (longest first),
     pad each batch to its own longest text, run, restore the input order."""
     ids = tokenize(texts, max_length)
-    order = np.argsort([-len(x) for x in ids], kind="stable")
     out = None
-    for start in range(0, len(texts), batch_size):
-        rows = order[start:start + batch_size]
+    for rows in length_sorted_batches([len(x) for x in ids], batch_size):
         longest = max(len(ids[i]) for i in rows)
         input_ids = np.zeros((len(rows), longest), dtype=np.int64)
         mask = np.zeros_like(input_ids)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -42,6 +41,7 @@ from ..config import preset
 from ..embedder import Embedder, load_embedder
 from ..evaluate.data import load_beir, load_sts_csv
 from ..evaluate.tasks import spearman
+from ..fast.kernels import cpu_model
 from ..model import BertModel, encoder_flops
 from .peers import all_peers
 from .timing import PeakRSS, matmul_peaks
@@ -175,7 +175,7 @@ def machine() -> dict:
         pass
     interesting = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8"]
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "cpu": cpu_model(), "cores": os.cpu_count(),
             "cpu_flags": [f for f in interesting if f in flags], "torch": torch.__version__,
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
@@ -184,7 +184,7 @@ def machine() -> dict:
 def run_benchmark(models, workload_names, rounds, scifact_docs, stsb_texts=None, data_dir=DATA_DIR,
                   speed_options=True, peer_filter=None, train_steps=0) -> dict:
     """The whole benchmark; returns {"machine", "peak_gflops", "rows", "train"}."""
-    results = {"machine": machine(), "rows": [], "train": {}, "peaks_start": matmul_peaks()}
+    results = {"machine": machine(), "rows": [], "train": {}, "kernels": {}, "peaks_start": matmul_peaks()}
     workloads = load_workloads(Path(data_dir), workload_names, scifact_docs, stsb_texts)
     if not workloads:
         raise ValueError(f"no benchmark data under {data_dir}: expected stsbenchmark/ and/or scifact/")
@@ -192,6 +192,8 @@ def run_benchmark(models, workload_names, rounds, scifact_docs, stsb_texts=None,
         for model_name in models:
             folder = model_folder(model_name, Path(tmp) / model_name)
             embedder = load_embedder(folder, device="cpu")
+            choice = embedder.fast_encoder.matmul_choice  # measured per machine (fast/kernels.py)
+            results["kernels"][model_name] = choice.describe() if choice is not None else "not measured (no oneDNN)"
             peers = [p for p in all_peers(speed_options) if peer_filter is None or peer_filter(p.name)]
             build_peers(peers, folder, embedder, workloads)
             run_rounds(peers, workloads, rounds)
@@ -231,6 +233,8 @@ def markdown(results: dict, command: str) -> str:
              f"{_cell(results.get('peak_gflops_start'))} before and {_cell(results.get('peak_gflops_end'))} after "
              f"the peers; torch.mm alone: {_cell(results.get('torch_mm_peak_gflops'))}).", "",
              f"Command: `{command}`", ""]
+    lines += [f"fp32 matmul route the default encode chose for {model}: {choice}." for model, choice in
+              results.get("kernels", {}).items()] + ([""] if results.get("kernels") else [])
     header = ("| peer | texts/s | tokens/s | × sentence-transformers | median s (min–max) | GFLOP/s (% peak) "
               "| peak extra MB | 1 − cos vs plain | STS-B ρ | set-up s |")
     for (model, workload) in dict.fromkeys((r["model"], r["workload"]) for r in results["rows"]):

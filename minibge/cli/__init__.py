@@ -19,7 +19,8 @@ Results go to stdout, everything else (which model was used, progress bars, logg
 ``-v``) to stderr, so ``minibge similarity a b > out.txt`` captures only the matrix.
 A user mistake (a missing file, a bad option, an unreachable Hub) ends with one line,
 ``minibge: error: ...``, and exit status 2 for a bad command line, 1 for anything else.
-Outputs are checked for writability before any work starts. Ctrl-C (SIGINT, exit 130) and
+Outputs are checked for writability before any work starts, and written to a unique temporary
+name renamed into place at the end (common.atomic_path). Ctrl-C (SIGINT, exit 130) and
 SIGTERM (what `timeout`, a job scheduler or `docker stop` send; exit 143) both unwind cleanly:
 an existing output file is left as it was, and no half-written file stays behind.
 
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{', '.join(DEFAULT_MODELS)} found in the weights folder)")
     group.add_argument("--device", type=device, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     group.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                       help="weights' precision; half precision applies on a GPU only (default: float32)")
+                       help="weights' precision: float16 on a GPU only; bfloat16 on a GPU or on a CPU that "
+                            "multiplies it in hardware (avx512_bf16, AMX), refused on other CPUs (default: float32)")
     model = Parser(add_help=False, parents=[model_only])
     group = model.add_argument_group("batching options")
     group.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward pass (default: 32)")
@@ -135,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:  # --help and --version
             return e.code if isinstance(e.code, int) else 0
         package_logger.setLevel(logging.INFO if args.verbose else logging.WARNING)
+        if sys.stdout is None:  # started with stdout closed (>&-): what a command prints would vanish
+            raise CliError("stdout is closed; redirect it to a file or /dev/null instead (> out.txt)")
         if args.command is None:
             parser.print_help()
             return 2
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
-    except (HubError, OSError, ValueError, TypeError) as e:  # ValueError covers json.JSONDecodeError
+    except (HubError, OSError, ValueError, TypeError, FloatingPointError) as e:  # ValueError covers json.JSONDecodeError
         if isinstance(e, BrokenPipeError):  # `minibge ... | head`: the reader left, nothing to report
             try:  # point stdout at /dev/null so the interpreter's final flush cannot fail again
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

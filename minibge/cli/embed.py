@@ -21,8 +21,8 @@ import torch
 
 from ..evaluate.search import rerank, top_k
 from .args import Formatter, examples, positive_int
-from .io import (CHUNK_TEXTS, ChunkEmbedder, UsageError, check_readable, check_writable, chunked, embed_texts,
-                 encode_source, format_matrix, print_summary, progress, progress_setting, query_prefix,
+from .io import (CHUNK_TEXTS, ChunkEmbedder, UsageError, check_not_input, check_readable, check_writable, chunked,
+                 embed_texts, encode_source, format_matrix, print_summary, progress, progress_setting, query_prefix,
                  read_texts, stdin_as_file, warn_blank, write_jsonl, write_npy)
 from .model import load
 from .shard import encode_sharded
@@ -106,6 +106,7 @@ def cmd_encode(args) -> int:
         raise UsageError(f"--output must end in .npy or .jsonl, got {args.output!r}")
     check_readable(args.input, "--input")
     check_writable(args.output, "--output")
+    check_not_input(args.output, "--output", {"--input": args.input})
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: each rank embeds a slice (cli/shard.py)
         if args.input == "-":
             raise UsageError("under torchrun, --input must be a file: stdin can be read by one process only")
@@ -113,8 +114,9 @@ def cmd_encode(args) -> int:
             raise UsageError("under torchrun, give --output FILE.npy or FILE.jsonl (rank 0 joins the ranks' "
                              "slices there); the summary on stdout is for one process")
         return encode_sharded(args, output)
-    if args.input == "-" and output is not None and output.suffix.lower() == ".npy":
-        # .npy needs the row count before the first row, and stdin can be read only once
+    if args.input == "-":
+        # stdin is copied to a file first: a .npy needs the row count before the first row, and a line
+        # that is not UTF-8 is then an error before the model loads, not after everything before it is embedded
         with stdin_as_file() as copy:
             return _encode(args, output, copy)
     return _encode(args, output, args.input)

@@ -2,14 +2,19 @@
 outputs, progress bars and printed tables, and the one-line errors it reports (see cli.py).
 
 Inputs are read line by line and embedded a chunk at a time, so a big file never has to fit
-in memory. Outputs are written beside their target and renamed onto it at the end, so a failed
-run never leaves half a file behind.
+in memory. Outputs are written to a unique temporary name beside their target and renamed onto it
+at the end (common.atomic_path), so a failed run never leaves half a file behind and two runs
+writing one output each leave a complete one. A .npy output is allocated in full before the first
+row is embedded (os.posix_fallocate) and then written, not memory-mapped: a full disk is a
+one-line error naming the file before any work, never a SIGBUS halfway.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -20,6 +25,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .. import common
+from ..common import atomic_path
 
 PROG = "minibge"
 SUMMARY_ROWS = 10  # rows `encode` shows when it has no --output
@@ -67,7 +73,7 @@ def check_writable(path: str | None, option: str) -> None:
     target = Path(path).expanduser()
     if target.is_dir():
         raise CliError(f"{option} {path} is a folder; give a file name (e.g. {target / 'out'}{target.suffix})")
-    folder = target.absolute().parent  # where atomic_output writes its partial file and renames it
+    folder = target.absolute().parent  # where atomic_path writes its temporary file and renames it
     if not folder.is_dir():
         raise CliError(f"{option}: folder {folder} does not exist")
     try:  # the only honest test is to make a file there; an unnamed one where the OS allows it
@@ -75,6 +81,19 @@ def check_writable(path: str | None, option: str) -> None:
             pass
     except OSError as e:
         raise CliError(f"{option}: cannot write to folder {folder} ({e.strerror or e})") from None
+
+
+def check_not_input(output: str | None, option: str, inputs: dict) -> None:
+    """Refuse an output that is one of the inputs ({option: path}): renaming the result onto it
+    would silently replace the data it was computed from."""
+    if output is None:
+        return
+    target = Path(output).expanduser()
+    for input_option, source in inputs.items():
+        if source is None or source == "-" or not target.exists():
+            continue
+        if os.path.samefile(source, target):
+            raise UsageError(f"{option} {output} is {input_option} {source}; write the output to another file")
 
 
 def iter_lines(path: str) -> Iterator[tuple[int, str]]:
@@ -159,38 +178,47 @@ def embed_texts(embedder, texts: list[str], batch_size: int, normalize: bool, ba
 
 # ---------------------------------------------------------------- writing
 Embed = Callable[[list[str]], np.ndarray]  # a chunk of texts -> its (len(chunk), D) float32 rows
+NPY_DTYPE = np.dtype("<f4")  # what a .npy output holds, written row after row
 
 
-@contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a path to write to; it is renamed onto `path` only if the block succeeds."""
-    partial = path.with_name(path.name + ".partial")
+def allocate(f, size: int) -> None:
+    """Reserve `size` bytes for the open file f now, so a full disk fails here, before any work.
+    A filesystem that cannot (EOPNOTSUPP) is skipped: the writes that follow report a full disk."""
     try:
-        yield partial
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+        os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    except AttributeError:  # no posix_fallocate on this platform (macOS)
+        pass
+
+
+def write_npy_header(f, total: int, dimension: int) -> None:
+    """The header np.save and open_memmap write for a C-order little-endian float32 (total, dimension) array."""
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(NPY_DTYPE),
+                                             "fortran_order": False, "shape": (total, dimension)})
 
 
 def write_npy(output: Path, chunks: Iterable[list[str]], embed: Embed, total: int, dimension: int) -> None:
-    """Rows go straight into a memory-mapped (total, dimension) .npy file."""
-    with atomic_output(output) as partial:
-        array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(total, dimension))
+    """A float32 (total, dimension) .npy file: the header, the whole file allocated, then the rows
+    a chunk at a time (written, not memory-mapped: a write to a full disk is an error, a store
+    into a memory map of one is a SIGBUS)."""
+    with atomic_path(output) as tmp, open(tmp, "wb") as f:
+        write_npy_header(f, total, dimension)
+        allocate(f, f.tell() + total * dimension * NPY_DTYPE.itemsize)
         row = 0
         for chunk in chunks:
-            array[row:row + len(chunk)] = embed(chunk)
+            f.write(memoryview(np.ascontiguousarray(embed(chunk), dtype=NPY_DTYPE)).cast("B"))
             row += len(chunk)
         if row != total:
             raise CliError(f"the input changed while it was read ({total} lines, then {row})")
-        array.flush()
-        del array  # closes the memory map before the rename
     _wrote_npy(output, total, dimension)
 
 
 def write_jsonl(output: Path, chunks: Iterable[list[str]], embed: Embed, dimension: int) -> None:
     """One {"text", "embedding"} object per line, a chunk at a time."""
     count = 0
-    with atomic_output(output) as partial, open(partial, "w", encoding="utf-8") as f:
+    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for chunk in chunks:
             f.writelines(jsonl_lines(chunk, embed(chunk)))
             count += len(chunk)
@@ -220,22 +248,29 @@ def _wrote_jsonl(output: Path, count: int, dimension: int) -> None:
 # raw little-endian float32 rows for a .npy output (the .npy file is a header, then exactly
 # these bytes, part after part), finished lines for a .jsonl output. Joining the parts is then
 # a byte copy, whatever their size, with a small buffer: memory stays flat.
-NPY_DTYPE = np.dtype("<f4")
 
 
-def part_path(output: Path, rank: int, world: int) -> Path:
-    """Where rank `rank` of `world` writes its part, beside the output (e.g. out.npy.rank1-of-2.partial)."""
-    return output.with_name(f"{output.name}.rank{rank}-of-{world}.partial")
+def part_paths(output: Path, world: int, run: int) -> list[Path]:
+    """Where each rank writes its part: hidden names beside the output that carry this run's
+    random number `run` (every rank of a group uses the same one, see cli/shard.py), so that two
+    sharded runs writing the same output never share a part (e.g. .out.npy.3f9a0c.rank1-of-2.partial)."""
+    return [output.with_name(f".{output.name}.{run:016x}.rank{rank}-of-{world}.partial") for rank in range(world)]
+
+
+def new_run_number() -> int:
+    """A random number that names one sharded run's parts (63 bits: it travels in an int64 tensor)."""
+    return secrets.randbits(63)
 
 
 def write_part(part: Path, output: Path, chunks: Iterable[list[str]], embed: Embed) -> int:
     """Embed the chunks into `part` in the form `output`'s format needs; returns the number of texts.
 
-    A failed or interrupted part is deleted: only a complete part is left for joining."""
+    The part is created anew (refused if the name exists: it belongs to another run). A failed or
+    interrupted part is deleted: only a complete part is left for joining."""
     count = 0
     jsonl = output.suffix.lower() == ".jsonl"
     try:
-        with open(part, "wb") as f:
+        with open(part, "xb") as f:
             for chunk in chunks:
                 rows = embed(chunk)
                 if jsonl:
@@ -243,8 +278,13 @@ def write_part(part: Path, output: Path, chunks: Iterable[list[str]], embed: Emb
                 else:
                     f.write(memoryview(np.ascontiguousarray(rows, dtype=NPY_DTYPE)).cast("B"))
                 count += len(chunk)
-    except BaseException:
+    except FileExistsError:
+        raise CliError(f"{part} already exists: another run is writing it; nothing was written") from None
+    except BaseException as err:
         part.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in common.WRITE_ERRNOS:
+            raise OSError(err.errno, f"{os.strerror(err.errno)} while writing a part of {output.name}; "
+                                     "nothing was written", str(part)) from None
         raise
     return count
 
@@ -252,7 +292,8 @@ def write_part(part: Path, output: Path, chunks: Iterable[list[str]], embed: Emb
 def join_parts(output: Path, parts: list[tuple[Path, int]], dimension: int) -> None:
     """Write `output` (.npy or .jsonl) from its parts, given in order as (path, number of rows).
 
-    The output is written beside itself and renamed at the end, as write_npy and write_jsonl do."""
+    The output is written to a temporary name beside itself and renamed at the end, as write_npy and
+    write_jsonl do."""
     total = sum(rows for _, rows in parts)
     npy = output.suffix.lower() == ".npy"
     if npy:  # a part that is not exactly its rows would shift every row after it: check first
@@ -261,10 +302,10 @@ def join_parts(output: Path, parts: list[tuple[Path, int]], dimension: int) -> N
             if size != expected:
                 raise CliError(f"{part} holds {size:,} bytes, not {rows} rows of {dimension} float32 "
                                f"({expected:,} bytes)")
-    with atomic_output(output) as partial, open(partial, "wb") as f:
-        if npy:  # the header np.save and open_memmap write for a C-order float32 (total, dimension) array
-            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(NPY_DTYPE),
-                                                     "fortran_order": False, "shape": (total, dimension)})
+    with atomic_path(output) as tmp, open(tmp, "wb") as f:
+        if npy:
+            write_npy_header(f, total, dimension)
+        allocate(f, f.tell() + sum(part.stat().st_size for part, _ in parts))
         for part, _ in parts:
             with open(part, "rb") as source:
                 shutil.copyfileobj(source, f, 1 << 20)

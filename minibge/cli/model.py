@@ -111,7 +111,20 @@ def describe(embedder, folder: Path, origin: str) -> list[tuple[str, object]]:
         ("max length", f"{embedder.max_length} tokens"),
         ("query instruction", repr(instruction) if instruction else "(none)"),
         ("device", f"{embedder.device}, {next(embedder.model.parameters()).dtype}".replace("torch.", "")),
+        ("encode runs", backend_line(embedder)),
     ]
+
+
+def backend_line(embedder) -> str:
+    """Which path encode() takes, and on the CPU which fp32 matmul kernel (measured per machine)."""
+    blocker = embedder.fast_path_blocker()
+    if blocker is not None:
+        return f"the plain model ({blocker})"
+    encoder = embedder.fast_encoder
+    choice = encoder.matmul_choice
+    kernel = (f"fp32 matmuls on {choice.describe()}" if choice is not None
+              else "oneDNN matmuls" if encoder.onednn else "F.linear matmuls")
+    return f"the fast backend, {encoder.attention} attention, {kernel}"
 
 
 # ---------------------------------------------------------------- the commands

@@ -7,15 +7,17 @@ contiguous slice [start_r, stop_r); the first N mod W ranks get one text more th
 (numpy.array_split's rule), so the slices in rank order are the input in input order:
 
     texts   0 1 2 3 4 5 6          (N = 7, W = 2)
-    rank 0  0 1 2 3                -> vectors.npy.rank0-of-2.partial
-    rank 1          4 5 6          -> vectors.npy.rank1-of-2.partial
+    rank 0  0 1 2 3                -> .vectors.npy.<run>.rank0-of-2.partial
+    rank 1          4 5 6          -> .vectors.npy.<run>.rank1-of-2.partial
     rank 0 joins the parts, in rank order, into vectors.npy
 
 Each rank streams its rows into its part file beside the output, 10,000 texts at a time, as one
-process does; nothing is gathered into memory, so memory stays as flat as in one process. Then
-rank 0 writes the output from the parts with a plain byte copy (cli/io.py join_parts), into
-vectors.npy.partial renamed at the end, and deletes the parts. The output folder must therefore
-be one that every rank can see (always true on one machine).
+process does; nothing is gathered into memory, so memory stays as flat as in one process. <run>
+is a random number rank 0 draws and the ranks agree on first, so two sharded runs writing the same
+output never write into each other's parts. Then rank 0 writes the output from the parts with a
+plain byte copy (cli/io.py join_parts), into a unique temporary name renamed at the end
+(common.atomic_path), and deletes the parts. The output folder must therefore be one that every
+rank can see (always true on one machine).
 
 The ranks talk once per step, and only to agree: after each step that can fail on one rank alone
 (loading the model, embedding a slice, joining the parts), every rank says in one small
@@ -40,8 +42,8 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from .io import (CHUNK_TEXTS, ChunkEmbedder, CliError, chunked, encode_source, join_parts, one_line, part_path,
-                 progress, query_prefix, warn_blank, write_part)
+from .io import (CHUNK_TEXTS, ChunkEmbedder, CliError, chunked, encode_source, join_parts, new_run_number, one_line,
+                 part_paths, progress, query_prefix, warn_blank, write_part)
 from .model import load
 from ..common import rank_and_world, setup_distributed
 
@@ -141,7 +143,8 @@ def _encode_slice_and_join(args, output: Path, total: int, lines, ranks: Ranks) 
     prefix = query_prefix(args, embedder)
 
     start, stop = slice_bounds(total, rank, world)
-    parts = [part_path(output, r, world) for r in range(world)]
+    run = ranks.sum([new_run_number() if rank == 0 else 0])[0]  # rank 0's number, known to every rank
+    parts = part_paths(output, world, run)
     logger.info("%d texts over %d ranks: rank 0 embeds lines %d-%d", total, world, start + 1, stop)
 
     def embed_slice() -> int:

@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 
 from .args import Formatter, examples, max_length, positive_int
-from .io import PROG, CliError, atomic_output, check_readable, check_writable, progress_setting
+from .io import PROG, CliError, check_not_input, check_readable, check_writable, progress_setting
+from ..common import write_text_atomic
 from ..retromae import VARIANTS
-from ..train import PRECISIONS, TrainConfig
+from ..train import AUTOCAST_DTYPES, TrainConfig
 
 
 def _positive_float(value: str) -> float:
@@ -62,7 +63,7 @@ def _add_loop_options(p, batch_size: int, unit: str) -> None:
     p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (default: 0, at the end only)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--seed", type=int, default=42, help="data order, sampling and dropout (default: 42)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="autocast on CUDA (default: fp32)")
+    p.add_argument("--precision", choices=list(AUTOCAST_DTYPES), default="fp32", help="autocast on CUDA (default: fp32)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="set the model's gradient_checkpointing flag while training: less memory, more compute")
     p.add_argument("--no-onednn", action="store_true",
@@ -189,14 +190,14 @@ def cmd_mine(args) -> int:
     check_readable(args.input, "--input")
     check_readable(args.corpus, "--corpus")
     check_writable(args.output, "--output")
+    check_not_input(args.output, "--output", {"--input": args.input, "--corpus": args.corpus})
     examples = read_train_file(args.input, args.skip_bad_lines)
     pool = read_corpus(args.corpus) if args.corpus else None
     embedder = load_embedder(args.model, device=args.device)
     mined = mine_hard_negatives(embedder, examples, pool, args.range, args.negatives, args.query_instruction,
                                 args.batch_size, args.seed, show_progress_bar=progress_setting())
     output = Path(args.output).expanduser()
-    with atomic_output(output) as partial:
-        partial.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in mined), encoding="utf-8")
+    write_text_atomic(output, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in mined))
     print(f"wrote {len(mined)} queries with {args.negatives} mined negatives each to {output}")
     return 0
 

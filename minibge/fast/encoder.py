@@ -1,11 +1,13 @@
-"""The fast inference path that encode() takes: the same BertModel, less work, faster kernels.
+"""The fast backend that encode() runs: the same BertModel, less work, faster kernels.
 
 model.py is the readable reference; this file computes the same function with less work and
-shares every weight with it (it reads model.py's modules, it never copies their code).
-Embedder.encode() runs it by default, and falls back to the plain model whenever it could not
-compute the same thing (a subclassed or patched model, hooks, train mode, attn_impl="manual",
-a customised embed(): see model_blocker); `load_embedder(..., fast=False)` always takes the
-plain path. The ideas:
+shares every weight with it (it reads model.py's modules, it never copies their code). A
+FastEncoder is called like the model, `fast(input_ids, attention_mask) -> (B, T, H)`, and
+Embedder.encode() plugs it in where the model would run: tokenizing, ordering by length,
+pooling and normalising stay in embedder.py, one pipeline for both. encode() falls back to the
+plain model whenever this file could not compute the same thing (a subclassed or patched
+model, hooks, train mode, attn_impl="manual", a customised embed(): see model_blocker);
+`load_embedder(..., fast=False)` always takes the plain path. The ideas:
 
 1. Unpadding. A right-padded batch spends FLOPs on [PAD] rows whose outputs are thrown away
    (28-37% of the rows in the GPU benchmark's batches; less after sorting by length). Every part
@@ -22,24 +24,23 @@ plain path. The ideas:
    padded on a GPU, as measured in docs/benchmarks.md), all the same function:
      "buckets"  group the sentences by exact length; each group is a dense (b, L) batch with no
                 mask at all, so SDPA may take its fastest kernel. Best on the CPU, where the
-                calls are cheap and batches built by token length have one or two lengths.
+                calls are cheap and the pipeline's batches (sorted by token count) have one or
+                two lengths.
      "padded"   scatter q, k, v back into (B, T) and make one masked SDPA call (one kernel).
      "nested"   torch.nested jagged tensors: one SDPA call over ragged sequences, which CUDA
                 runs with the variable-length Flash kernel (the CPU falls back to math).
+   The output is scattered back to (B, T, H), zeros at padding, for the embedder's pooling.
 2. A fused QKV projection. The query, key and value Linears read the same input, so one
    (3H, H) matmul does the work of three; the weight [W_q; W_k; W_v] is concatenated once,
    when the FastEncoder is built. A packed row of q|k|v splits into heads by a view:
 
        (N, 3H) ─view─► (N, 3, heads, D)      (no copy until attention needs (heads, L, D))
 
-3. oneDNN matmuls on the CPU (minibge/onednn.py), with GELU and the residual adds fused into
-   them: PyTorch's fp32 nn.Linear goes to MKL's sgemm, slow on the AMD development machine. The
+3. oneDNN matmuls on the CPU (onednn.py), with GELU and the residual adds fused into them:
+   PyTorch's fp32 nn.Linear goes to MKL's sgemm, which is slow on some CPUs (docs/benchmarks.md). The
    weights are packed once into oneDNN's blocked layout (a second copy of the encoder's matmul
    weights: 42 MB for MiniLM), which saves the reorder oneDNN would do on every call.
-4. Batching (iter_fast_batches). Texts are tokenized a window at a time and sorted by exact
-   token count, not characters, and a batch is cut when it reaches batch_size texts or
-   max_tokens real tokens: equal lengths meet in one attention bucket, and memory is bounded.
-5. Optional modes that change the numbers slightly (speed_options): bf16 on CPUs with native
+4. Optional modes that change the numbers slightly (speed_options): bf16 on CPUs with native
    bf16, int8 dynamic quantisation, torch.compile of the token-wise block tails.
 
 FastEncoder is for inference: it skips dropout. The fused and packed weights are copies, re-made
@@ -51,20 +52,20 @@ such a write, call `embedder.fast_encoder.sync(force=True)`, or write under torc
 import functools
 import logging
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..common import cpu_has_native_bf16
 from . import onednn as onednn_kernels
-from ..model import BertModel, l2_normalize
+from .kernels import choose_matmul
+from ..model import BertModel
 
 logger = logging.getLogger(__name__)
 
 ATTENTION_MODES = ("auto", "buckets", "padded", "nested")
-PRECISIONS = ("fp32", "bf16", "int8")
+SPEED_PRECISIONS = ("fp32", "bf16", "int8")  # speed_options' modes (not encode's output precision)
 
 
 class Packing:
@@ -83,15 +84,6 @@ class Packing:
         """Any 0/1 mask (B, T); positions stay the model's 0..T-1, whatever the padding side."""
         token_index = attention_mask.flatten().nonzero().squeeze(1)
         return cls(attention_mask.sum(dim=1), token_index, attention_mask.shape[1])
-
-    @classmethod
-    def from_lengths(cls, lengths: torch.Tensor) -> "Packing":
-        """Right-padded sentences of these lengths, as the tokenizer makes them, without the padding."""
-        T = int(lengths.max())
-        starts = torch.arange(lengths.numel(), device=lengths.device) * T
-        offsets = F.pad(lengths.cumsum(0), (1, 0))
-        within = torch.arange(int(offsets[-1]), device=lengths.device) - offsets[:-1].repeat_interleave(lengths)
-        return cls(lengths, starts.repeat_interleave(lengths) + within, T)
 
     @property
     def num_tokens(self) -> int:
@@ -117,7 +109,7 @@ class Packing:
         return out.view(B, T, -1)
 
 
-def split_heads(qkv: torch.Tensor, num_heads: int):
+def split_qkv(qkv: torch.Tensor, num_heads: int):
     """(b, L, 3H) → q, k, v, each (b, heads, L, D): views only."""
     b, L, _ = qkv.shape
     q, k, v = qkv.view(b, L, 3, num_heads, -1).unbind(dim=2)  # each (b, L, heads, D)
@@ -145,7 +137,7 @@ def dense_attention(q, k, v):
     if q.device.type != "cpu" or L > SHORT_ATTENTION:
         return F.scaled_dot_product_attention(q, k, v)
     if L < 16:
-        # PyTorch's CPU softmax over the last dimension vectorises along it, and measured 2-4x slower
+        # PyTorch's CPU softmax over the last dimension vectorises along it, and is several times slower
         # when it is shorter than 16 (one AVX-512 vector of floats). Over dim -2 it vectorises across
         # the last dimension instead, so for under 16 keys I lay the scores out as (keys, queries):
         scores_t = (k @ q.transpose(-1, -2)).mul_(scale)             # (b, heads, L_keys, L_queries)
@@ -160,10 +152,10 @@ def attend_buckets(qkv, packing: Packing, num_heads: int):
     buckets = packing.buckets()
     if len(buckets) == 1:  # every sentence has the same length: the packed matrix *is* a dense batch
         L, _ = buckets[0]
-        return merge_heads(dense_attention(*split_heads(qkv.view(-1, L, 3 * H), num_heads)))
+        return merge_heads(dense_attention(*split_qkv(qkv.view(-1, L, 3 * H), num_heads)))
     out = qkv.new_empty(qkv.shape[0], H)
     for L, rows in buckets:
-        y = dense_attention(*split_heads(qkv[rows], num_heads))  # (b, heads, L, D)
+        y = dense_attention(*split_qkv(qkv[rows], num_heads))  # (b, heads, L, D)
         out[rows.flatten()] = merge_heads(y)
     return out
 
@@ -175,7 +167,7 @@ def attend_padded(qkv, packing: Packing, num_heads: int):
     key_mask = torch.zeros(B * T, dtype=torch.bool, device=qkv.device)
     key_mask[packing.token_index] = True                                            # True = a real token
     key_mask = key_mask.view(B, 1, 1, T)                                            # (B, 1, 1, T)
-    y = F.scaled_dot_product_attention(*split_heads(padded, num_heads), attn_mask=key_mask)
+    y = F.scaled_dot_product_attention(*split_qkv(padded, num_heads), attn_mask=key_mask)
     return merge_heads(y)[packing.token_index]
 
 
@@ -205,13 +197,12 @@ class FastEncoder(nn.Module):
     nn.Linear) and torch.compile see the whole thing. It always computes the model in inference
     mode: no dropout, whatever model.training says (encode() checks that, see model_blocker).
 
-    onednn (CPU, fp32; default on where minibge.onednn works): every matmul runs through oneDNN
-    instead of MKL's sgemm, which is slow on the AMD EPYC development machine (190 vs 420-460
-    GFLOP/s, docs/benchmarks.md), with the exact GELU fused into the up-projection and the
-    residual adds fused into the output and down projections (one kernel, no extra pass over
-    the (N, I) activations). prepack (with onednn): each matmul weight packed once into oneDNN's
-    layout (`self.packed_weights`, keyed by the Linear), 5-6% faster on short texts, for a second
-    copy of those weights in memory.
+    onednn (CPU, fp32; None: measured, kernels.choose_matmul, on where oneDNN beats MKL on this
+    machine): every matmul runs through oneDNN instead of MKL's sgemm, with the exact GELU
+    fused into the up-projection and the residual adds fused into the output and down projections
+    (one kernel, no extra pass over the (N, I) activations). prepack (with onednn): each matmul
+    weight packed once into oneDNN's layout (`self.packed_weights`, keyed by the Linear), which
+    saves a reorder per call on short texts, for a second copy of those weights in memory.
     """
 
     def __init__(self, model: BertModel, attention: str = "auto", fuse_qkv: bool = True, onednn: bool | None = None,
@@ -229,7 +220,15 @@ class FastEncoder(nn.Module):
         self.attention = attention
         self.attend = ATTEND[attention]
         self.fuse_qkv = fuse_qkv
-        self.onednn = onednn_kernels.available(weight) if onednn is None else onednn
+        self.matmul_choice = None
+        if onednn is None:
+            # measured once per machine and model shape (kernels.py): oneDNN only where it beats MKL
+            onednn = onednn_kernels.available(weight)
+            if onednn:
+                config = model.config
+                self.matmul_choice = choose_matmul(config.hidden_size, config.intermediate_size)
+                onednn = self.matmul_choice.route == "onednn"
+        self.onednn = onednn
         self.prepack = prepack
         self.linears, self.built_from, self.packed_weights = None, None, {}
         self.sync()
@@ -371,68 +370,6 @@ def fused_qkv(attention) -> nn.Linear:
     return linear
 
 
-def pool_packed(x, packing: Packing, pooling: str):
-    """Sentence vectors straight from packed tokens (N, H) → (B, H), no padded tensor in between."""
-    if pooling == "cls":
-        return x[packing.offsets[:-1]]  # each sentence's first token
-    if pooling == "mean":
-        sentence = torch.repeat_interleave(torch.arange(packing.lengths.numel(), device=x.device), packing.lengths)
-        sums = x.new_zeros(packing.lengths.numel(), x.shape[-1]).index_add_(0, sentence, x)  # (B, H)
-        return sums / packing.lengths[:, None].to(x.dtype).clamp(min=1e-9)
-    raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
-
-
-# -----------------------------------------------------------------------------
-# Encoding texts: batches by exact token length and a token budget
-
-def token_budget_batches(lengths, max_tokens: int, max_texts: int) -> list:
-    """Split positions 0..n-1, already sorted by length (longest first), into consecutive batches
-    of at most max_texts texts and max_tokens real tokens (a text longer than the budget goes
-    alone). Unpadded, a batch costs its real tokens, so the budget bounds memory and time alike."""
-    batches, start, tokens = [], 0, 0
-    for i, n in enumerate(lengths):
-        if i > start and (i - start == max_texts or tokens + n > max_tokens):
-            batches.append(range(start, i))
-            start, tokens = i, 0
-        tokens += n
-    if start < len(lengths):
-        batches.append(range(start, len(lengths)))
-    return batches
-
-
-def iter_fast_batches(embedder, encoder: FastEncoder, sentences: list[str], batch_size: int, max_length: int,
-                      normalize: bool, progress=None):
-    """Embedder.iter_batches on the fast path: yield (indices, (b, D) vectors) per batch.
-
-    Differences from the plain path, each for speed:
-    - texts are tokenized a window at a time (embedder.sort_window texts: memory stays bounded
-      by the window, not the input) and sorted by *exact token length* within it, not
-      characters, so sentences of equal length meet in one attention bucket;
-    - a batch holds at most batch_size texts *and* embedder.max_tokens real tokens;
-    - no padding anywhere: token ids are packed straight from the tokenizer's lists.
-    """
-    encoder.sync()
-    device = embedder.device
-    for first in range(0, len(sentences), embedder.sort_window):
-        ids_lists = embedder.tokenizer.encode_batch(sentences[first:first + embedder.sort_window], max_length)
-        order = np.argsort([-len(ids) for ids in ids_lists], kind="stable")
-        batches = token_budget_batches([len(ids_lists[i]) for i in order], embedder.max_tokens, batch_size)
-        if progress is not None:
-            progress.total = (progress.total or 0) + len(batches)  # known one window at a time
-            progress.refresh()
-        for batch in batches:
-            members = order[batch.start:batch.stop]
-            with torch.inference_mode():
-                lengths = torch.tensor([len(ids_lists[i]) for i in members], device=device)
-                token_ids = torch.tensor([t for i in members for t in ids_lists[i]], device=device)  # (N,)
-                packing = Packing.from_lengths(lengths)
-                pooled = pool_packed(encoder.encode_packed(token_ids, packing), packing, embedder.pooling)
-                vectors = l2_normalize(pooled) if normalize else pooled
-            if progress is not None:
-                progress.update()
-            yield members + first, vectors.float()
-
-
 # -----------------------------------------------------------------------------
 # When encode() may take the fast path: only when it computes exactly what the model would
 
@@ -479,22 +416,13 @@ def model_blocker(model) -> str | None:
 # -----------------------------------------------------------------------------
 # Optional speed modes: they change the numbers a little, so their STS-B score goes beside their speed
 
-def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: the CPU multiplies bf16 in hardware (elsewhere bf16 is emulated, slower)."""
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
 def speed_options(embedder, compile: bool = False, precision: str = "fp32"):
     """Apply in place, to embedder's fast encoder *and the model it shares*: precision "bf16"
     (weights and activations; only where the CPU has native bf16) or "int8" (dynamic quantisation:
     int8 weights, activations quantised per batch, in every Linear), then optionally torch.compile.
     Returns the embedder, whose encode() now runs the changed model."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision not in SPEED_PRECISIONS:
+        raise ValueError(f"precision must be one of {SPEED_PRECISIONS}, got {precision!r}")
     encoder = embedder.fast_encoder
     if precision == "bf16":
         if embedder.device.type == "cpu" and not cpu_has_native_bf16():

@@ -7,11 +7,11 @@ Gradient checkpointing is a flag of the model (`model.gradient_checkpointing = T
 TrainConfig(gradient_checkpointing=True) sets for the length of the loop.
 """
 from ..common import is_main_process, rank_and_world, setup_distributed
-from .loop import (CHECKPOINT_PREFIX, LOG_FILE, PRECISIONS, RUN_FILE, STATE_FILE, Batches, TrainConfig,
+from .loop import (CHECKPOINT_PREFIX, LOG_FILE, AUTOCAST_DTYPES, RUN_FILE, STATE_FILE, Batches, TrainConfig,
                    average_gradients, broadcast_parameters, build_optimizer, checkpoints, linear_schedule,
                    load_checkpoint, move_to, prepare_output_dir, save_checkpoint, train)
 
-__all__ = ["CHECKPOINT_PREFIX", "LOG_FILE", "PRECISIONS", "RUN_FILE", "STATE_FILE", "Batches", "TrainConfig",
+__all__ = ["CHECKPOINT_PREFIX", "LOG_FILE", "AUTOCAST_DTYPES", "RUN_FILE", "STATE_FILE", "Batches", "TrainConfig",
            "average_gradients", "broadcast_parameters", "build_optimizer", "checkpoints", "is_main_process",
            "linear_schedule", "load_checkpoint", "move_to", "prepare_output_dir", "rank_and_world",
            "save_checkpoint", "setup_distributed", "train"]

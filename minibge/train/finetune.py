@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from ..common import LineError, iter_lines, rank_and_world, setup_distributed
-from ..losses import contrastive_loss
-from .loop import Batches, TrainConfig, train
+from ..common import LineError, file_fingerprint, iter_lines, rank_and_world, setup_distributed
+from ..losses import check_temperature, contrastive_loss
+from .loop import DATA_KEY, Batches, TrainConfig, train
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +212,7 @@ def finetune(model, train_file, output_dir, config: TrainConfig, temperature: fl
     """
     from ..embedder import load_embedder
 
+    check_temperature(temperature)  # every argument is checked before anything is written (Embedder.embed normalises)
     examples = read_train_file(train_file, skip_bad_lines)  # user mistakes surface before the model loads
     check_group_size(examples, group_size, train_file)
     if distill and not all(ex.pos_scores and (ex.neg_scores or group_size == 1) for ex in examples):
@@ -222,7 +223,8 @@ def finetune(model, train_file, output_dir, config: TrainConfig, temperature: fl
     embedder = load_embedder(model, device=device)
     collate = GroupCollator(embedder, group_size, query_max_length, passage_max_length, query_instruction, distill)
     batches = Batches(examples, collate, config.batch_size, seed=config.seed)
-    run_info = {"model": str(model), "train_file": str(Path(train_file).resolve()), "config": vars(config),
+    run_info = {"model": str(model), "train_file": str(Path(train_file).resolve()),
+                DATA_KEY: file_fingerprint(train_file), "config": vars(config),
                 "temperature": temperature, "group_size": group_size, "query_max_length": query_max_length,
                 "passage_max_length": passage_max_length, "query_instruction": collate.query_instruction,
                 "in_batch_negatives": in_batch_negatives, "cross_device": cross_device, "distill": distill}

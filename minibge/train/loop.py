@@ -29,6 +29,16 @@ states and the position in the data (epoch, next batch). That works because the 
 pure function of (seed, epoch, batch index, rank): resuming asks `batches.epoch(e, start=i)` and
 gets exactly the batches the interrupted run would have seen next.
 
+Every file the loop writes appears whole or not at all (common.atomic_path / atomic_folder): a
+checkpoint is built in a temporary folder and renamed into place, and run.json says "finished":
+false until the final artefact is complete, so load_embedder refuses a folder whose last save was
+cut short (weights.check_training_finished). Before every save, the final one included, the weights
+are checked (check_before_saving): every parameter finite, and the loss of the step's last batch,
+computed again with the updated weights, finite too; a model that blew up on its last step is
+refused, not written, and the last good checkpoint is kept. A checkpoint is read back with
+torch.load(weights_only=True) only, so a hostile trainer_state.pt runs no code: the RNG states in it
+are tensors and plain lists for that reason.
+
 Data parallelism (torchrun): each rank takes its own slice of every global batch, and after
 backward the ranks average their gradients with one all-reduce, so every rank applies the same
 update. I do that by hand rather than wrapping the model in DistributedDataParallel because the
@@ -54,7 +64,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -68,13 +77,14 @@ import torch.distributed as dist
 import torch.nn as nn
 
 # rank_and_world is looked up here at call time, so tests can stand in for a group (monkeypatch this module's name)
-from ..common import rank_and_world
+from ..common import atomic_folder, rank_and_world, read_json, write_text_atomic
 from ..fast import onednn as onednn_kernels
+from ..weights import RUN_FILE
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-RUN_FILE = "run.json"               # marks a folder as this trainer's output and records what run it is
+AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+# RUN_FILE, "run.json" (weights.py): marks a folder as this trainer's output and records what run it is
 LOG_FILE = "train_log.jsonl"        # one JSON object per logged step
 STATE_FILE = "trainer_state.pt"     # inside checkpoint-N/: everything but the artefact
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -114,8 +124,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
         if not isinstance(self.onednn, bool):
             raise TypeError(f"TrainConfig.onednn must be True or False, got {self.onednn!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainConfig.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"TrainConfig.precision must be one of {list(AUTOCAST_DTYPES)}, got {self.precision!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -253,15 +263,23 @@ def broadcast_parameters(model: nn.Module) -> None:
 # The output folder, checkpoints and RNG states
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG a step draws from, as tensors and plain lists: what torch.load(weights_only=True)
+    reads back (numpy's own state holds an ndarray, which that loader refuses)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -288,25 +306,52 @@ def prepare_output_dir(output_dir: Path, run_info: dict, resume: bool) -> Path |
         if resume:
             logger.warning("--resume: %s holds no checkpoint yet; starting from step 0", output_dir)
         return None
-    if not run_file.is_file():
+    if not run_file.exists():
         raise ValueError(f"output folder {output_dir} is not empty and was not written by a minibge training "
                          f"run; choose a new or empty folder (nothing was overwritten)")
-    recorded = json.loads(run_file.read_text())
+    recorded = read_json(run_file)
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("run", {}), dict):
+        raise ValueError(f"{run_file} is not a minibge run file (expected an object with \"run\" and \"finished\")")
     if not resume:
         raise ValueError(f"output folder {output_dir} already holds a training run; pass --resume to continue "
                          f"it, or choose a new folder")
     if recorded.get("finished"):
         raise ValueError(f"the run in {output_dir} has already finished; nothing to resume")
+    found = checkpoints(output_dir)
+    if not found:  # nothing to continue, so nothing the settings must agree with
+        logger.warning("--resume: %s holds no checkpoint yet; starting from step 0 with these settings", output_dir)
+        return None
     before, now = (_what_is_computed(info) for info in (recorded.get("run", {}), run_info))
+    _check_same_data(before, now, output_dir)
     differs = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
     if differs:
         raise ValueError(f"--resume: {output_dir} is a different run (it differs in {', '.join(differs)}); "
                          f"resume with the same settings, or choose a new folder")
-    found = checkpoints(output_dir)
-    if not found:
-        logger.warning("--resume: %s holds no checkpoint yet; starting from step 0", output_dir)
-        return None
     return found[-1]
+
+
+DATA_KEY = "train_file_fingerprint"  # run_info's {"bytes", "sha256"} of the training file (common.file_fingerprint)
+
+
+def _check_same_data(before: dict, now: dict, output_dir: Path) -> None:
+    """Refuse to resume on a training file that changed since the run started (same path, other
+    lines: the batches after the checkpoint would not be the ones the run was going to see).
+    A run recorded before fingerprints were kept is resumed with a warning."""
+    if DATA_KEY not in now:
+        return
+    if DATA_KEY not in before:
+        logger.warning("--resume: %s records no fingerprint of its training file (an older minibge); "
+                       "cannot check that %s is unchanged", output_dir, now.get("train_file"))
+        before[DATA_KEY] = now[DATA_KEY]
+        return
+    then, today = before[DATA_KEY], now[DATA_KEY]
+    if then != today:
+        def describe(f):
+            return (f"{f.get('bytes', 0):,} bytes, sha256 {str(f.get('sha256'))[:16]}…" if isinstance(f, dict)
+                    else repr(f))
+        raise ValueError(f"--resume: the training file {now.get('train_file')} has changed since the run in "
+                         f"{output_dir} started ({describe(then)} then, {describe(today)} now); resume with the "
+                         f"original file, or start a new run in a new folder")
 
 
 # TrainConfig fields that change how a step is computed, not what: a run may be resumed with them
@@ -324,21 +369,63 @@ def _what_is_computed(run_info: dict) -> dict:
 
 
 def _write_run_file(output_dir: Path, run_info: dict, finished: bool) -> None:
-    (output_dir / RUN_FILE).write_text(json.dumps({"run": run_info, "finished": finished}, indent=2) + "\n")
+    write_text_atomic(output_dir / RUN_FILE, json.dumps({"run": run_info, "finished": finished}, indent=2) + "\n")
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past `step`: after a resume they will be written again."""
+    """Drop log lines past `step`: after a resume they will be written again. A line that is not
+    a log entry (a crash cut it short) goes too."""
     if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+        kept = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] <= step:
+                kept.append(line)
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def check_before_saving(model: nn.Module, loss_fn: Callable, batch, device: torch.device, precision: str,
+                        step: int) -> None:
+    """Refuse to save weights that have blown up: FloatingPointError unless every parameter is
+    finite and the loss of `batch` (the step's last micro-batch), computed again with the updated
+    weights, is finite too. The second test catches what the first cannot: an lr so large that one
+    AdamW step makes the weights huge (~1e9) yet finite, and every forward pass NaN.
+
+    The probe runs in eval mode, without gradients, with the RNG states put back afterwards, so
+    that checking changes nothing a later step computes. Every rank calls this (loss_fn may gather
+    across ranks), and the ranks agree: if one finds a problem, all raise.
+    """
+    problem = next((f"parameter {name} holds NaN or inf" for name, param in model.named_parameters()
+                    if not torch.isfinite(param).all()), None)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                _autocast(device, precision):
+            loss = float(loss_fn(move_to(batch, device))["loss"])
+    finally:
+        model.train(was_training)
+    if problem is None and not math.isfinite(loss):
+        problem = f"the loss of the last batch, with the updated weights, is {loss}"
+    _, world = rank_and_world()
+    flag = torch.tensor([float(problem is not None)], device=device)
+    if world > 1:
+        dist.all_reduce(flag)
+    if flag.item():
+        raise FloatingPointError(f"step {step}: {problem or 'another rank found the updated weights broken'}; "
+                                 f"the model blew up and was not saved (lower the lr; the last good checkpoint, "
+                                 f"if any, is kept)")
 
 
 def save_checkpoint(output_dir: Path, step: int, position: tuple[int, int], model: nn.Module, optimizer,
                     scheduler, scaler, save_fn: Callable | None, config: TrainConfig) -> None:
     """checkpoint-<step>/: the trainer state (+ the stage's artefact); older checkpoints are removed.
 
-    Every rank calls this (the RNG states are gathered from all of them); rank 0 writes.
+    Every rank calls this (the RNG states are gathered from all of them); rank 0 writes, into a
+    temporary folder renamed into place at the end: a crash never leaves half a checkpoint.
     """
     rank, world = rank_and_world()
     rng_states = [None] * world
@@ -348,16 +435,13 @@ def save_checkpoint(output_dir: Path, step: int, position: tuple[int, int], mode
         rng_states = [_rng_state()]
     if rank == 0:
         final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-        partial = output_dir / f"{final.name}.partial"  # renamed at the end: a crash never leaves half a checkpoint
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        torch.save({"step": step, "position": position, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "rng": rng_states, "world_size": world, "config": asdict(config)}, partial / STATE_FILE)
-        if save_fn is not None:
-            save_fn(partial)
-        os.replace(partial, final)
+        with atomic_folder(final) as partial:
+            torch.save({"step": step, "position": list(position), "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None,
+                        "rng": rng_states, "world_size": world, "config": asdict(config)}, partial / STATE_FILE)
+            if save_fn is not None:
+                save_fn(partial)
         for old in checkpoints(output_dir)[:-1]:
             shutil.rmtree(old)
         logger.info("saved %s", final)
@@ -365,21 +449,51 @@ def save_checkpoint(output_dir: Path, step: int, position: tuple[int, int], mode
         dist.barrier()
 
 
+# What a trainer_state.pt must hold, and of which type, before anything is restored from it
+STATE_FIELDS = {"step": int, "position": (list, tuple), "model": dict, "optimizer": dict, "scheduler": dict,
+                "rng": list, "world_size": int}
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler) -> tuple[int, tuple[int, int]]:
-    """Restore everything save_checkpoint wrote; returns (step, (epoch, next batch))."""
+    """Restore everything save_checkpoint wrote; returns (step, (epoch, next batch)).
+
+    The file is untrusted (a run folder may come from a shared disk or a download): it is read with
+    torch.load(weights_only=True), which builds tensors and plain containers and calls nothing
+    else, and any way it can be broken (truncated, corrupted, another file, a checkpoint from a
+    minibge that pickled numpy arrays) is a ValueError naming the file."""
     rank, world = rank_and_world()
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)  # our own file
+    file = path / STATE_FILE
+
+    def broken(problem: str) -> ValueError:
+        return ValueError(f"cannot resume from {file}: {problem}; start a new run (or resume from an intact "
+                          f"checkpoint)")
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged or hostile file
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise broken(f"not a readable minibge checkpoint ({first_line})") from None
+    if not isinstance(state, dict):
+        raise broken(f"it holds a {type(state).__name__}, not a trainer state")
+    for field, kind in STATE_FIELDS.items():
+        if not isinstance(state.get(field), kind) or isinstance(state.get(field), bool):
+            raise broken(f"field {field!r} is missing or not a {getattr(kind, '__name__', 'list')}")
     if state["world_size"] != world:
         raise ValueError(f"{path} was written by {state['world_size']} rank(s); resume it with the same number "
                          f"(now {world}), or the data order would change")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"][rank])
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"][rank])
+        epoch, next_batch = (int(x) for x in state["position"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise broken(f"it does not fit this run ({first_line})") from None
     logger.info("resumed from %s (step %d)", path, state["step"])
-    return state["step"], tuple(state["position"])
+    return state["step"], (epoch, next_batch)
 
 
 # -----------------------------------------------------------------------------
@@ -394,7 +508,7 @@ def onednn_while_training(model: nn.Module, config: TrainConfig):
 
 
 def _autocast(device: torch.device, precision: str):
-    dtype = PRECISIONS[precision]
+    dtype = AUTOCAST_DTYPES[precision]
     if dtype is None or device.type != "cuda":
         return torch.autocast(device.type, enabled=False)
     return torch.autocast("cuda", dtype=dtype)
@@ -526,14 +640,17 @@ class TrainLog:
 
 
 def save_final(output_dir: Path, run_info: dict, save_fn: Callable | None, step: int) -> None:
-    """Rank 0 writes the artefact, deletes the checkpoints and marks the run finished; all ranks wait."""
+    """Rank 0 writes the artefact (built in a temporary folder, then moved in file by file), marks
+    the run finished and only then deletes the checkpoints; all ranks wait. Until run.json says
+    finished, load_embedder refuses the folder, and --resume still has the last checkpoint."""
     rank, world = rank_and_world()
     if rank == 0:
         if save_fn is not None:
-            save_fn(output_dir)
+            with atomic_folder(output_dir) as partial:
+                save_fn(partial)
+        _write_run_file(output_dir, run_info, finished=True)
         for old in checkpoints(output_dir):
             shutil.rmtree(old)
-        _write_run_file(output_dir, run_info, finished=True)
         logger.info("training done: %d steps; wrote %s", step, output_dir)
     if world > 1:
         dist.barrier()
@@ -566,6 +683,7 @@ def train(model: nn.Module, loss_fn: Callable[[object], dict], batches: Batches,
     scheduler = linear_schedule(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" and device.type == "cuda" else None
     step, (epoch, next_batch) = resume_or_start(resume_from, output_dir, run_info, model, optimizer, scheduler, scaler)
+    start_step = step
 
     model.train()
     groups = step_groups(batches, epoch, next_batch, config.grad_accumulation)
@@ -577,16 +695,21 @@ def train(model: nn.Module, loss_fn: Callable[[object], dict], batches: Batches,
         from tqdm.auto import tqdm  # the bar comes after that line: a log line drawn over a bar is hard to find
         bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=rank != 0)
         log = TrainLog(output_dir, config, total_steps, bar)
-        while step < total_steps:
-            group, position = next(groups)
-            step_losses = accumulate_gradients(loss_fn, group, device, config.precision, scaler, step)
-            lr, grad_norm = optimizer_step(model, optimizer, scheduler, scaler, config.max_grad_norm)
-            step += 1
-            bar.update(1)
-            log.add(step, position[0], lr, grad_norm, step_losses)
-            if config.save_steps and step % config.save_steps == 0 and step < total_steps:
-                save_checkpoint(output_dir, step, position, model, optimizer, scheduler, scaler, save_fn, config)
-    bar.close()
+        try:  # the bar is closed whether the loop ends or raises: an error is then the last line on stderr
+            while step < total_steps:
+                group, position = next(groups)
+                step_losses = accumulate_gradients(loss_fn, group, device, config.precision, scaler, step)
+                lr, grad_norm = optimizer_step(model, optimizer, scheduler, scaler, config.max_grad_norm)
+                step += 1
+                bar.update(1)
+                log.add(step, position[0], lr, grad_norm, step_losses)
+                if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+                    check_before_saving(model, loss_fn, group[-1], device, config.precision, step)
+                    save_checkpoint(output_dir, step, position, model, optimizer, scheduler, scaler, save_fn, config)
+            if step > start_step:  # the final save's check; a run resumed at its end has nothing new to check
+                check_before_saving(model, loss_fn, group[-1], device, config.precision, step)
+        finally:
+            bar.close()
 
     model.eval()
     save_final(output_dir, run_info, save_fn, step)

@@ -24,8 +24,8 @@ from ..hub import resolve_model_path
 from .mine import read_corpus
 from ..retromae import RetroMAECollator, RetroMAEForPretraining
 from ..tokenizer import Tokenizer
-from ..common import setup_distributed
-from .loop import Batches, TrainConfig, train
+from ..common import file_fingerprint, setup_distributed
+from .loop import DATA_KEY, Batches, TrainConfig, train
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ def pretrain(model, train_file, output_dir, config: TrainConfig, max_length: int
     max_length = min(max_length, retromae.encoder.config.max_position_embeddings)  # as the Embedder clamps
     collate = RetroMAECollator(tokenizer, encoder_mlm_probability, decoder_mlm_probability, max_length)
     batches = Batches(texts, collate, config.batch_size, seed=config.seed)
-    run_info = {"model": str(model), "train_file": str(Path(train_file).resolve()), "config": vars(config),
+    run_info = {"model": str(model), "train_file": str(Path(train_file).resolve()),
+                DATA_KEY: file_fingerprint(train_file), "config": vars(config),
                 "max_length": max_length, "encoder_mlm_probability": encoder_mlm_probability,
                 "decoder_mlm_probability": decoder_mlm_probability, "variant": variant}
     logger.info("RetroMAE pre-training of %s on %d texts: masks %.2f / %.2f, max length %d, %s query stream",
