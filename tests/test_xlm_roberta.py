@@ -151,7 +151,7 @@ def test_fast_encoder_follows_the_position_rule(checkpoint):
 def test_embedder_encode_matches_transformers(checkpoint, tmp_path, fast):
     """The whole pipeline on an XLM-R folder: tokenizer.json (Unigram) → encoder → <s> vector → L2."""
     folder, hf_model, config = checkpoint
-    write_xlmr_tokenizer(folder)
+    hf_tokenizer = write_xlmr_tokenizer(folder)
     texts = ["the giant panda", "机器学习很有趣 😀", "what is a bear species endemic to China? " * 3, "x"]
     embedder = minibge.load_embedder(folder, fast=fast, device="cpu")
     assert (embedder.fast_path_blocker() is None) == fast
