@@ -3,6 +3,7 @@
     python docs/scifact_data.py prepare runs/scifact          # train.jsonl, train_fit.jsonl, dev.jsonl
     python docs/scifact_data.py subset runs/scifact           # train.mined.jsonl → train_fit.mined.jsonl
     python docs/scifact_data.py dev-eval runs/scifact MODEL   # nDCG@10 of MODEL on the dev queries
+    python docs/scifact_data.py dev-rerank runs/scifact MODEL RERANKER   # MODEL's top 100, reranked (docs/reranking.md)
 
 The dev split is 20% of the 809 train queries (seeded shuffle), scored against the full corpus
 exactly as `minibge eval --task scifact` scores the test queries (minibge.evaluate.retrieval).
@@ -66,11 +67,26 @@ def dev_eval_score(model: str) -> dict:
             "recall_at_100": round(scores["recall_at_100"], 2)}
 
 
+def dev_rerank_score(model: str, reranker: str, top: int = 100) -> dict:
+    """nDCG@10 / MAP@10 / Recall@100 on the dev queries: MODEL retrieves, RERANKER re-orders its top 100."""
+    from minibge import load_embedder, load_reranker
+    from minibge.evaluate import retrieval
+
+    corpus, queries, qrels = load_beir(SCIFACT, split="train")
+    _, dev = split_ids(qrels)
+    scores = retrieval(load_embedder(model), corpus, {q: queries[q] for q in dev}, {q: qrels[q] for q in dev},
+                       reranker=load_reranker(reranker), rerank_top=top)
+    return {"model": model, "reranker": reranker, "dev_queries": len(dev), "ndcg_at_10": round(scores["ndcg_at_10"], 2),
+            "map_at_10": round(scores["map_at_10"], 2), "recall_at_100": round(scores["recall_at_100"], 2)}
+
+
 if __name__ == "__main__":
     command, folder = sys.argv[1], Path(sys.argv[2])
     if command == "prepare":
         prepare(folder)
     elif command == "subset":
         subset(folder)
+    elif command == "dev-rerank":
+        print(json.dumps(dev_rerank_score(sys.argv[3], sys.argv[4])))
     else:
         print(json.dumps(dev_eval_score(sys.argv[3])))

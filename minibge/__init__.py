@@ -17,6 +17,7 @@ Reading order, the textbook first (the flat modules of this package):
     weights.py     official checkpoint names <-> this model's, checked loading, save_pretrained
     tokenizer.py   text -> token ids
     embedder.py    the pipeline: tokenize, order by length, run the model, pool, normalise, restore order
+    reranker.py    cross-encoders: a (query, passage) pair read as one sequence, one score out
     losses.py      InfoNCE, the contrastive loss BGE is fine-tuned with
     retromae.py    RetroMAE, BGE's pre-training objective
     lab.py         each classic re-implementation mistake, measured
@@ -30,9 +31,11 @@ from .model import BertModel, EncoderOutput, cls_pool, l2_normalize, mean_pool
 from .weights import load_model, save_pretrained
 from .tokenizer import Tokenizer
 from .embedder import Embedder, load_embedder
+from .reranker import CrossEncoder, Reranker, load_reranker
 from .integrations.flag_model import FlagModel
+from .integrations.flag_reranker import FlagReranker
 
 __all__ = ["BertConfig", "BertModel", "EncoderOutput", "PRESETS", "preset", "load_model", "save_pretrained",
            "cls_pool", "mean_pool", "l2_normalize", "Tokenizer", "Embedder", "load_embedder",
-           "FlagModel"]
+           "FlagModel", "CrossEncoder", "Reranker", "load_reranker", "FlagReranker"]
 __version__ = "0.1.0"

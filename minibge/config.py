@@ -10,6 +10,18 @@ heads split hidden_size evenly. A bad config.json fails there, naming the field,
 the file, rather than deep inside torch (0 heads would be a ZeroDivisionError in attention, a
 vocabulary of -5 a RuntimeError from nn.Embedding).
 
+Two families share the one dataclass, told apart by `model_type` (config.json's own key):
+"bert" (every BGE v1/v1.5 embedder) and "xlm-roberta" (BGE-M3 and the BGE rerankers). XLM-RoBERTa
+is the same post-LN encoder with other numbers and one other rule (model.py, "XLM-RoBERTa"):
+
+    field                      BERT (BGE)   XLM-RoBERTa (bge-reranker-base, bge-m3)
+    vocab_size                 30522        250002 (SentencePiece, 100 languages)
+    layer_norm_eps             1e-12        1e-5
+    type_vocab_size            2            1 (one segment row, still added)
+    pad_token_id               0 ([PAD])    1 (<pad>; <s> is 0, </s> is 2)
+    max_position_embeddings    512          514 (8194 for M3): positions start at pad_token_id + 1,
+                                            so 512 (8192) tokens fit: max_sequence_length
+
 The presets are every published BGE English and Chinese model, v1 and v1.5 (the BAAI/bge-* Hub
 repositories). v1 and v1.5 share one architecture; only the weights (and the training temperature)
 differ. Each preset is the shape in that model's config.json: hidden size H, layers L, heads,
@@ -28,6 +40,9 @@ from .common import read_json
 # the activations `hidden_act` may name; "gelu" is the exact erf form (what HF and BGE use)
 SUPPORTED_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 
+# config.json's model_type -> the architectures it is saved as (transformers' AutoModel reads both)
+MODEL_TYPES = {"bert": "BertModel", "xlm-roberta": "XLMRobertaModel"}
+
 # field(s) -> (type, valid when, what valid means); every field of BertConfig appears once
 RULES = {
     ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -38,6 +53,7 @@ RULES = {
     ("initializer_range",): (float, lambda v: 0 <= v < math.inf, "at least 0"),
     ("hidden_act",): (str, lambda v: v in SUPPORTED_ACTIVATIONS, f"one of {SUPPORTED_ACTIVATIONS}"),
     ("position_embedding_type",): (str, lambda v: v == "absolute", "'absolute' (the only kind BERT/BGE use)"),
+    ("model_type",): (str, lambda v: v in MODEL_TYPES, f"one of {sorted(MODEL_TYPES)}"),
 }
 
 
@@ -65,6 +81,7 @@ class BertConfig:
     attention_probs_dropout_prob: float = 0.1
     initializer_range: float = 0.02    # std of the normal init (HF semantics), used by training from scratch
     position_embedding_type: str = "absolute"  # the only kind BERT/BGE use; checked, not implemented otherwise
+    model_type: str = "bert"           # "bert" or "xlm-roberta": which position rule the embeddings follow
 
     # the fields a config.json must carry; the rest fall back to BERT's defaults above
     REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
@@ -83,10 +100,24 @@ class BertConfig:
                              f"num_attention_heads {self.num_attention_heads}")
         if self.pad_token_id >= self.vocab_size:
             raise ValueError(f"pad_token_id {self.pad_token_id} is not below vocab_size {self.vocab_size}")
+        if self.max_sequence_length < 1:
+            raise ValueError(f"max_position_embeddings {self.max_position_embeddings} leaves no position for a token: "
+                             f"XLM-RoBERTa's positions start at pad_token_id + 1 = {self.position_offset}")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def position_offset(self) -> int:
+        """The position id of a sentence's first token: 0 for BERT; pad_token_id + 1 for XLM-RoBERTa,
+        which keeps rows 0..pad_token_id of its position table unused by real tokens (model.py)."""
+        return self.pad_token_id + 1 if self.model_type == "xlm-roberta" else 0
+
+    @property
+    def max_sequence_length(self) -> int:
+        """The most tokens one sentence may have: 512 for BERT (512 positions) and for XLM-RoBERTa (514)."""
+        return self.max_position_embeddings - self.position_offset
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "BertConfig":
@@ -110,8 +141,8 @@ class BertConfig:
         return cls.from_dict(values, source=str(path))
 
     def to_dict(self) -> dict:
-        """The config.json that transformers' AutoModel reads back as a BertModel."""
-        return {"architectures": ["BertModel"], "model_type": "bert", **dataclasses.asdict(self)}
+        """The config.json that transformers' AutoModel reads back as a BertModel (an XLMRobertaModel)."""
+        return {"architectures": [MODEL_TYPES[self.model_type]], **dataclasses.asdict(self)}
 
 
 def _bge(hidden, layers, heads, intermediate, vocab) -> BertConfig:
@@ -137,9 +168,29 @@ PRESETS = {
 }
 
 
+
+def _xlmr(hidden, layers, heads, intermediate, positions) -> BertConfig:
+    return BertConfig(vocab_size=250002, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      intermediate_size=intermediate, max_position_embeddings=positions, type_vocab_size=1,
+                      layer_norm_eps=1e-5, pad_token_id=1, model_type="xlm-roberta")
+
+
+# The XLM-RoBERTa models: BGE-M3 (an embedder) and the BGE cross-encoders (rerankers, reranker.py),
+# the shapes of xlm-roberta-base / -large, M3 with 8192-token positions. Kept apart from PRESETS,
+# whose parameter counts tests/test_model.py checks against the official BGE model list.
+XLM_ROBERTA_PRESETS = {
+    # name: (H, L, heads, I, positions)
+    "bge-reranker-base": _xlmr(768, 12, 12, 3072, 514),
+    "bge-reranker-large": _xlmr(1024, 24, 16, 4096, 514),
+    "bge-reranker-v2-m3": _xlmr(1024, 24, 16, 4096, 8194),
+    "bge-m3": _xlmr(1024, 24, 16, 4096, 8194),
+}
+
+
 def preset(name: str) -> BertConfig:
-    """A fresh copy of a named BGE config ("bge-base-en-v1.5", or "BAAI/bge-base-en-v1.5")."""
+    """A fresh copy of a named BGE config ("bge-base-en-v1.5", or "BAAI/bge-base-en-v1.5", "bge-m3")."""
     key = name.split("/")[-1]
-    if key not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-    return dataclasses.replace(PRESETS[key])
+    known = {**PRESETS, **XLM_ROBERTA_PRESETS}
+    if key not in known:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(known)}")
+    return dataclasses.replace(known[key])

@@ -177,7 +177,7 @@ class Embedder:
         self.model = model
         self.tokenizer = tokenizer
         self.pooling = pooling
-        self.max_length = min(max_length, model.config.max_position_embeddings)
+        self.max_length = min(max_length, model.config.max_sequence_length)  # XLM-R: 514 positions, 512 tokens
         # sentence-transformers' prompts: "query" is BGE's retrieval instruction (query_instruction reads
         # and writes it), "document" none: "no instruction needs to be added to passages" (the BGE card)
         self.prompts = {"query": query_instruction or "", "document": ""}
@@ -224,7 +224,7 @@ class Embedder:
 
     @max_seq_length.setter
     def max_seq_length(self, value: int) -> None:
-        self.max_length = min(positive_int(value, "max_seq_length"), self.model.config.max_position_embeddings)
+        self.max_length = min(positive_int(value, "max_seq_length"), self.model.config.max_sequence_length)
 
     def __repr__(self):
         return (f"Embedder({self.name!r}, dim={self.dimension}, pooling={self.pooling!r}, "

@@ -33,6 +33,13 @@ add the soft-target cross-entropy between softmax(t) and the student's group sco
 (FlagEmbedding's kl_div mode: the KL divergence plus the teacher's entropy, a constant):
 
     L_kd = −1/B Σ_i Σ_k softmax(t_i)_k · log softmax(s_i,iG : iG+G)_k
+
+The reranker's loss (reranker_loss) is the same softmax with no embeddings in it: a cross-encoder
+gives each (query, passage) pair of a group one logit z, and the loss asks the positive (index 0)
+to win its own group, FlagEmbedding's listwise cross-entropy (no temperature, no in-batch negatives:
+a passage of another query would need its own forward pass with this query):
+
+    L_rank = −1/B Σ_i log( exp(z_i,0) / Σ_{k<G} exp(z_i,k) )        plus L_kd on z when teacher scores are given
 """
 from __future__ import annotations
 
@@ -141,9 +148,30 @@ def distillation_loss(q: torch.Tensor, p: torch.Tensor, teacher_scores: torch.Te
     G = check_pairs(q, p, temperature)
     if tuple(teacher_scores.shape) != (q.shape[0], G):
         raise ValueError(f"teacher_scores must be (B, G) = {(q.shape[0], G)}, got {tuple(teacher_scores.shape)}")
-    targets = teacher_scores.to(q.dtype).softmax(dim=-1)               # no teacher temperature, as in FlagEmbedding
-    log_probs = group_scores(q, p, temperature).log_softmax(dim=-1)    # (B, G)
-    return -(targets * log_probs).sum(dim=-1).mean()
+    return soft_cross_entropy(group_scores(q, p, temperature), teacher_scores)
+
+
+def soft_cross_entropy(scores: torch.Tensor, teacher_scores: torch.Tensor) -> torch.Tensor:
+    """−mean_i Σ_k softmax(teacher_i)_k · log softmax(scores_i)_k, both (B, G): distillation's loss."""
+    targets = teacher_scores.to(scores.dtype).softmax(dim=-1)          # no teacher temperature, as in FlagEmbedding
+    return -(targets * scores.log_softmax(dim=-1)).sum(dim=-1).mean()
+
+
+def reranker_loss(logits: torch.Tensor, group_size: int, teacher_scores: torch.Tensor | None = None) -> dict:
+    """A cross-encoder's fine-tuning loss: logits (B·G,) of query-major groups, positive first →
+    {"loss", "listwise_ce"[, "distill"]}: cross-entropy over each group, target 0 (module docstring)."""
+    if logits.dim() != 1 or logits.numel() == 0 or logits.numel() % group_size != 0:
+        raise ValueError(f"logits must be (B·G,) with G = {group_size}, got shape {tuple(logits.shape)}")
+    grouped = logits.view(-1, group_size)                              # (B, G): query i's passages in row i
+    target = torch.zeros(grouped.shape[0], dtype=torch.long, device=logits.device)
+    losses = {"listwise_ce": F.cross_entropy(grouped, target)}
+    losses["loss"] = losses["listwise_ce"]
+    if teacher_scores is not None:
+        if tuple(teacher_scores.shape) != tuple(grouped.shape):
+            raise ValueError(f"teacher_scores must be (B, G) = {tuple(grouped.shape)}, got {tuple(teacher_scores.shape)}")
+        losses["distill"] = soft_cross_entropy(grouped, teacher_scores)
+        losses["loss"] = losses["loss"] + losses["distill"]
+    return losses
 
 
 def contrastive_loss(q: torch.Tensor, p: torch.Tensor, temperature: float = 0.02, in_batch_negatives: bool = True,

@@ -25,6 +25,28 @@ every query row sees the same keys, so padded *queries* still produce (meaningle
 
     sentence 0: ■ ■ ■ ■ ■        sentence 1: ■ ■ ■ ⬚ ⬚
 
+XLM-RoBERTa (Conneau et al., arXiv 1911.02116; transformers' `modeling_xlm_roberta.py`), the
+encoder of BGE-M3 and the BGE rerankers, is this same network: the same modules, names and
+post-LN blocks, so one BertModel runs both, and config.model_type says which. What differs:
+
+- position ids (the trap): not 0..T-1. They count the *real* tokens (ids ≠ pad_token_id),
+  starting at padding_idx + 1, and padding gets padding_idx itself. With <pad> = 1:
+
+      ids        <s>  The  cat  </s>  <pad> <pad>
+      BERT        0    1    2    3     4     5        (column index, padding or not)
+      XLM-R       2    3    4    5     1     1        (transformers' create_position_ids_from_input_ids)
+
+  so rows 0 and 1 of the position table are never used by a real token, and 514 positions hold
+  512 tokens (8194 hold M3's 8192). A re-implementation with BERT's rule runs without an error
+  and reads every real token's position vector two rows too early: every output is wrong
+  (tests/test_xlm_roberta.py checks that such a model fails the comparison).
+  The position table has padding_idx = pad_token_id too (its row gets no gradient, as in HF).
+- LayerNorm eps 1e-5 (PyTorch's default, not BERT's 1e-12); type_vocab_size 1 (row 0 still added);
+  vocabulary 250,002 SentencePiece pieces; <s> ... </s> instead of [CLS] ... [SEP], and pairs
+  are <s> A </s></s> B </s>, all segment 0 (tokenizer.py). All of these are data in the config.
+- checkpoint names sit under `roberta.` (a ...ForSequenceClassification) or no prefix (weights.py).
+- the sentence vector of BGE-M3 is still the first token's state (<s> stands where [CLS] stood).
+
 Loading checkpoints lives in weights.py, text in tokenizer.py/embedder.py: this file is torch only.
 """
 import math
@@ -57,7 +79,11 @@ class Embeddings(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        # XLM-RoBERTa gives padding the position padding_idx; its row, like the word table's, gets no gradient
+        self.pad_token_id = config.pad_token_id
+        self.position_offset = config.position_offset  # 0 (BERT) or pad_token_id + 1 (XLM-RoBERTa)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size,
+                                                padding_idx=config.pad_token_id if self.position_offset else None)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -67,14 +93,25 @@ class Embeddings(nn.Module):
         words = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, H)
         B, T, _ = words.shape
         if position_ids is None:
-            # positions are 0..T-1 whatever the padding: BERT is not RoBERTa (no padding_idx offset),
-            # which is why right padding is the only padding that leaves real tokens unchanged
-            position_ids = torch.arange(T, device=words.device).unsqueeze(0)  # (1, T)
+            position_ids = self.position_ids(input_ids, T, words.device)  # (B, T) or (1, T)
         if token_type_ids is None:
             # a classic slip is to skip this term when no segments are given; HF adds row 0
             token_type_ids = torch.zeros(B, T, dtype=torch.long, device=words.device)
         x = words + self.token_type_embeddings(token_type_ids) + self.position_embeddings(position_ids)
         return self.dropout(self.norm(x))  # LayerNorm after the three-way sum, then dropout
+
+    def position_ids(self, input_ids, T: int, device) -> torch.Tensor:
+        """The position of each token, by the model's rule (module docstring): (1, T) or (B, T) long."""
+        if not self.position_offset:
+            # BERT: positions are 0..T-1 whatever the padding (no padding_idx offset), which is why
+            # right padding is the only padding that leaves real tokens unchanged
+            return torch.arange(T, device=device).unsqueeze(0)  # (1, T)
+        if input_ids is None:  # vectors fed in directly (RetroMAE's decoder): all real, as transformers assumes
+            return torch.arange(self.position_offset, self.position_offset + T, device=device).unsqueeze(0)  # (1, T)
+        # XLM-RoBERTa: count the real tokens, from padding_idx + 1; a <pad> id anywhere gets padding_idx.
+        # It reads the ids, not the attention mask, exactly as transformers does.
+        real = input_ids.ne(self.pad_token_id).long()            # (B, T) 1 = a real token
+        return real.cumsum(dim=1) * real + self.pad_token_id     # (B, T) pad+1, pad+2, ... and pad at padding
 
 
 class SelfAttention(nn.Module):
@@ -265,9 +302,10 @@ class BertModel(nn.Module):
                              f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
                              f"of shape {tuple(getattr(input_ids, 'shape', ()))}")
         B, T = input_ids.shape
-        if T > cfg.max_position_embeddings:
-            raise ValueError(f"sequence length {T} exceeds max_position_embeddings {cfg.max_position_embeddings}; "
-                             "truncate the input (the tokenizer does this when given max_length)")
+        if T > cfg.max_sequence_length:  # max_position_embeddings, less XLM-RoBERTa's offset (config.py)
+            raise ValueError(f"sequence length {T} exceeds the model's {cfg.max_sequence_length} positions "
+                             f"(max_position_embeddings {cfg.max_position_embeddings}); truncate the input "
+                             "(the tokenizer does this when given max_length)")
         if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size):
             raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}); got min {input_ids.min().item()}, "
                              f"max {input_ids.max().item()} (wrong tokenizer for this model?)")

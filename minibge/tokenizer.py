@@ -16,6 +16,16 @@ entries for the uncased English models). Turning a string into those ids happens
 4. **Post-process.** Wrap the sequence as ``[CLS] ... [SEP]``. The model pools or reads
    ``[CLS]``; ``[SEP]`` marks the end.
 
+A cross-encoder (reranker.py) reads a (query, passage) *pair* as one sequence, and the checkpoint's
+post-processor says how it is wrapped (encode_pairs):
+
+    BERT          [CLS] query [SEP] passage [SEP]       token types 0 ... 0 1 ... 1
+    XLM-RoBERTa   <s> query </s></s> passage </s>       token types all 0 (its type table has one row)
+
+XLM-RoBERTa (BGE-M3, the BGE rerankers) is not WordPiece: its tokenizer.json holds a SentencePiece
+Unigram model (250,002 pieces, "▁" marking a word start, <s> 0, <pad> 1, </s> 2, <unk> 3, <mask>
+last). Loading it is the same call: the Rust library reads whatever pipeline the file describes.
+
 Batches are then right-padded with ``[PAD]`` (id 0) to the longest sequence, and an attention
 mask (1 = real token, 0 = padding) tells the encoder which positions to ignore.
 
@@ -206,6 +216,62 @@ class Tokenizer:
             finally:
                 self._tok.no_truncation()
         return [enc.ids for enc in encodings]
+
+    def encode_pairs(self, pairs, max_length: int, query_max_length: int | None = None,
+                     passage_max_length: int | None = None) -> list[tuple[list[int], list[int]]]:
+        """(query, passage) pairs → (token ids, token type ids) per pair, not padded.
+
+        Truncation is FlagEmbedding's reranker's: the query alone is cut to query_max_length tokens
+        (default 3/4 of max_length), the passage alone to passage_max_length (default max_length; its
+        fine-tuning uses 128); then the pair is wrapped in its special tokens and only the passage is
+        cut further, from its end, until the whole fits in max_length. A long passage never pushes
+        the query out.
+        """
+        if isinstance(pairs, (list, tuple)) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs):
+            raise TypeError("pairs must be a list of (query, passage) pairs; wrap a single pair in a list")
+        if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+            raise TypeError("pairs must be a list of (query, passage) pairs")
+        queries, passages = [q for q, _ in pairs], [p for _, p in pairs]
+        check_texts(queries)
+        check_texts(passages)
+        for name, value in (("max_length", max_length), ("query_max_length", query_max_length),
+                            ("passage_max_length", passage_max_length)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        query_max_length = max_length * 3 // 4 if query_max_length is None else query_max_length
+        specials = self._tok.num_special_tokens_to_add(is_pair=True)  # 3 for BERT, 4 for XLM-R
+        if not pairs:
+            return []
+        with self._truncation_lock:  # no truncation setting may be switched on while I encode (see encode_batch)
+            try:
+                query_encodings = self._tok.encode_batch(queries, add_special_tokens=False)
+                passage_encodings = self._tok.encode_batch(passages, add_special_tokens=False)
+            except TypeError:
+                _check_encodable(queries)
+                _check_encodable(passages)
+                raise
+        encoded = []
+        for i, (query, passage) in enumerate(zip(query_encodings, passage_encodings)):
+            query.truncate(query_max_length)
+            room = max_length - specials - len(query.ids)
+            if room < 0:  # transformers logs this and returns too many tokens; the model would then fail
+                raise ValueError(f"pairs[{i}]: its query ({len(query.ids)} tokens after query_max_length "
+                                 f"{query_max_length}) and {specials} special tokens leave no room for the "
+                                 f"passage within max_length {max_length}; lower query_max_length")
+            # "only_second": the passage alone is cut, from its end (the library's own only_second refuses
+            # to cut a passage down to nothing, which transformers and FlagEmbedding allow)
+            passage.truncate(min(room, max_length if passage_max_length is None else passage_max_length))
+            pair = self._tok.post_process(query, passage, add_special_tokens=True)  # wrap in the specials
+            encoded.append((pair.ids, pair.type_ids))
+        return encoded
+
+    def pad_pairs(self, encoded: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+        """encode_pairs' output → {"input_ids", "attention_mask", "token_type_ids"}, (B, T) long, right-padded."""
+        input_ids, attention_mask = self.pad([ids for ids, _ in encoded])
+        token_type_ids = torch.zeros_like(input_ids)
+        for row, (_, types) in enumerate(encoded):
+            token_type_ids[row, : len(types)] = torch.as_tensor(types, dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
 
     def convert_ids_to_tokens(self, ids) -> list[str]:
         """[101, 7861, 8270] -> ["[CLS]", "em", "##bed"]: the WordPiece strings, "##" marking a word's continuation."""

@@ -7,8 +7,12 @@ The whole translation is one table, KEY_MAP, read left to right:
     official (HF BertModel) name                    minibge name
     encoder.layer.{i}.attention.self.query      →   layers.{i}.attention.query      (.weight / .bias)
 
+XLM-RoBERTa checkpoints (BGE-M3, the BGE rerankers) use the very same module names (transformers'
+XLMRobertaModel copies BertModel's), so the one table serves both; only the prefix a task model
+puts in front differs, PREFIXES below: `bert.` in a BertFor..., `roberta.` in an XLMRobertaFor...
+
 Loading is a checklist, nanoGPT style: read every tensor, normalise the known variants (a `bert.`
-prefix, legacy LayerNorm gamma/beta, the int64 `embeddings.position_ids` buffer the official files
+or `roberta.` prefix, legacy LayerNorm gamma/beta, the int64 `embeddings.position_ids` buffer the official files
 carry, MLM/NSP heads), then demand the exact key set and every shape *before* touching the
 model, so a bad file raises a ValueError that names the tensor and leaves nothing half-built.
 No Linear is transposed: HF BERT stores nn.Linear weights as (out, in), exactly as we do.
@@ -59,6 +63,10 @@ KEY_MAP = {
     "encoder.layer.{i}.output.LayerNorm":            "layers.{i}.ffn_norm",
     "pooler.dense":                                  "pooler.dense",
 }
+# model_type -> the prefix of the encoder's names inside a task model (BertForSequenceClassification's
+# "bert.encoder.layer.0...", XLMRobertaForSequenceClassification's "roberta.encoder.layer.0..."); a bare
+# encoder (BertModel, XLMRobertaModel, every BGE embedder) has none
+PREFIXES = {"bert": "bert.", "xlm-roberta": "roberta."}
 POSITION_IDS = "embeddings.position_ids"  # an int64 arange(512) buffer in the official files, not a weight
 
 
@@ -127,8 +135,9 @@ def _read_sharded(index_file: Path) -> dict:
 
 def normalize_names(state: dict) -> dict:
     """Bring the known re-exported variants to the official BertModel names."""
-    if any(name.startswith("bert.") for name in state):
-        state = {name.removeprefix("bert."): tensor for name, tensor in state.items()}
+    for prefix in PREFIXES.values():
+        if any(name.startswith(prefix) for name in state):
+            state = {name.removeprefix(prefix): tensor for name, tensor in state.items()}
     renamed = {}
     for name, tensor in state.items():
         if name.startswith("cls."):  # BertForPreTraining / MaskedLM heads (e.g. a RetroMAE checkpoint)
@@ -261,7 +270,7 @@ def load_model(path, attn_impl: str = "sdpa", device=None, dtype=None) -> BertMo
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}; is this a BERT/BGE checkpoint folder?")
     config = BertConfig.from_json(directory / CONFIG_NAME)
     state = read_state_dict(directory)
-    has_pooler = any(name.removeprefix("bert.").startswith("pooler.") for name in state)
+    has_pooler = any(name.startswith(("pooler.", *(p + "pooler." for p in PREFIXES.values()))) for name in state)
     model = BertModel(config, attn_impl=attn_impl, add_pooler=has_pooler)
     load_state_into(model, state, source=str(directory))
     logger.info("loaded %s: %d layers, hidden %d, %.1fM parameters%s", directory, config.num_hidden_layers,
@@ -279,14 +288,16 @@ def write_safetensors(tensors: dict, path: Path) -> None:
 
 
 def save_pretrained(model: BertModel, directory, extra_tensors: dict | None = None,
-                    architectures: list[str] | None = None) -> Path:
+                    architectures: list[str] | None = None, prefix: str = "", extra_config: dict | None = None) -> Path:
     """Write config.json + model.safetensors exactly as the official BAAI files are laid out:
     unprefixed official names, the pooler when the model has one, and the int64 position_ids
     buffer, with safetensors metadata {"format": "pt"} (what transformers expects).
 
     extra_tensors: more official-named tensors for the same file (RetroMAE's MLM head, cls.*);
-    architectures: config.json's "architectures" (default ["BertModel"]), what tools such as the
-    Hub's widgets read to pick a class for the file.
+    architectures: config.json's "architectures" (default ["BertModel"], or ["XLMRobertaModel"]), what
+    tools such as the Hub's widgets read to pick a class for the file; prefix: put before every encoder
+    name (PREFIXES: a cross-encoder's "bert." / "roberta.", reranker.py); extra_config: more config.json
+    keys (a cross-encoder's id2label).
 
     The files are written into a temporary folder beside `directory` and moved into place at the
     end (common.atomic_folder): a new folder appears complete or not at all.
@@ -294,18 +305,19 @@ def save_pretrained(model: BertModel, directory, extra_tensors: dict | None = No
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(directory) as partial:
-        _write_model_files(model, partial, extra_tensors, architectures)
+        _write_model_files(model, partial, extra_tensors, architectures, prefix, extra_config)
     return directory
 
 
 def _write_model_files(model: BertModel, directory: Path, extra_tensors: dict | None,
-                       architectures: list[str] | None) -> None:
+                       architectures: list[str] | None, prefix: str, extra_config: dict | None) -> None:
     ours = model.state_dict()
-    tensors = {official: ours[name].detach().cpu().contiguous() for name, official in official_names(model).items()}
-    tensors[POSITION_IDS] = torch.arange(model.config.max_position_embeddings).unsqueeze(0)  # (1, P) int64
+    tensors = {prefix + official: ours[name].detach().cpu().contiguous() for name, official in official_names(model).items()}
+    tensors[prefix + POSITION_IDS] = torch.arange(model.config.max_position_embeddings).unsqueeze(0)  # (1, P) int64
     tensors.update({name: tensor.detach().cpu().contiguous() for name, tensor in (extra_tensors or {}).items()})
     write_safetensors(tensors, directory / SAFETENSORS_NAME)
     config = model.config.to_dict()
     if architectures is not None:
         config["architectures"] = list(architectures)
+    config.update(extra_config or {})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..evaluate.search import top_k
+from ..evaluate.search import rerank, top_k
 from .args import Formatter, examples, positive_int
 from .io import (CHUNK_TEXTS, ChunkEmbedder, UsageError, check_not_input, check_readable, check_writable, chunked,
                  embed_texts, encode_source, format_matrix, print_summary, progress, progress_setting, query_prefix,
@@ -75,7 +75,8 @@ def add_embedding_commands(commands, verbose, model, model_only) -> None:
                 "instruction (BGE: 'Represent this sentence for searching relevant passages: '), "
                 "passages never do.",
                 examples("minibge search --corpus passages.txt 'how do vaccines work?' 'what is BGE?'",
-                          "minibge search --corpus passages.txt --queries questions.txt --top-k 10"))
+                          "minibge search --corpus passages.txt --queries questions.txt --top-k 10",
+                          "minibge search --corpus passages.txt 'what is BGE?' --rerank RERANKER --rerank-top 100"))
     p.add_argument("queries", nargs="*", metavar="QUERY", help="queries (or use --queries)")
     p.add_argument("-c", "--corpus", metavar="FILE", required=True,
                    help="passages, one per line ('-' reads stdin); blank lines skipped")
@@ -83,6 +84,9 @@ def add_embedding_commands(commands, verbose, model, model_only) -> None:
     p.add_argument("-k", "--top-k", type=positive_int, default=5, help="passages to show per query (default: 5)")
     p.add_argument("--no-instruction", action="store_true", help="do not prepend the query instruction")
     p.add_argument("--instruction", metavar="TEXT", help="use this query instruction instead of the model's")
+    p.add_argument("--rerank", metavar="PATH_OR_ID",
+                   help="a cross-encoder: retrieve --rerank-top passages, re-order them by its score, show --top-k")
+    p.add_argument("--rerank-top", type=positive_int, default=100, help="passages reranked per query (default: 100)")
     p.set_defaults(run=cmd_search)
 
 
@@ -159,6 +163,8 @@ def cmd_search(args) -> int:
         raise UsageError("--corpus and --queries cannot both read stdin")
     if args.no_instruction and args.instruction is not None:
         raise UsageError("--no-instruction and --instruction contradict each other")
+    if args.rerank and args.rerank_top < args.top_k:
+        raise UsageError(f"--rerank-top {args.rerank_top} is below --top-k {args.top_k}: the reranker orders only its shortlist")
     check_readable(args.corpus, "--corpus")
     check_readable(args.queries_file, "--queries")
     queries = read_texts(args.queries_file, "--queries")[0] if args.queries_file else args.queries
@@ -173,11 +179,22 @@ def cmd_search(args) -> int:
         # passages are embedded a chunk at a time, as top_k asks for them: memory stays bounded
         doc_chunks = (torch.from_numpy(embed_texts(embedder, chunk, args.batch_size, True, bar))
                       for chunk in chunked(passages, CHUNK_TEXTS))
-        best_scores, best_index = top_k(q, doc_chunks, args.top_k)
+        best_scores, best_index = top_k(q, doc_chunks, max(args.top_k, args.rerank_top) if args.rerank else args.top_k)
+    if args.rerank:  # retrieve, then rerank: the cross-encoder reads each query with its shortlist
+        from ..reranker import load_reranker
+
+        reranker = load_reranker(args.rerank, device=args.device or embedder.device)
+        shortlists = [row[:args.rerank_top].tolist() for row in best_index]
+        scores = rerank(reranker, queries, [[passages[j] for j in rows] for rows in shortlists], args.batch_size)
+        order = [sorted(range(len(rows)), key=lambda i: -s[i])[:args.top_k] for rows, s in zip(shortlists, scores)]
+        best_index = [[rows[i] for i in o] for rows, o in zip(shortlists, order)]
+        best_scores = [[s[i] for i in o] for s, o in zip(scores, order)]
+    else:
+        best_scores, best_index = best_scores.tolist(), best_index.tolist()
     for i, query in enumerate(queries):
         if i:
             print()
         print(f"query: {query}")
-        for rank, (score, j) in enumerate(zip(best_scores[i].tolist(), best_index[i].tolist()), start=1):
+        for rank, (score, j) in enumerate(zip(best_scores[i], best_index[i]), start=1):
             print(f"{rank:>4}  {score:.4f}  [line {line_numbers[j]}] {passages[j]}")
     return 0

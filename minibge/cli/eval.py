@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..evaluate import TASKS, evaluate_task, format_markdown
-from .args import DEFAULT_DATA_DIR, Formatter, examples
+from .args import DEFAULT_DATA_DIR, Formatter, examples, positive_int
 from .args import task as task_name
 from .io import PROG, CliError, UsageError, check_writable, progress_setting
 from .model import load
@@ -26,13 +26,17 @@ def add_eval_command(commands, verbose, model, model_only) -> None:
                 "Run built-in MTEB tasks and print a markdown table of the measured main score next "
                 "to the published one: stsb and sickr (cosine Spearman), scifact (nDCG@10).",
                 examples("minibge eval", "minibge eval --task stsb --task sickr -m weights/all-MiniLM-L6-v2",
-                          "minibge eval --output results.json --markdown results.md"))
+                          "minibge eval --output results.json --markdown results.md",
+                          "minibge eval --task scifact -m EMBEDDER --rerank RERANKER --rerank-top 100"))
     p.add_argument("-t", "--task", action="append", type=task_name, metavar="TASK",
                    help=f"task to run, repeatable: {', '.join(TASKS)} (default: all)")
     p.add_argument("--data-dir", metavar="DIR",
                    help=f"folder with stsbenchmark/, sick2014/, scifact/ (default: {DEFAULT_DATA_DIR} if it exists)")
     p.add_argument("-o", "--output", metavar="JSON", help="write the list of result dicts to this JSON file")
     p.add_argument("--markdown", metavar="FILE", help="write the markdown table to this file too")
+    p.add_argument("--rerank", metavar="PATH_OR_ID",
+                   help="a cross-encoder that re-orders each query's --rerank-top best documents (retrieval tasks)")
+    p.add_argument("--rerank-top", type=positive_int, default=100, help="documents reranked per query (default: 100)")
     p.set_defaults(run=cmd_eval)
 
 
@@ -49,13 +53,21 @@ def cmd_eval(args) -> int:
     check_writable(args.output, "--output")
     check_writable(args.markdown, "--markdown")
 
+    if args.rerank and any(TASKS[t][0] != "retrieval" for t in tasks):
+        raise UsageError(f"--rerank applies to retrieval tasks only ({', '.join(t for t in TASKS if TASKS[t][0] == 'retrieval')})")
     embedder, folder, _ = load(args)
+    reranker = None
+    if args.rerank:
+        from ..reranker import load_reranker
+        reranker = load_reranker(args.rerank, device=args.device or embedder.device)
+        print(f"{PROG}: reranking the top {args.rerank_top} of each query with {args.rerank}", file=sys.stderr)
     results = []
     for task in tasks:
         print(f"{PROG}: running {task} ...", file=sys.stderr)
         result = evaluate_task(embedder, task, data_dir, batch_size=args.batch_size,
-                               show_progress_bar=progress_setting())
-        results.append({"model": folder.name, **result})
+                               show_progress_bar=progress_setting(), reranker=reranker, rerank_top=args.rerank_top)
+        extra = {"reranker": args.rerank, "rerank_top": args.rerank_top} if reranker is not None else {}
+        results.append({"model": folder.name, **extra, **result})
     table = format_markdown(results, folder.name)  # the folder name is what the published scores use
     print(table)
     for path, text in ((args.output, json.dumps(results, indent=2)), (args.markdown, table)):

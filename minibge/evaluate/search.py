@@ -4,6 +4,10 @@ With L2-normalised embeddings the dot product is the cosine similarity, so this 
 `minibge search` and retrieval evaluation (evaluate.py) rank by. The corpus comes as a stream
 of chunks, and only a running top-k is kept, so memory is O(queries x chunk), never
 O(queries x corpus): a caller can embed each chunk just before it is scored.
+
+Retrieve, then rerank (`rerank`): a cross-encoder (reranker.py) reads each query with each of its
+top candidates and re-orders them; it costs one forward pass per (query, candidate) pair, which is
+why it only ever sees the embedder's shortlist.
 """
 from __future__ import annotations
 
@@ -38,3 +42,19 @@ def top_k(query_embeddings: torch.Tensor, doc_chunks: Iterable[torch.Tensor], k:
         best_index = merged_index.gather(1, pick)
         start += len(chunk)
     return best_scores, best_index
+
+
+def rerank(reranker, queries: Sequence[str], candidates: Sequence[Sequence[str]], batch_size: int = 32,
+           max_length: int | None = None) -> list[list[float]]:
+    """Cross-encoder scores of each query's candidate passages: candidates[i] are query i's texts;
+    returns one list of scores per query, in the candidates' order. All pairs are scored in one
+    call, so the reranker's length sort spans every query (less padding than query by query)."""
+    if len(queries) != len(candidates):
+        raise ValueError(f"{len(queries)} queries but {len(candidates)} candidate lists")
+    pairs = [(query, passage) for query, passages in zip(queries, candidates) for passage in passages]
+    flat = reranker.score(pairs, batch_size=batch_size, max_length=max_length)
+    scores, start = [], 0
+    for passages in candidates:
+        scores.append(flat[start:start + len(passages)])
+        start += len(passages)
+    return scores

@@ -19,6 +19,11 @@ with relevant set ``R`` (qrels rows with relevance > 0) and a ranking ``d_1, d_2
 Documents with equal scores are ordered as trec_eval orders them: by document id,
 *descending*. Queries without any relevant document are not scored.
 
+With a reranker (``retrieval(..., reranker=, rerank_top=100)``), each query's ``rerank_top``
+best documents are re-ordered by the cross-encoder's score of (query, "title text"); the
+documents below them keep the embedder's order. Recall@rerank_top is therefore unchanged:
+reranking moves documents within the shortlist, it cannot bring in new ones.
+
 **Classification**. Embed train and test texts, then ten times: draw 8 training examples
 per label, fit an L2-regularised multinomial logistic regression, predict the test set.
 Report mean accuracy and macro-F1 (the mean over labels of each label's F1).
@@ -38,13 +43,14 @@ import torch
 import torch.nn.functional as F
 
 from .data import document_text, load_beir, load_sick, load_sts_csv
-from .search import top_k
+from .search import rerank, top_k
 from ..tokenizer import check_texts
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["sts", "retrieval", "retrieval_metrics", "per_query_metrics", "classification",
-           "evaluate_task", "task_key", "format_markdown", "spearman", "pearson", "rank_average", "TASKS"]
+           "evaluate_task", "task_key", "format_markdown", "spearman", "pearson", "rank_average", "rerank_results",
+           "TASKS"]
 
 # name -> (kind, display name, main metric, published MTEB scores x100 from the results repo)
 TASKS = {
@@ -200,10 +206,31 @@ def _search(embedder, corpus, queries, k, batch_size, chunk_size, show_progress_
     return results
 
 
+def rerank_results(reranker, corpus, queries, results: dict, top: int, batch_size: int = 32) -> dict:
+    """{qid: {doc_id: score}} re-ordered: each query's `top` best documents by the cross-encoder, then
+    the rest in their order. The new scores are ranks turned around (n, n−1, ...), so any metric
+    reads the new order; ties among the cross-encoder's scores keep the embedder's order."""
+    qids = list(results)
+    orders = [_trec_order(results[qid]) for qid in qids]
+    shortlists = [order[:top] for order in orders]
+    scores = rerank(reranker, [queries[qid] for qid in qids],
+                    [[document_text(corpus[d]) for d in docs] for docs in shortlists], batch_size)
+    reranked = {}
+    for qid, order, docs, doc_scores in zip(qids, orders, shortlists, scores):
+        by_score = [docs[i] for i in sorted(range(len(docs)), key=lambda i: -doc_scores[i])]  # stable
+        final = by_score + order[top:]
+        reranked[qid] = {d: float(len(final) - i) for i, d in enumerate(final)}
+    return reranked
+
+
 def retrieval(embedder, corpus: Mapping[str, Mapping[str, str]], queries: Mapping[str, str],
               qrels: Mapping[str, Mapping[str, int]], k_values: Sequence[int] = (1, 3, 5, 10, 100, 1000),
-              batch_size: int = 32, chunk_size: int = 50_000, show_progress_bar=None) -> dict:
-    """Retrieve with ``embedder`` and score against ``qrels``; see the module docstring."""
+              batch_size: int = 32, chunk_size: int = 50_000, show_progress_bar=None, reranker=None,
+              rerank_top: int = 100) -> dict:
+    """Retrieve with ``embedder`` (and rerank its top ``rerank_top`` with ``reranker``, a
+    minibge Reranker, when given) and score against ``qrels``; see the module docstring."""
+    if reranker is not None and (isinstance(rerank_top, bool) or not isinstance(rerank_top, int) or rerank_top < 1):
+        raise ValueError(f"rerank_top must be a positive int, got {rerank_top!r}")
     if not queries:
         raise ValueError("retrieval: the query set is empty")
     if not corpus:
@@ -227,6 +254,8 @@ def retrieval(embedder, corpus: Mapping[str, Mapping[str, str]], queries: Mappin
         raise ValueError("retrieval: none of the queries has a relevant document in the qrels")
     ks = sorted({int(k) for k in k_values} | {10, 100})  # the headline metrics are always there
     results = _search(embedder, corpus, scored, max(ks), batch_size, chunk_size, show_progress_bar)
+    if reranker is not None:
+        results = rerank_results(reranker, corpus, scored, results, rerank_top, batch_size)
     scores = retrieval_metrics(qrels, results, ks)
     scores.update(n_docs=len(corpus), unknown_qrels_docs=len(unknown_docs),
                   unknown_qrels_queries=len(unknown_queries))
@@ -331,10 +360,14 @@ def task_key(task: str) -> str:
     return key
 
 
-def evaluate_task(embedder, task: str, data_dir: Path | str, batch_size: int = 32, show_progress_bar=None) -> dict:
-    """Run a built-in task (``stsb``, ``sickr``, ``scifact``) on the shared data folder."""
+def evaluate_task(embedder, task: str, data_dir: Path | str, batch_size: int = 32, show_progress_bar=None,
+                  reranker=None, rerank_top: int = 100) -> dict:
+    """Run a built-in task (``stsb``, ``sickr``, ``scifact``) on the shared data folder; a reranker
+    re-orders each query's rerank_top best documents (retrieval tasks only)."""
     key = task_key(task)
     kind, display, main_metric, reference = TASKS[key]
+    if reranker is not None and kind != "retrieval":
+        raise ValueError(f"a reranker applies to retrieval tasks; {display} is {kind}")
     data_dir = Path(data_dir)
     if key == "stsb":
         scores = sts(embedder, *load_sts_csv(data_dir / "stsbenchmark" / "sts-test.csv"),
@@ -345,7 +378,7 @@ def evaluate_task(embedder, task: str, data_dir: Path | str, batch_size: int = 3
     else:
         corpus, queries, qrels = load_beir(data_dir / "scifact", split="test")
         scores = retrieval(embedder, corpus, queries, qrels, batch_size=batch_size,
-                           show_progress_bar=show_progress_bar)
+                           show_progress_bar=show_progress_bar, reranker=reranker, rerank_top=rerank_top)
     logger.info("%s: %s = %.2f", display, main_metric, scores[main_metric])
     return {"task": key, "task_name": display, "main_metric": main_metric,
             "main_score": scores[main_metric], "reference": dict(reference), **scores}

@@ -319,7 +319,14 @@ class FastEncoder(nn.Module):
     def encode_packed(self, token_ids, packing: Packing, token_type_ids=None):
         """Packed token ids (N,) → final hidden states (N, H)."""
         types = None if token_type_ids is None else token_type_ids[None]
-        x = self.model.embeddings(token_ids[None], types, position_ids=packing.positions[None])[0]  # (N, H)
+        positions = packing.positions
+        if self.model.config.position_offset:
+            # XLM-RoBERTa (model.py): count each sentence's non-<pad> ids from pad_token_id + 1, <pad> gets pad_token_id
+            real = token_ids.ne(self.model.config.pad_token_id).long()                                  # (N,)
+            counts = real.cumsum(0)                                                                     # (N,)
+            before = F.pad(counts, (1, 0))[packing.offsets[:-1]].repeat_interleave(packing.lengths)    # (N,) earlier sentences'
+            positions = (counts - before) * real + self.model.config.pad_token_id
+        x = self.model.embeddings(token_ids[None], types, position_ids=positions[None])[0]  # (N, H)
         for i in range(len(self.model.layers)):
             x = self.layer(i, x, packing)
         return x

@@ -76,7 +76,7 @@ class FlagModel:
         # FlagEmbedding cuts each call at the max_length it asks for, whatever the folder's
         # sentence_bert_config.json says; the embedder caps that at its own limit, so I lift the
         # limit to what the model can take (its position embeddings)
-        self.embedder.max_length = self.embedder.model.config.max_position_embeddings
+        self.embedder.max_length = self.embedder.model.config.max_sequence_length
         self.query_instruction_for_retrieval = query_instruction_for_retrieval
         self.normalize_embeddings = normalize_embeddings
         self.batch_size = batch_size
