@@ -167,7 +167,7 @@ def test_embedder_encode_matches_transformers(checkpoint, tmp_path, fast):
 @pytest.fixture(scope="module")
 def tokenizers_pair(tmp_path_factory):
     folder = tmp_path_factory.mktemp("xlmr-tokenizer")
-    hf_tokenizer = write_xlmr_tokenizer(folder)
+    write_xlmr_tokenizer(folder)
     return minibge.Tokenizer.from_pretrained(folder), transformers.AutoTokenizer.from_pretrained(folder)
 
 
