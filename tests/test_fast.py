@@ -14,6 +14,7 @@ from minibge import BertConfig, BertModel, Embedder, cls_pool, load_embedder, me
 from minibge.evaluate.data import load_sts_csv
 from minibge.fast import encoder as fast_path
 from minibge.fast import ATTENTION_MODES, FastEncoder, Packing, speed_options
+from minibge.fast.int8 import Int8Linear
 from minibge.lab import MISTAKES, with_mistake
 
 COSINE_BAR = 0.99999
@@ -187,11 +188,14 @@ def test_fast_encode_matches_plain_encode_real_minilm(minilm, minilm_dir, stsb_t
     assert min_cosine(queries, minilm.encode_queries(stsb_texts[:5], instruction="query: ")) >= COSINE_BAR
 
 
-def test_int8_is_close_but_not_equal(minilm, stsb_texts, minilm_dir):
+def test_int8_keeps_the_vectors_and_leaves_the_model_alone(minilm, stsb_texts, minilm_dir):
     fast = speed_options(load_embedder(minilm_dir, device="cpu"), precision="int8")
-    assert fast.fast_path_blocker() is None  # quantised Linears are still run by the fast path
-    cos = min_cosine(fast.encode(stsb_texts[:40]), minilm.encode(stsb_texts[:40]))
-    assert 0.8 < cos < 0.99999, f"int8 min cosine {cos:.6f}"  # quantised: close, visibly not exact
+    assert fast.fast_path_blocker() is None  # int8 copies live in the fast encoder, the model is untouched
+    assert all(type(m) is not Int8Linear for m in fast.model.modules()), "the shared model was quantised"
+    assert isinstance(fast.fast_encoder.linears[0]["up"], Int8Linear)
+    got, ref = fast.encode(stsb_texts), minilm.encode(stsb_texts)
+    cos = min_cosine(got, ref)
+    assert 0.995 <= cos < 0.99999, f"int8 min cosine {cos:.6f}"  # 1 − cos ≤ 0.005, and visibly not exact
     with pytest.raises(ValueError, match="precision"):
         speed_options(fast, precision="fp8")
 

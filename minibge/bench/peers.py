@@ -178,5 +178,5 @@ def all_peers(speed_options: bool = True) -> list[Peer]:
                   Peer("minibge fast, MKL sgemm (no oneDNN)", fast_peer(encoder={"onednn": False})),
                   Peer("minibge fast + torch.compile", fast_peer(speed={"compile": True})),
                   Peer("minibge fast, bf16", fast_peer(speed={"precision": "bf16"})),
-                  Peer("minibge fast, int8 dynamic", fast_peer(speed={"precision": "int8"}))]
+                  Peer("minibge fast, int8 (per-channel × per-token)", fast_peer(speed={"precision": "int8"}))]
     return peers

@@ -41,7 +41,8 @@ model, hooks, train mode, attn_impl="manual", a customised embed(): see model_bl
    weights are packed once into oneDNN's blocked layout (a second copy of the encoder's matmul
    weights: 42 MB for MiniLM), which saves the reorder oneDNN would do on every call.
 4. Optional modes that change the numbers slightly (speed_options): bf16 on CPUs with native
-   bf16, int8 dynamic quantisation, torch.compile of the token-wise block tails.
+   bf16, int8 matmuls (int8.py: per-channel weights, per-token activations), torch.compile of the
+   token-wise block tails.
 
 FastEncoder is for inference: it skips dropout. The fused and packed weights are copies, re-made
 whenever the model's Linears have changed (an optimizer step, load_state_dict, .to(), a swapped
@@ -59,6 +60,7 @@ import torch.nn.functional as F
 
 from ..common import cpu_has_native_bf16
 from . import onednn as onednn_kernels
+from .int8 import Int8Linear
 from .kernels import choose_matmul
 from ..model import BertModel
 
@@ -66,6 +68,10 @@ logger = logging.getLogger(__name__)
 
 ATTENTION_MODES = ("auto", "buckets", "padded", "nested")
 SPEED_PRECISIONS = ("fp32", "bf16", "int8")  # speed_options' modes (not encode's output precision)
+# With int8=True these stay in float: the attention scores amplify an error in q and k through the
+# softmax, and the projection that feeds them is the cheapest of a layer's matmuls (3H² of its
+# 4H² + 2HI per token). Measured by leaving each out in turn (docs/benchmarks.md, "int8").
+FLOAT_UNDER_INT8 = ("qkv", "query", "key", "value")
 
 
 class Packing:
@@ -193,8 +199,8 @@ class FastEncoder(nn.Module):
 
     It holds the model (shared, not copied) and, per block, the four matmuls as this path runs
     them (`self.linears[i]`: "qkv", "output", "up", "down"; all but the fused "qkv" are the
-    model's own Linears), so that .to(), int8 quantisation (quantize_dynamic swaps every
-    nn.Linear) and torch.compile see the whole thing. It always computes the model in inference
+    model's own Linears, or their int8 copies with int8=True), so that .to() and torch.compile
+    see the whole thing. It always computes the model in inference
     mode: no dropout, whatever model.training says (encode() checks that, see model_blocker).
 
     onednn (CPU, fp32; None: measured, kernels.choose_matmul, on where oneDNN beats MKL on this
@@ -203,10 +209,13 @@ class FastEncoder(nn.Module):
     (one kernel, no extra pass over the (N, I) activations). prepack (with onednn): each matmul
     weight packed once into oneDNN's layout (`self.packed_weights`, keyed by the Linear), which
     saves a reorder per call on short texts, for a second copy of those weights in memory.
+    int8 (CPU): the matmuls after attention (output, up, down) through int8 copies of their weights
+    (int8.Int8Linear), re-made like the fused QKV whenever the model's weights change; the query,
+    key and value projection stays in float (FLOAT_UNDER_INT8); the model itself is unchanged.
     """
 
     def __init__(self, model: BertModel, attention: str = "auto", fuse_qkv: bool = True, onednn: bool | None = None,
-                 prepack: bool = True):
+                 prepack: bool = True, int8: bool = False):
         super().__init__()
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
@@ -215,7 +224,10 @@ class FastEncoder(nn.Module):
             # measured (docs/benchmarks.md): per-bucket calls are cheap on a CPU and lose on a GPU,
             # where one masked kernel over the re-padded batch wins (and jagged tensors cost more)
             attention = "padded" if weight.device.type == "cuda" else "buckets"
+        if int8 and weight.device.type != "cpu":
+            raise ValueError("int8 matmuls (torch._int_mm with per-token scales) run on the CPU here")
         self.model = model
+        self.int8 = int8
         self.device_type = weight.device.type  # what attention="auto" and onednn=None were decided for
         self.attention = attention
         self.attend = ATTEND[attention]
@@ -252,24 +264,27 @@ class FastEncoder(nn.Module):
         """(Re)build the per-block matmuls when the model's Linears changed since they were collected
         (an optimizer step bumps a tensor's version, .to() moves its storage, an assignment swaps a
         module): encoding after fine-tuning must not use an old copy. Writes through `.data` do not
-        bump the version and go unseen unless force=True (module docstring). Quantised (int8)
-        layers are a snapshot: left alone."""
-        if self.linears is not None and not isinstance(self.model.layers[0].attention.query, nn.Linear):
-            self.packed_weights = {}
-            return
+        bump the version and go unseen unless force=True (module docstring)."""
         signature = self.weight_signature()
         if force or signature != self.built_from:
             self.linears = nn.ModuleList(self.block_linears(block) for block in self.model.layers)
             self.built_from = signature
             self.packed_weights = {linear: onednn_kernels.pack_weight(linear.weight)
                                    for block in self.linears for linear in block.values()
-                                   if self.onednn and self.prepack and onednn_kernels.available(linear.weight)}
+                                   if self.onednn and self.prepack and isinstance(linear, nn.Linear)
+                                   and onednn_kernels.available(linear.weight)}
 
     def block_linears(self, block) -> nn.ModuleDict:
+        """One block's matmuls as this path runs them: "qkv" (fused) or "query"/"key"/"value", then
+        "output", "up", "down"; the model's own Linears, or int8 copies of them with int8=True."""
         attention, ffn = block.attention, block.feed_forward
         linears = {"output": attention.output, "up": ffn.up, "down": ffn.down}
         if self.fuse_qkv:
             linears["qkv"] = fused_qkv(attention)
+        else:
+            linears.update(query=attention.query, key=attention.key, value=attention.value)
+        if self.int8:
+            linears = {name: linear if name in FLOAT_UNDER_INT8 else Int8Linear(linear) for name, linear in linears.items()}
         return nn.ModuleDict(linears)
 
     def matmul(self, linear, x, act=None, residual=None):
@@ -283,11 +298,10 @@ class FastEncoder(nn.Module):
 
     def project_qkv(self, i: int, x):
         """(N, H) → (N, 3H): q | k | v side by side."""
-        if "qkv" in self.linears[i]:
-            return self.matmul(self.linears[i]["qkv"], x)
-        attention = self.model.layers[i].attention
-        return torch.cat([self.matmul(attention.query, x), self.matmul(attention.key, x),
-                          self.matmul(attention.value, x)], dim=-1)
+        linears = self.linears[i]
+        if "qkv" in linears:
+            return self.matmul(linears["qkv"], x)
+        return torch.cat([self.matmul(linears[name], x) for name in ("query", "key", "value")], dim=-1)
 
     def layer(self, i: int, x, packing: Packing):
         """One post-LN block on packed tokens (N, H), using the model's own modules."""
@@ -376,12 +390,9 @@ def fused_qkv(attention) -> nn.Linear:
 def _stock_modules():
     """The module classes FastEncoder knows how to run (it reads their weights and calls their
     LayerNorms, activations and embeddings; it does not call their forward methods)."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear  # speed_options(precision="int8")
-    from torch.ao.nn.quantized.modules.linear import LinearPackedParams          # ...and its weight holder
     from ..model import Embeddings, EncoderLayer, FeedForward, Pooler, SelfAttention
     return (BertModel, Embeddings, EncoderLayer, SelfAttention, FeedForward, Pooler, nn.ModuleList,
-            nn.Embedding, nn.LayerNorm, nn.Dropout, nn.Linear, onednn_kernels.Linear,
-            DynamicQuantizedLinear, LinearPackedParams)
+            nn.Embedding, nn.LayerNorm, nn.Dropout, nn.Linear, onednn_kernels.Linear)
 
 
 def model_blocker(model) -> str | None:
@@ -417,10 +428,10 @@ def model_blocker(model) -> str | None:
 # Optional speed modes: they change the numbers a little, so their STS-B score goes beside their speed
 
 def speed_options(embedder, compile: bool = False, precision: str = "fp32"):
-    """Apply in place, to embedder's fast encoder *and the model it shares*: precision "bf16"
-    (weights and activations; only where the CPU has native bf16) or "int8" (dynamic quantisation:
-    int8 weights, activations quantised per batch, in every Linear), then optionally torch.compile.
-    Returns the embedder, whose encode() now runs the changed model."""
+    """Apply in place: precision "bf16" (the model's weights and activations, which the fast encoder
+    shares; only where the CPU has native bf16) or "int8" (the fast encoder's matmuls through int8
+    copies of the weights, int8.py; the model stays float32), then optionally torch.compile.
+    Returns the embedder, whose encode() now runs the changed path."""
     if precision not in SPEED_PRECISIONS:
         raise ValueError(f"precision must be one of {SPEED_PRECISIONS}, got {precision!r}")
     encoder = embedder.fast_encoder
@@ -430,8 +441,9 @@ def speed_options(embedder, compile: bool = False, precision: str = "fp32"):
         encoder.to(torch.bfloat16)
     elif precision == "int8":
         if embedder.device.type != "cpu":
-            raise ValueError("int8 dynamic quantisation runs on the CPU only")
-        torch.ao.quantization.quantize_dynamic(encoder, {nn.Linear}, dtype=torch.qint8, inplace=True)
+            raise ValueError("int8 matmuls run on the CPU only")
+        embedder.use_fast_path(**{**embedder._fast_options, "int8": True})
+        encoder = embedder.fast_encoder
     if compile:
         embedder.compile_seconds = encoder.compile_tails()
         logger.info("torch.compile of %d block tails: %.1f s", len(encoder.tails), embedder.compile_seconds)

@@ -1,0 +1,52 @@
+"""fast/int8.py: per-channel × per-token int8 matmuls, against F.linear."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minibge.fast.int8 import Int8Linear, quantize_rows, quantize_rows_asymmetric
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(0, 40), features=st.integers(1, 70), out=st.integers(1, 50), seed=st.integers(0, 10**6),
+       shift=st.floats(-3, 3))
+def test_int8_linear_is_close_to_f_linear(rows, features, out, seed, shift):
+    g = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(features, out)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out, features, generator=g))
+        linear.bias.copy_(torch.randn(out, generator=g))
+    x = torch.randn(rows, features, generator=g) + shift  # shifted: the per-token offset must carry it
+    got, ref = Int8Linear(linear)(x), F.linear(x, linear.weight, linear.bias)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    if rows:
+        # each product's error is bounded by the two rounding steps: ≤ ½ level of x times Σ|W| plus
+        # ½ level of W times Σ|x|, per output; I check a looser, scale-free bound
+        err = (got - ref).abs().max() / (x.abs().amax(1, keepdim=True) * linear.weight.abs().sum(1)).max()
+        assert err < 2e-2, f"max error relative to Σ|x||W|: {err:.2e}"
+
+
+def test_quantisers_round_trip_within_half_a_level():
+    x = torch.randn(7, 33) * torch.tensor([0.01, 1.0, 100.0, 1.0, 1.0, 1.0, 1.0])[:, None]
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.int8 and ((q.float() * scale - x).abs() <= scale / 2 + 1e-6).all()
+    q, scale, offset = quantize_rows_asymmetric(x.relu())
+    assert q.dtype == torch.int8 and ((q.float() * scale + offset - x.relu()).abs() <= scale / 2 + 1e-5).all()
+    assert q.min() == -128 and q.max() == 127, "a row's range uses all 256 levels"
+
+
+def test_zero_rows_and_a_constant_row():
+    linear = torch.nn.Linear(8, 4)
+    x = torch.zeros(3, 8)
+    x[1] = 2.5
+    got = Int8Linear(linear)(x)
+    ref = F.linear(x, linear.weight, linear.bias)
+    assert (got - ref).abs().max() < 1e-2 * max(1.0, ref.abs().max().item()), (got - ref).abs().max()
+
+
+def test_int8_linear_refuses_nothing_and_keeps_no_gradient():
+    layer = Int8Linear(torch.nn.Linear(5, 3))
+    assert not list(layer.parameters()), "a frozen copy: no parameters for an optimizer to find"
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(2, 4))  # wrong width: torch's own error
