@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_embedding_commands(commands, verbose, model, model_only)  # encode, similarity, search (embed.py)
     add_index_command(commands, verbose, model)                   # index (cli/index.py)
-    add_model_commands(commands, verbose, model, model_only)      # download, info (model.py)
+    add_model_commands(commands, verbose, model, model_only)      # download, info, export (model.py)
     add_eval_command(commands, verbose, model, model_only)        # eval (eval.py)
     add_training_commands(commands, parents=[verbose])            # finetune, mine, pretrain (cli/train.py)
     add_bench_command(commands, parents=[verbose])                # bench (cli/bench.py)
