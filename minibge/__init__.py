@@ -30,9 +30,9 @@ from .model import BertModel, EncoderOutput, cls_pool, l2_normalize, mean_pool
 from .weights import load_model, save_pretrained
 from .tokenizer import Tokenizer
 from .embedder import Embedder, load_embedder
-from .integrations.flag_model import FlagModel
+from .integrations.flag_model import FlagAutoModel, FlagModel
 
 __all__ = ["BertConfig", "BertModel", "EncoderOutput", "PRESETS", "preset", "load_model", "save_pretrained",
            "cls_pool", "mean_pool", "l2_normalize", "Tokenizer", "Embedder", "load_embedder",
-           "FlagModel"]
+           "FlagModel", "FlagAutoModel"]
 __version__ = "0.1.0"
