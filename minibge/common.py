@@ -85,6 +85,18 @@ def _decode_lines(lines: Iterable[bytes], name: str, skip_blank: bool,
         yield number, text
 
 
+def chunked(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of `size` consecutive items (the last one shorter): how a stream is embedded a chunk at a time."""
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 # -----------------------------------------------------------------------------
 # Distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK in the environment
 

@@ -253,7 +253,7 @@ def build(model, corpus, out, *, store_texts: bool = True, batch_size: int = 32,
         id_offsets, text_offsets, row = [], [], 0
         with builtins.open(folder / "ids.jsonl", "wb") as ids, \
                 (builtins.open(folder / "texts.jsonl", "wb") if store_texts else contextlib.nullcontext()) as texts:
-            for chunk in _chunks(iter_corpus(corpus_path), CHUNK_TEXTS):
+            for chunk in common.chunked(iter_corpus(corpus_path), CHUNK_TEXTS):
                 chunk_ids, chunk_texts = zip(*chunk)
                 vectors[row:row + len(chunk)] = embedder.encode_corpus(
                     list(chunk_texts), batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
@@ -284,17 +284,6 @@ def build(model, corpus, out, *, store_texts: bool = True, batch_size: int = 32,
         bar.close()
     logger.info("indexed %d documents of %s into %s", total, corpus_path, out)
     return Index(out)
-
-
-def _chunks(items, size):
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _progress_bar(total: int, show: bool | None):
