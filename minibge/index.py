@@ -255,14 +255,17 @@ def build(model, corpus, out, *, store_texts: bool = True, batch_size: int = 32,
                 (builtins.open(folder / "texts.jsonl", "wb") if store_texts else contextlib.nullcontext()) as texts:
             for chunk in common.chunked(iter_corpus(corpus_path), CHUNK_TEXTS):
                 chunk_ids, chunk_texts = zip(*chunk)
-                vectors[row:row + len(chunk)] = embedder.encode_corpus(
-                    list(chunk_texts), batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False)
+                # batch by batch, as encode_corpus embeds them (no instruction, unit length), so that
+                # the progress bar moves with every batch and each one lands in its rows at once
+                for indices, batch in embedder.iter_batches(list(chunk_texts), batch_size=batch_size,
+                                                            normalize_embeddings=True, show_progress_bar=False):
+                    vectors[row + indices] = batch.cpu().numpy()  # (b, D) into rows in input order
+                    if bar is not None:
+                        bar.update(len(indices))
                 _write_lines(chunk_ids, ids, id_offsets)
                 if store_texts:
                     _write_lines(chunk_texts, texts, text_offsets)
                 row += len(chunk)
-                if bar is not None:
-                    bar.update(len(chunk))
             if row != total:
                 raise ValueError(f"{corpus_path} changed while it was read ({total} documents, then {row})")
             id_offsets.append(ids.tell())

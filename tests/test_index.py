@@ -160,7 +160,7 @@ def test_folder_is_written_whole_or_not_at_all(corpus, embedder, tmp_path, monke
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(Embedder, "encode_corpus", broken)
+    monkeypatch.setattr(Embedder, "iter_batches", broken)
     with pytest.raises(RuntimeError, match="disk on fire"):
         saved_index.build(embedder, folder / "corpus.txt", out, overwrite=True)
     assert saved_index.open(out).info == first.info, "a failed rebuild damaged the existing index"

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 from .. import index as saved_index
 from .args import Formatter, examples
-from .io import CliError, UsageError, check_readable, interactive, read_texts, truncate
+from .io import CliError, interactive, truncate
 from .model import load
 
 logger = logging.getLogger(__name__)
@@ -66,8 +65,11 @@ def search_index(args, queries: list[str], instruction: str | None) -> int:
         args.model = index.info["model"]["folder"]
     embedder, _, _ = load(args)
     logger.info("query instruction: %r", embedder.query_instruction if instruction is None else instruction)
-    results = index.search(embedder, queries, k=args.top_k, backend=args.backend, instruction=instruction,
-                           batch_size=args.batch_size)
+    try:
+        results = index.search(embedder, queries, k=args.top_k, backend=args.backend, instruction=instruction,
+                               batch_size=args.batch_size)
+    except ImportError as error:  # a FAISS backend without faiss-cpu
+        raise CliError(str(error)) from None
     print_hits(queries, results, args.format)
     return 0
 
