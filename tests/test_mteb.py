@@ -7,7 +7,6 @@ check is that minibge's score, rounded the same way, is mteb's.
 """
 import logging
 
-import numpy as np
 import pytest
 import torch
 
