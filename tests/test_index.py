@@ -235,5 +235,6 @@ def test_searching_a_1m_vector_index_keeps_memory_flat(tmp_path):
     assert report["rows"][0][0] == 123_456 and report["rows"][3][0] == 987_654 and report["ids"][0] == "doc123456"
     growth = report["after"] - report["before"]
     size_mb = n * dim * 4 / 2**20
+    print(f"searching {size_mb:.0f} MB of vectors: peak RSS {report['before']:.0f} MB -> {report['after']:.0f} MB")
     # one 16,384-row chunk is 24 MB; reading through a memory map instead grows RSS by the whole 1,465 MB
     assert growth < 150, f"peak RSS grew by {growth:.0f} MB searching a {size_mb:.0f} MB index ({report['before']:.0f} MB before)"
