@@ -229,6 +229,8 @@ def build(model, corpus, out, *, store_texts: bool = True, batch_size: int = 32,
     load_embedder (device, dtype, max_length, ...)."""
     from .embedder import load_embedder
 
+    if hasattr(model, "encode_corpus") and load_kwargs:
+        raise ValueError(f"{sorted(load_kwargs)} are for loading a model; this embedder is already loaded")
     embedder = model if hasattr(model, "encode_corpus") else load_embedder(model, **load_kwargs)
     record = model_record(embedder)
     out = Path(out)
