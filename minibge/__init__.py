@@ -22,8 +22,10 @@ Reading order, the textbook first (the flat modules of this package):
     lab.py         each classic re-implementation mistake, measured
 
 then the tooling, one package each: train/ (loop.py first), evaluate/, fast/ (the backend
-`encode` plugs in), integrations/, cli/, bench/; hub.py and common.py are small helpers. The
-README's file tree has one line on every module.
+`encode` plugs in), integrations/, cli/, bench/; hub.py and common.py are small helpers, and
+quantization.py, similarity.py (sentence-transformers' quantized embeddings and scores) and index.py
+(a saved index, `minibge.index.build/open`) sit beside them. The README's file tree has one line on
+every module.
 """
 from .config import PRESETS, BertConfig, preset
 from .model import BertModel, EncoderOutput, cls_pool, l2_normalize, mean_pool
