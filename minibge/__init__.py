@@ -23,8 +23,10 @@ Reading order, the textbook first (the flat modules of this package):
     lab.py         each classic re-implementation mistake, measured
 
 then the tooling, one package each: train/ (loop.py first), evaluate/, fast/ (the backend
-`encode` plugs in), integrations/, cli/, bench/; hub.py and common.py are small helpers. The
-README's file tree has one line on every module.
+`encode` plugs in), integrations/, cli/, bench/; hub.py and common.py are small helpers, and
+quantization.py, similarity.py (sentence-transformers' quantized embeddings and scores) and index.py
+(a saved index, `minibge.index.build/open`) sit beside them. The README's file tree has one line on
+every module.
 """
 from .config import PRESETS, BertConfig, preset
 from .model import BertModel, EncoderOutput, cls_pool, l2_normalize, mean_pool
@@ -32,10 +34,10 @@ from .weights import load_model, save_pretrained
 from .tokenizer import Tokenizer
 from .embedder import Embedder, load_embedder
 from .reranker import CrossEncoder, Reranker, load_reranker
-from .integrations.flag_model import FlagModel
+from .integrations.flag_model import FlagAutoModel, FlagModel
 from .integrations.flag_reranker import FlagReranker
 
 __all__ = ["BertConfig", "BertModel", "EncoderOutput", "PRESETS", "preset", "load_model", "save_pretrained",
            "cls_pool", "mean_pool", "l2_normalize", "Tokenizer", "Embedder", "load_embedder",
-           "FlagModel", "CrossEncoder", "Reranker", "load_reranker", "FlagReranker"]
+           "FlagModel", "FlagAutoModel", "CrossEncoder", "Reranker", "load_reranker", "FlagReranker"]
 __version__ = "0.1.0"

@@ -144,7 +144,7 @@ def atomic_path(path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_folder(path) -> Iterator[Path]:
+def atomic_folder(path, replace: bool = False) -> Iterator[Path]:
     """Yield a fresh, empty temporary folder beside `path` to build a folder output in; when the
     block succeeds it takes `path`'s place, and when it fails it is deleted.
 
@@ -156,6 +156,8 @@ def atomic_folder(path) -> Iterator[Path]:
       new one does not have are kept, as transformers' save_pretrained keeps them. Each file is
       whole at every moment, but the folder as a set is not: a training run marks its folder
       unfinished in run.json until its final save is in (train/loop.py).
+    - replace=True: an existing folder is swapped whole instead (moved aside, the new one renamed into
+      its place, the old one deleted), so no entry of the old folder survives (an index: index.py).
     """
     path = Path(path)
     fresh = not path.exists() or (path.is_dir() and not any(path.iterdir()))  # decided now, not at the end
@@ -163,7 +165,13 @@ def atomic_folder(path) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only
         yield tmp
-        _install_folder(tmp, path, fresh)
+        if replace and not fresh and path.is_dir() and not path.is_symlink():
+            aside = Path(tempfile.mkdtemp(**_temporary_name(path)))
+            os.rename(path, aside / path.name)
+            os.rename(tmp, path)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            _install_folder(tmp, path, fresh)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -265,6 +273,18 @@ def _decode_lines(lines: Iterable[bytes], name: str, skip_blank: bool,
         if skip_blank and not text.strip():
             continue
         yield number, text
+
+
+def chunked(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of `size` consecutive items (the last one shorter): how a stream is embedded a chunk at a time."""
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 # -----------------------------------------------------------------------------

@@ -184,6 +184,7 @@ class Embedder:
         self.default_prompt_name = None
         self.similarity_fn_name = "cosine"
         self.name = name
+        self.folder = None  # the checkpoint folder it was loaded from (load_embedder sets it), if any
         # the pipeline's batching: texts tokenized and sorted by token count together, and real tokens
         # per batch at most (a batch costs its tokens; docs/benchmarks.md has the measurements)
         self.sort_window = 4096
@@ -571,5 +572,6 @@ def load_embedder(name_or_path, device=None, dtype=None, attn_impl: str = "sdpa"
                         query_instruction=default_query_instruction(folder) if query_instruction is None
                         else query_instruction)
     read_prompt_settings(embedder, folder)
+    embedder.folder = folder
     logger.info("loaded %r", embedder)
     return embedder

@@ -91,7 +91,8 @@ def quantize_embeddings(embeddings, precision: str = "float32", ranges: np.ndarr
         starts = ranges[0]
         steps = (ranges[1] - starts) / 255
         steps = np.where(steps == 0, 1, steps)  # a constant dimension: every value in bucket 0
-        buckets = np.clip(np.floor((embeddings - starts) / steps), 0, 255)
+        with np.errstate(over="ignore"):  # a tiny step overflows to ±inf, which the clip makes bucket 255 / 0
+            buckets = np.clip(np.floor((embeddings - starts) / steps), 0, 255)
         if precision == "uint8":
             return buckets.astype(np.uint8)
         return (buckets - 128).astype(np.int8)

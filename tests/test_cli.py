@@ -65,7 +65,7 @@ def test_user_error_exit_code_without_traceback(tmp_path):
     assert proc.stdout == ""
 
 
-@pytest.mark.parametrize("command", ["encode", "similarity", "search", "download", "info", "eval"])
+@pytest.mark.parametrize("command", ["encode", "similarity", "search", "index", "download", "info", "export", "eval"])
 def test_every_command_has_help(command, capsys):
     assert main([command, "--help"]) == 0
     out = capsys.readouterr().out
@@ -74,7 +74,7 @@ def test_every_command_has_help(command, capsys):
     if command != "download":
         assert "--model" in out
     # info embeds nothing, so it offers no batching options it would ignore
-    assert ("--batch-size" in out and "--max-length" in out) == (command not in ("download", "info"))
+    assert ("--batch-size" in out and "--max-length" in out) == (command not in ("download", "info", "export"))
 
 
 def test_bad_command_line_is_one_line_and_exit_2(capsys):

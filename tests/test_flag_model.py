@@ -46,7 +46,7 @@ def test_card_snippet_runs_with_only_the_import_changed(fake_bge, caplog):
                        .replace("'BAAI/bge-large-zh-v1.5'", repr(str(folder)))
     assert code.count("minibge") == 1 and str(folder) in code
     namespace = {}
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         exec(code, namespace)
     embedder = namespace["model"].embedder
     dim = embedder.dimension
@@ -64,10 +64,11 @@ def test_card_snippet_runs_with_only_the_import_changed(fake_bge, caplog):
     assert_close(namespace["p_embeddings"], embedder.encode(passages), "encode_corpus")
     assert_close(namespace["embeddings_1"], embedder.encode(namespace["sentences_1"]), "encode")
 
-    if embedder.device.type == "cpu":  # use_fp16=True on a CPU: float32 weights and exactly one warning
+    if embedder.device.type == "cpu":  # use_fp16=True on a CPU: float32 weights, quietly, as FlagEmbedding
         assert next(embedder.model.parameters()).dtype == torch.float32
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-        assert len(warnings) == 1 and "float32" in warnings[0], warnings
+        assert warnings == [], warnings
+        assert any("float32" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
 
 
 def test_no_instruction_unless_given(fake_bge):
@@ -178,3 +179,91 @@ def test_devices(fake_bge):
         FlagModel(folder, devices=["cuda:0", "cuda:1"])
     with pytest.raises(TypeError, match="devices"):
         FlagModel(folder, devices=1.5)
+
+
+# ---------------------------------------------------------------- FlagEmbedding 1.4's full signature
+FLAG_EMBEDDING_1_4 = ["model_name_or_path", "normalize_embeddings", "use_fp16", "use_bf16",
+                      "query_instruction_for_retrieval", "query_instruction_format", "devices", "pooling_method",
+                      "trust_remote_code", "cache_dir", "batch_size", "query_max_length", "passage_max_length",
+                      "convert_to_numpy", "kwargs"]
+
+
+def test_signature_is_flagembeddings_in_its_order():
+    import inspect
+    parameters = inspect.signature(FlagModel).parameters
+    assert list(parameters) == FLAG_EMBEDDING_1_4
+    defaults = {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
+    assert defaults == dict(normalize_embeddings=True, use_fp16=True, use_bf16=False,
+                            query_instruction_for_retrieval=None, query_instruction_format="{}{}", devices=None,
+                            pooling_method="cls", trust_remote_code=False, cache_dir=None, batch_size=256,
+                            query_max_length=512, passage_max_length=512, convert_to_numpy=True)
+    for method in ("encode", "encode_queries", "encode_corpus"):
+        names = list(inspect.signature(getattr(FlagModel, method)).parameters)
+        assert names[2:5] == ["batch_size", "max_length", "convert_to_numpy"] and names[-1] == "kwargs", names
+
+
+def test_positional_arguments_mean_what_they_mean_in_flagembedding(fake_bge):
+    folder = fake_bge("bge-small-en-v1.5")
+    raw = FlagModel(folder, False)  # normalize_embeddings=False, not an instruction
+    assert raw.normalize_embeddings is False and raw.query_instruction_for_retrieval is None
+    assert_close(raw.encode(QUERIES), raw.embedder.encode(QUERIES, normalize_embeddings=False), "positional")
+
+
+def test_instruction_formats_and_passage_instruction(fake_bge):
+    folder = fake_bge("bge-small-en-v1.5")
+    model = FlagModel(folder, query_instruction_for_retrieval="Given a question",
+                      query_instruction_format="<instruct>{}\\n<query>{}",  # a literal \n, as in a config file
+                      passage_instruction_for_retrieval="passage: ")
+    embedder = model.embedder
+    assert_close(model.encode_queries(QUERIES), embedder.encode([f"<instruct>Given a question\n<query>{q}" for q in QUERIES]),
+                 "query_instruction_format")
+    assert_close(model.encode_corpus(QUERIES), embedder.encode(["passage: " + q for q in QUERIES]), "passage instruction")
+    assert_close(model.encode(QUERIES, instruction="x", instruction_format="{1} [{0}]"),
+                 embedder.encode([f"{q} [x]" for q in QUERIES]), "encode(instruction=, instruction_format=)")
+    with pytest.raises(ValueError, match="two {} fields"):
+        FlagModel(folder, query_instruction_format="{}{}{}")
+
+
+def test_every_parameter_works_or_says_why_not(fake_bge, tmp_path):
+    folder = fake_bge("bge-small-en-v1.5")
+    with pytest.raises(ValueError, match="runs no code from a model folder"):
+        FlagModel(folder, trust_remote_code=True)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['colbert_dim'\]"):
+        FlagModel(folder, colbert_dim=128)
+    model = FlagModel(folder, use_bf16=True, devices="cpu")  # bf16 on a CPU: float32, as fp16
+    assert next(model.embedder.model.parameters()).dtype == torch.float32 and model.use_bf16 is False
+    assert_close(model.encode(QUERIES, device="cpu"), model.embedder.encode(QUERIES), "encode(device=)")
+    with pytest.raises(TypeError, match=r"\['padding'\].*tokenizer"):
+        model.encode(QUERIES, padding="max_length")
+    with pytest.raises(TypeError, match=r"\['truncation'\]"):
+        model.encode_queries(QUERIES, truncation=True)
+    # cache_dir: a Hub id is looked up there (and would be downloaded there)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    folder.rename(cache / "bge-small-en-v1.5")
+    cached = FlagModel("BAAI/bge-small-en-v1.5", cache_dir=str(cache))
+    assert cached.embedder.name == str(cache / "bge-small-en-v1.5")
+
+
+def test_flag_auto_model_from_finetuned(fake_bge, tmp_path):
+    from minibge import FlagAutoModel
+    folder = fake_bge("bge-base-en-v1.5")
+    model = FlagAutoModel.from_finetuned(str(folder), query_instruction_for_retrieval=INSTRUCTION_EN)
+    assert isinstance(model, FlagModel) and model.embedder.pooling == "cls"
+    assert_close(model.encode_queries(QUERIES), model.embedder.encode([INSTRUCTION_EN + q for q in QUERIES]), "auto")
+    checkpoint = folder / "checkpoint-100"  # a Trainer checkpoint: named by its parent, as in FlagEmbedding
+    checkpoint.mkdir()
+    for f in folder.iterdir():
+        if f.is_file():
+            (checkpoint / f.name).write_bytes(f.read_bytes())
+    assert FlagAutoModel.from_finetuned(str(checkpoint)).query_instruction_for_retrieval is None
+    renamed = folder.rename(tmp_path / "my-finetune")
+    with pytest.raises(ValueError, match="model_class='encoder-only-base'"):
+        FlagAutoModel.from_finetuned(str(renamed))
+    assert FlagAutoModel.from_finetuned(str(renamed), model_class="encoder-only-base").embedder.pooling == "cls"
+    with pytest.raises(ValueError, match="BERT-based BGE models only"):
+        FlagAutoModel.from_finetuned(str(renamed), model_class="encoder-only-m3")
+    with pytest.raises(ValueError, match="bge-m3 is not a BERT model"):
+        FlagAutoModel.from_finetuned(str(tmp_path / "bge-m3"))
+    with pytest.raises(EnvironmentError):
+        FlagAutoModel()

@@ -1,5 +1,6 @@
 """docs/usage.md runs as written: every python block prints the text block under it, and the four
-ways it shows (FlagModel, sentence-transformers, LangChain, transformers) give the same vectors."""
+ways it shows (FlagModel, sentence-transformers, LangChain, transformers) give the same vectors, as do
+the blocks after them (quantization, the saved index, ONNX export, mteb, LlamaIndex)."""
 import contextlib
 import io
 import os
@@ -15,6 +16,8 @@ USAGE = REPO_ROOT / "docs" / "usage.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.DOTALL | re.MULTILINE)
 FLOAT = re.compile(r"-?\d+\.\d*(?:e[-+]?\d+)?")
 PATHS = ("FlagModel", "sentence-transformers", "LangChain", "transformers")  # the page's sections, in order
+# then "Beyond the four ways": each block ends with q_embeddings and p_embeddings too
+BEYOND = ("quantization and similarity", "saved index", "ONNX export", "mteb", "LlamaIndex")
 
 
 def usage_examples() -> list[tuple[str, str]]:
@@ -46,7 +49,8 @@ def usage_run(minilm_dir, tmp_path_factory):
     The first block sets up `queries` and `passages`; as the page says, each later block starts
     from those two names only, so a snippet that leans on another one's variables fails here.
     """
-    for module in ("sentence_transformers", "transformers", "langchain_core"):
+    for module in ("sentence_transformers", "transformers", "langchain_core", "onnxruntime", "mteb",
+                   "llama_index.core"):
         require_module(module)
     folder = tmp_path_factory.mktemp("usage")
     (folder / "weights").mkdir()
@@ -71,7 +75,7 @@ def usage_run(minilm_dir, tmp_path_factory):
 def test_every_block_prints_what_the_page_says(usage_run):
     _, runs = usage_run
     examples = usage_examples()
-    assert len(runs) == len(examples) == 1 + len(PATHS)
+    assert len(runs) == len(examples) == 1 + len(PATHS) + len(BEYOND)
     for i, ((_, printed), (_, documented)) in enumerate(zip(runs, examples)):
         assert same_output(printed, documented), \
             f"block {i} of {USAGE} printed\n{printed}\nbut the page says\n{documented}"
@@ -83,7 +87,8 @@ def test_the_four_ways_give_the_same_vectors(usage_run):
     reference = minibge.load_embedder(folder / "bge-style-minilm")
     expected = {"q_embeddings": reference.encode_queries(runs[0][0]["queries"]),
                 "p_embeddings": reference.encode_corpus(runs[0][0]["passages"])}
-    for name, (namespace, _) in zip(PATHS, runs[1:]):
+    assert len(runs) == 1 + len(PATHS) + len(BEYOND)
+    for name, (namespace, _) in zip(PATHS + BEYOND, runs[1:]):
         for key, want in expected.items():
             got = np.asarray(namespace[key], dtype=np.float64)
             assert got.shape == want.shape, f"{name} {key}: shape {got.shape}, expected {want.shape}"

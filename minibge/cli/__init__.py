@@ -7,6 +7,8 @@
     minibge encode --query "what is BGE?"                            # with the query instruction
     minibge similarity "A cat sits." "A kitten is sitting." "Stocks fell today."
     minibge search --corpus passages.txt "how do vaccines work?" --top-k 3
+    minibge index --corpus passages.txt --out my-index                 # embed once ...
+    minibge search --index my-index "how do vaccines work?"            # ... search many times
     minibge download BAAI/bge-small-en-v1.5                          # into weights/
     minibge info -m BAAI/bge-small-en-v1.5
     minibge eval --task stsb --output results.json --markdown results.md
@@ -44,6 +46,7 @@ from .args import Formatter, Parser, device, examples, max_length, positive_int
 from .bench import add_bench_command
 from .embed import add_embedding_commands
 from .eval import add_eval_command
+from .index import add_index_command
 from .io import PROG, CliError, one_line
 from .lab import add_lab_command
 from .model import DEFAULT_MODELS, MODEL_ENV, add_model_commands
@@ -94,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND", parser_class=Parser)
 
     add_embedding_commands(commands, verbose, model, model_only)  # encode, similarity, search (embed.py)
-    add_model_commands(commands, verbose, model, model_only)      # download, info (model.py)
+    add_index_command(commands, verbose, model)                   # index (cli/index.py)
+    add_model_commands(commands, verbose, model, model_only)      # download, info, export (model.py)
     add_eval_command(commands, verbose, model, model_only)        # eval (eval.py)
     add_training_commands(commands, parents=[verbose])            # finetune, mine, pretrain (cli/train.py)
     add_rerank_commands(commands, parents=[verbose])              # finetune-reranker (cli/rerank.py)

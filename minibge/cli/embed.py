@@ -6,6 +6,7 @@
     torchrun --standalone --nproc_per_node 2 -m minibge encode --input texts.txt --output vectors.npy
     minibge similarity "A cat sits." "A kitten is sitting." "Stocks fell today."
     minibge search --corpus passages.txt "how do vaccines work?" --top-k 3
+    minibge search --index my-index "how do vaccines work?" --format jsonl   # built by `minibge index`
 
 Under torchrun (WORLD_SIZE > 1), `encode --input FILE --output FILE` is sharded: each rank embeds
 a contiguous slice of the lines and rank 0 joins the slices, in input order (cli/shard.py).
@@ -20,10 +21,12 @@ import numpy as np
 import torch
 
 from ..evaluate.search import rerank, top_k
+from ..index import BACKENDS, Hit
 from .args import Formatter, examples, positive_int
 from .io import (CHUNK_TEXTS, ChunkEmbedder, UsageError, check_not_input, check_readable, check_writable, chunked,
                  embed_texts, encode_source, format_matrix, print_summary, progress, progress_setting, query_prefix,
                  read_texts, stdin_as_file, warn_blank, write_jsonl, write_npy)
+from .index import print_hits, search_index
 from .model import load
 from .shard import encode_sharded
 
@@ -69,17 +72,26 @@ def add_embedding_commands(commands, verbose, model, model_only) -> None:
     p.add_argument("-i", "--input", metavar="FILE", help="one sentence per line ('-' reads stdin); blank lines skipped")
     p.set_defaults(run=cmd_similarity)
 
-    p = command("search", "find the passages of a corpus closest to some queries",
+    p = command("search", "find the passages of a corpus (or a saved index) closest to some queries",
                 "Embed a corpus (one passage per line) and the queries, and print the --top-k "
                 "passages for each query by cosine similarity. Queries get the model's query "
                 "instruction (BGE: 'Represent this sentence for searching relevant passages: '), "
-                "passages never do.",
+                "passages never do. With --index DIR (built by `minibge index`) only the queries "
+                "are embedded, by the index's model (-m must be that model).",
                 examples("minibge search --corpus passages.txt 'how do vaccines work?' 'what is BGE?'",
                           "minibge search --corpus passages.txt --queries questions.txt --top-k 10",
-                          "minibge search --corpus passages.txt 'what is BGE?' --rerank RERANKER --rerank-top 100"))
+                          "minibge search --corpus passages.txt 'what is BGE?' --rerank RERANKER --rerank-top 100",
+                          "minibge search --index my-index 'how do vaccines work?' --format jsonl"))
     p.add_argument("queries", nargs="*", metavar="QUERY", help="queries (or use --queries)")
-    p.add_argument("-c", "--corpus", metavar="FILE", required=True,
-                   help="passages, one per line ('-' reads stdin); blank lines skipped")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("-c", "--corpus", metavar="FILE",
+                        help="passages, one per line ('-' reads stdin); blank lines skipped")
+    source.add_argument("--index", metavar="DIR", help="an index folder built by `minibge index`")
+    p.add_argument("--backend", choices=BACKENDS, default="exact",
+                   help="with --index: exact (default; flat memory), or FAISS (needs faiss-cpu): faiss-flat "
+                        "(exact), faiss-hnsw / faiss-ivf (approximate)")
+    p.add_argument("--format", choices=("text", "jsonl"), default="text",
+                   help="text (default) or jsonl: one {query, rank, id, score, text} object per hit")
     p.add_argument("-q", "--queries", dest="queries_file", metavar="FILE", help="queries, one per line")
     p.add_argument("-k", "--top-k", type=positive_int, default=5, help="passages to show per query (default: 5)")
     p.add_argument("--no-instruction", action="store_true", help="do not prepend the query instruction")
@@ -165,13 +177,19 @@ def cmd_search(args) -> int:
         raise UsageError("--no-instruction and --instruction contradict each other")
     if args.rerank and args.rerank_top < args.top_k:
         raise UsageError(f"--rerank-top {args.rerank_top} is below --top-k {args.top_k}: the reranker orders only its shortlist")
+    if args.backend != "exact" and args.index is None:
+        raise UsageError("--backend applies to --index only (a --corpus is searched exactly)")
+    if args.rerank and args.index is not None:
+        raise UsageError("--rerank applies to a --corpus search (an index search returns its own top-k)")
     check_readable(args.corpus, "--corpus")
     check_readable(args.queries_file, "--queries")
     queries = read_texts(args.queries_file, "--queries")[0] if args.queries_file else args.queries
+    instruction = "" if args.no_instruction else args.instruction  # None: the model's own
+    if args.index is not None:
+        return search_index(args, queries, instruction)
     passages, line_numbers = read_texts(args.corpus, "--corpus")
 
     embedder, _, _ = load(args)
-    instruction = "" if args.no_instruction else args.instruction  # None: the model's own
     logger.info("query instruction: %r", embedder.query_instruction if instruction is None else instruction)
     q = torch.from_numpy(embedder.encode_queries(queries, instruction=instruction, batch_size=args.batch_size,
                                                  show_progress_bar=progress_setting()))
@@ -191,6 +209,11 @@ def cmd_search(args) -> int:
         best_scores = [[s[i] for i in o] for s, o in zip(scores, order)]
     else:
         best_scores, best_index = best_scores.tolist(), best_index.tolist()
+    if args.format == "jsonl":  # the id of a passage is its line number, as `minibge index` numbers a text file
+        print_hits(queries, [[Hit(i, rank, str(line_numbers[j]), score, j, passages[j])
+                              for rank, (score, j) in enumerate(zip(s, r), start=1)]
+                             for i, (s, r) in enumerate(zip(best_scores, best_index))], "jsonl")
+        return 0
     for i, query in enumerate(queries):
         if i:
             print()

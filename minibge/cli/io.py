@@ -130,16 +130,7 @@ def stdin_as_file() -> Iterator[str]:
         Path(spool.name).unlink(missing_ok=True)
 
 
-def chunked(items: Iterable, size: int) -> Iterator[list]:
-    """Lists of `size` consecutive items (the last one shorter)."""
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+chunked = common.chunked  # lists of `size` consecutive items, the last one shorter
 
 
 # ---------------------------------------------------------------- embedding with a progress bar

@@ -3,7 +3,8 @@
 With L2-normalised embeddings the dot product is the cosine similarity, so this is what both
 `minibge search` and retrieval evaluation (evaluate.py) rank by. The corpus comes as a stream
 of chunks, and only a running top-k is kept, so memory is O(queries x chunk), never
-O(queries x corpus): a caller can embed each chunk just before it is scored.
+O(queries x corpus): a caller can embed each chunk just before it is scored, or read it from
+disk (npy_chunks: a saved index, minibge/index.py).
 
 Retrieve, then rerank (`rerank`): a cross-encoder (reranker.py) reads each query with each of its
 top candidates and re-orders them; it costs one forward pass per (query, candidate) pair, which is
@@ -11,8 +12,10 @@ why it only ever sees the embedder's shortlist.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 
@@ -58,3 +61,40 @@ def rerank(reranker, queries: Sequence[str], candidates: Sequence[Sequence[str]]
         scores.append(flat[start:start + len(passages)])
         start += len(passages)
     return scores
+
+
+def npy_header(path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, byte offset of the data) of a C-order .npy file, read from its header alone."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"{path}: unsupported .npy format version {version}")
+        shape, fortran_order, dtype = read_header(f)
+        if fortran_order:
+            raise ValueError(f"{path}: a Fortran-order array; expected rows stored one after another")
+        return shape, dtype, f.tell()
+
+
+def npy_chunks(path, rows: int = 16_384) -> Iterator[torch.Tensor]:
+    """The rows of an (N, D) float32 .npy file, `rows` at a time, as (n, D) tensors for top_k.
+
+    I read with plain file reads into one reused buffer rather than through a memory map: the pages
+    of a memory map count toward the process's resident memory until the kernel evicts them, so
+    scanning a 1.5 GB map shows 1.5 GB of RSS; read pages stay in the page cache, which the kernel
+    may drop. Memory is one chunk, whatever N. Each chunk is valid until the next one is asked for.
+    """
+    shape, dtype, offset = npy_header(path)
+    if len(shape) != 2 or dtype != np.dtype("<f4"):
+        raise ValueError(f"{path}: expected a little-endian float32 (N, D) array, got {dtype} {shape}")
+    n, dim = shape
+    buffer = np.empty((min(rows, max(n, 1)), dim), dtype=np.float32)  # (rows, D), reused
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for start in range(0, n, rows):
+            chunk = buffer[:min(rows, n - start)]
+            view = memoryview(chunk).cast("B")
+            if f.readinto(view) != view.nbytes:
+                raise ValueError(f"{Path(path).name} ends before its {n} rows (truncated?)")
+            yield torch.from_numpy(chunk)
