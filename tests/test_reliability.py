@@ -604,3 +604,23 @@ def test_sigkill_during_encode_keeps_the_old_output(tiny, tmp_path):
     assert out.read_bytes() == b"the previous results"
     (temporary,) = leftovers(tmp_path)  # only SIGKILL can leave one, under a hidden name
     assert temporary.startswith(".out.npy.")
+
+
+def test_the_reliability_page_names_only_tests_that_exist():
+    """docs/reliability.md cites a test for each class; each name must be a test function (file::name
+    where a file is given, else in the file cited last in that cell, else anywhere in tests/)."""
+    import re
+
+    page = (REPO_ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    sources = {path.name: path.read_text(encoding="utf-8") for path in (REPO_ROOT / "tests").glob("test_*.py")}
+    missing = []
+    for row in page.splitlines():
+        if not row.startswith("|"):
+            continue
+        current = None
+        for file, name in re.findall(r"`(?:(test_\w+\.py)::)?(test_\w+)", row):
+            current = file or current
+            places = [sources[current]] if current else list(sources.values())
+            if not any(re.search(rf"^def {name}\(", text, re.MULTILINE) for text in places):
+                missing.append(f"{current or 'tests/'}::{name}")
+    assert not missing, f"docs/reliability.md names tests that do not exist: {missing}"
