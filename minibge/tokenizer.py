@@ -43,7 +43,7 @@ from tokenizers import AddedToken, Tokenizer as _HFTokenizer
 from tokenizers import decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
-from .common import check_small_file, read_json_object
+from .common import atomic_folder, check_small_file, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +281,12 @@ class Tokenizer:
         """Write tokenizer.json, vocab.txt, tokenizer_config.json and special_tokens_map.json, the
         files transformers' AutoTokenizer and sentence-transformers look for."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_folder(directory) as partial:  # built beside it, then moved in (common.atomic_folder)
+            self._write_files(partial)
+        return directory
+
+    def _write_files(self, directory: Path) -> None:
         self._tok.save(str(directory / "tokenizer.json"))  # truncation/padding are off (see __init__)
         vocab = sorted(self._tok.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
         assert [i for _, i in vocab] == list(range(len(vocab))), "vocabulary ids are not 0..V-1"
@@ -292,7 +297,6 @@ class Tokenizer:
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                                          encoding="utf-8")
         (directory / "special_tokens_map.json").write_text(json.dumps(self.specials, indent=2) + "\n", encoding="utf-8")
-        return directory
 
     def pad(self, batch_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad to the longest sequence; return (input_ids, attention_mask), both (B, T) long."""

@@ -131,7 +131,7 @@ def torchrun(*args, timeout=300, run_number=None, tmp_path=None, popen=False):
     """`torchrun --standalone --nproc_per_node 2 -m minibge encode ARGS` on the CPU, one thread per rank.
 
     run_number: the number that names the run's parts, fixed (through a small launcher script in
-    tmp_path that sets cli.io.new_run_number) so a test can plant something where a part goes.
+    tmp_path that sets cli.shard.new_run_number) so a test can plant something where a part goes.
     popen: start it and return the Popen rather than wait."""
     launcher = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     env = {k: v for k, v in os.environ.items() if k != "MINIBGE_MODEL"}
@@ -139,8 +139,8 @@ def torchrun(*args, timeout=300, run_number=None, tmp_path=None, popen=False):
     entry = ["-m", "minibge"]
     if run_number is not None:
         script = tmp_path / "launch_with_run_number.py"
-        script.write_text("import sys\nimport minibge.cli.io as io\nfrom minibge.cli import main\n"
-                          f"io.new_run_number = lambda: {run_number}\nsys.exit(main())\n")
+        script.write_text("import sys\nimport minibge.cli.shard as shard\nfrom minibge.cli import main\n"
+                          f"shard.new_run_number = lambda: {run_number}\nsys.exit(main())\n")
         entry = [str(script)]
     command = [launcher, "--standalone", "--nproc_per_node", "2", *entry, "encode", *args]
     if popen:
@@ -212,7 +212,7 @@ def test_a_failing_rank_leaves_the_old_output_and_no_parts(minilm_dir, tmp_path)
     result = torchrun("-m", str(minilm_dir), "--input", str(source), "--output", str(out), run_number=12345,
                       tmp_path=tmp_path)
     assert result.returncode != 0
-    assert f"minibge: error: {blocker} already exists: another run is writing it" in result.stderr
+    assert f"minibge: error: {blocker}: Is a directory" in result.stderr
     assert out.read_bytes() == b"the previous results"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([source.name, out.name, blocker.name,
                                                                  "launch_with_run_number.py"])

@@ -231,7 +231,9 @@ def test_resume_after_a_crash_ends_with_the_same_weights(base_model, tmp_path, m
     args = ["--epochs", "2", "--save-steps", "3"]  # 5 steps per epoch, 10 in all
     assert main(finetune_args(base_model, train, tmp_path / "straight", *args)) == 0
 
-    monkeypatch.setattr(finetune_module, "contrastive_step", crash_after(7))  # dies in step 8, after checkpoint 6
+    # 9 calls: steps 1-3, the weights check before checkpoint 3, steps 4-6, the check before checkpoint 6,
+    # step 7; it dies in step 8, after checkpoint 6
+    monkeypatch.setattr(finetune_module, "contrastive_step", crash_after(9))
     assert main(finetune_args(base_model, train, tmp_path / "crashed", *args)) == 130
     assert [p.name for p in (tmp_path / "crashed").glob("checkpoint-*")] == ["checkpoint-6"]
     monkeypatch.undo()

@@ -83,7 +83,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_bert, corpus, tmp_path
 
     def crash_on_third_step(self, **batch):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 4:  # steps 1 and 2, the weights check before checkpoint 2, then step 3
             raise KeyboardInterrupt("simulated crash")
         return forward(self, **batch)
 

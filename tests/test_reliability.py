@@ -224,8 +224,9 @@ def toy_run(out, resume=False, crash_after=None, run_info=None):
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
     batches = Batches(examples, collate, batch_size=4)
-    return train(model, loss_fn, batches, TrainConfig(epochs=2, batch_size=4, save_steps=2, lr=1e-2), out,
-                 resume=resume, run_info=run_info or {"task": "toy"})
+    train(model, loss_fn, batches, TrainConfig(epochs=2, batch_size=4, save_steps=2, lr=1e-2), out,
+          resume=resume, run_info=run_info or {"task": "toy"})
+    return model
 
 
 class Evil:
@@ -252,7 +253,8 @@ def test_resume_never_runs_code_from_an_evil_checkpoint(tmp_path):
     state = torch.load(state_file, weights_only=True)
     state["rng"] = Evil(marker)
     torch.save(state, state_file)  # a real pickle: loading it without weights_only creates the marker
-    with pytest.raises(ValueError, match=f"cannot resume from {state_file}: not a readable minibge checkpoint"):
+    with pytest.raises(ValueError, match=rf"cannot resume from {state_file}: it asks to build \S+, which is not a "
+                                         "tensor or a plain value, so it was not loaded"):
         toy_run(out, resume=True)
     assert not marker.exists(), "unpickling the checkpoint ran code"
     pickle.loads(pickle.dumps(Evil(marker)))
@@ -526,3 +528,100 @@ def test_output_equal_to_input_is_refused(tmp_path, capsys):
     link.symlink_to(source)
     assert main(["encode", "-m", str(tmp_path / "any"), "--input", str(source), "--output", str(link)]) == 2
     assert source.read_text() == "hello\n"
+
+
+# -----------------------------------------------------------------------------
+# Round 2's clean classes, kept clean: each was probed by hand in the issue, now with a test
+
+def test_an_evil_pickled_bin_is_refused_and_runs_nothing(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    state = load_file(tiny / "model.safetensors")
+    state["evil"] = Evil(tmp_path / MARKER)
+    (tiny / "model.safetensors").unlink()
+    torch.save(state, tiny / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="could not read .*pytorch_model.bin"):
+        load_model(tiny)
+    assert not (tmp_path / MARKER).exists()
+
+
+def test_auto_map_in_config_json_is_ignored(tiny, tmp_path):
+    (tiny / "evil_model.py").write_text(f"open({str(tmp_path / MARKER)!r}, 'w').close()\n")
+    config = json.loads((tiny / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "evil_model.EvilModel"}
+    (tiny / "config.json").write_text(json.dumps(config))
+    assert load_embedder(tiny, device="cpu").encode("hello").shape == (32,)
+    assert not (tmp_path / MARKER).exists(), "minibge never imports code from a model folder"
+
+
+def test_nul_and_control_characters_embed_like_any_text(tiny):
+    embedder = load_embedder(tiny, device="cpu")
+    vectors = embedder.encode(["a\x00b", "\x00", "tab\there\x1b[31m"])
+    assert vectors.shape == (3, 32) and np.isfinite(vectors).all()
+
+
+def test_one_embedder_shared_by_threads_gives_each_its_own_vectors(tiny):
+    from concurrent.futures import ThreadPoolExecutor
+
+    embedder = load_embedder(tiny, device="cpu")
+    jobs = [(lines(40, f"thread {i}"), 4 + 4 * i) for i in range(4)]  # different max_length per thread
+    serial = [embedder.encode(texts, max_length=length) for texts, length in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda job: embedder.encode(job[0], max_length=job[1]), jobs * 3))
+    for i, got in enumerate(threaded):
+        assert np.abs(got - serial[i % 4]).max() < 1e-5, f"thread job {i} got another job's settings"
+
+
+def test_a_checkpoint_cut_short_by_sigkill_is_ignored_and_resume_is_exact(tmp_path):
+    straight = toy_run(tmp_path / "straight")
+    out, state_file = crashed_run(tmp_path)
+    # What SIGKILL during save_checkpoint leaves: a hidden temporary folder with half a state file
+    half = out / ".checkpoint-6.k1ll3d.partial"
+    half.mkdir()
+    (half / train_module.STATE_FILE).write_bytes(state_file.read_bytes()[:1000])
+    resumed = toy_run(out, resume=True)
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), f"{name}: max |diff| {(a - b).abs().max():.3e}"
+    assert train_module.checkpoints(out) == []
+
+
+@pytest.mark.slow  # a real process killed mid-write
+def test_sigkill_during_encode_keeps_the_old_output(tiny, tmp_path):
+    source = tmp_path / "texts.txt"
+    source.write_text("".join(x + "\n" for x in lines(200_000, "line")))
+    out = tmp_path / "out.npy"
+    out.write_bytes(b"the previous results")
+    proc = minibge("encode", "-m", tiny, "--input", source, "--output", out)
+    try:
+        import time
+        deadline = time.monotonic() + 300  # a guard against hanging, not a timing assertion
+        while not leftovers(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert leftovers(tmp_path), f"encode ended before it could be killed: {proc.poll()}"
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert out.read_bytes() == b"the previous results"
+    (temporary,) = leftovers(tmp_path)  # only SIGKILL can leave one, under a hidden name
+    assert temporary.startswith(".out.npy.")
+
+
+def test_the_reliability_page_names_only_tests_that_exist():
+    """docs/reliability.md cites a test for each class; each name must be a test function (file::name
+    where a file is given, else in the file cited last in that cell, else anywhere in tests/)."""
+    import re
+
+    page = (REPO_ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    sources = {path.name: path.read_text(encoding="utf-8") for path in (REPO_ROOT / "tests").glob("test_*.py")}
+    missing = []
+    for row in page.splitlines():
+        if not row.startswith("|"):
+            continue
+        current = None
+        for file, name in re.findall(r"`(?:(test_\w+\.py)::)?(test_\w+)", row):
+            current = file or current
+            places = [sources[current]] if current else list(sources.values())
+            if not any(re.search(rf"^def {name}\(", text, re.MULTILINE) for text in places):
+                missing.append(f"{current or 'tests/'}::{name}")
+    assert not missing, f"docs/reliability.md names tests that do not exist: {missing}"

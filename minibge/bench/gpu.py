@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from ..common import write_text_atomic
 from ..config import BertConfig, preset
 from ..model import BertModel
 from ..weights import load_model, save_pretrained
@@ -244,7 +245,7 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 def write_results(out: Path, results: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     env = results["environment"]
     md = [f"# minibge GPU check ({env['date']})", "",
           f"device: **{env['device_name']}**, torch {env['torch']}, transformers {env['transformers']}, "
@@ -262,7 +263,7 @@ def write_results(out: Path, results: dict) -> None:
                                   for r in notes] + [""]
     if results["errors"]:
         md += ["## Errors", ""] + [f"### {e['section']}\n\n```\n{e['traceback']}```\n" for e in results["errors"]]
-    (out / "results.md").write_text("\n".join(md))
+    write_text_atomic(out / "results.md", "\n".join(md))
 
 
 def environment(device, command: str) -> dict:

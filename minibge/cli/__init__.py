@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return e.exit_code
-    except (HubError, OSError, ValueError, TypeError, FloatingPointError) as e:  # ValueError covers json.JSONDecodeError
+    # ValueError covers json.JSONDecodeError; FloatingPointError is a training run that blew up
+    except (HubError, OSError, ValueError, TypeError, FloatingPointError) as e:
         if isinstance(e, BrokenPipeError):  # `minibge ... | head`: the reader left, nothing to report
             try:  # point stdout at /dev/null so the interpreter's final flush cannot fail again
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..common import write_text_atomic
 from ..bench.run import DATA_DIR, MODELS, WORKLOADS, markdown, run_benchmark
 from .args import Formatter, examples, positive_int
 
@@ -26,9 +27,9 @@ def cmd_bench(args) -> int:
     report = markdown(results, command)
     print(report)
     if args.markdown:
-        Path(args.markdown).write_text(report)
+        write_text_atomic(Path(args.markdown), report)
     if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        write_text_atomic(Path(args.output), json.dumps(results, indent=2, default=str) + "\n")
     return 0
 
 

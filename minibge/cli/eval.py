@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..common import write_text_atomic
 from ..evaluate import TASKS, evaluate_task, format_markdown
 from .args import DEFAULT_DATA_DIR, Formatter, examples, positive_int
 from .args import task as task_name
@@ -72,6 +73,6 @@ def cmd_eval(args) -> int:
     print(table)
     for path, text in ((args.output, json.dumps(results, indent=2)), (args.markdown, table)):
         if path:
-            Path(path).expanduser().write_text(text + "\n", encoding="utf-8")
+            write_text_atomic(Path(path).expanduser(), text + "\n")
             print(f"{PROG}: wrote {path}", file=sys.stderr)
     return 0

@@ -6,7 +6,7 @@ in memory. Outputs are written to a unique temporary name beside their target an
 at the end (common.atomic_path), so a failed run never leaves half a file behind and two runs
 writing one output each leave a complete one. A .npy output is allocated in full before the first
 row is embedded (os.posix_fallocate) and then written, not memory-mapped: a full disk is a
-one-line error naming the file before any work, never a SIGBUS halfway.
+one-line error naming the file before any text is embedded, never a SIGBUS halfway.
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..common import write_text_atomic
 from .args import DEFAULT_DATA_DIR, Formatter, examples, positive_int
 from .io import PROG, CliError, check_writable
 from .model import load
@@ -54,7 +55,7 @@ def cmd_lab(args) -> int:
         command = [PROG, "lab", "-m", str(folder), "--output", args.output]
         command += ["--limit", str(args.limit)] if args.limit else []
         command += [option for name in args.only or [] for option in ("--only", name)]
-        Path(args.output).expanduser().write_text(
-            format_page(rows, folder.name, len(gold), n_total, shlex.join(command)), encoding="utf-8")
+        write_text_atomic(Path(args.output).expanduser(),
+                          format_page(rows, folder.name, len(gold), n_total, shlex.join(command)))
         print(f"{PROG}: wrote {args.output}", file=sys.stderr)
     return 0

@@ -71,7 +71,9 @@ import contextlib
 import json
 import logging
 import math
+import pickle
 import random
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -481,7 +483,12 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler) 
 
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a damaged or hostile file
+    except pickle.UnpicklingError as err:  # weights_only refused something: say what, not torch's advice to disable it
+        wanted = re.search(r"(?i)unsupported (?:global: )?GLOBAL (\S+)", str(err))
+        raise broken(f"it asks to build {wanted.group(1) if wanted else 'an object'}, which is not a tensor or a "
+                     f"plain value, so it was not loaded (a hostile file, or a checkpoint from a minibge that "
+                     f"pickled numpy arrays)") from None
+    except Exception as err:  # torch raises many types for a damaged file
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise broken(f"not a readable minibge checkpoint ({first_line})") from None
     if not isinstance(state, dict):
