@@ -47,7 +47,7 @@ import torch.nn as nn
 
 from .common import atomic_folder
 from .config import BertConfig
-from .embedder import Embedder, as_text_list, length_sorted_batches, positive_int
+from .embedder import Embedder, as_text_list, positive_int
 from .hub import is_hub_id, resolve_model_path
 from .model import BertModel, cls_pool, l2_normalize
 from .tokenizer import Tokenizer
