@@ -6,6 +6,7 @@ The checkpoint is random, with bge-m3's shape shrunk to two layers and a small U
 positions kept), LayerNorms and both heads perturbed, saved by transformers and torch.save exactly as
 FlagEmbedding saves BAAI/bge-m3.
 """
+import json
 import pickle
 
 import numpy as np
@@ -242,3 +243,41 @@ def test_head_files_are_untrusted(m3, tmp_path):
     torch.save({"weight": torch.zeros(1, 1000), "bias": torch.zeros(1)}, bad / "sparse_linear.pt")
     with pytest.raises(ValueError, match="shape"):
         load_m3(bad, device="cpu")
+
+
+# -----------------------------------------------------------------------------
+# minibge encode --m3 --sparse --colbert
+
+def test_cli_encode_m3_writes_every_output(m3, tmp_path):
+    from minibge.cli import main
+
+    folder, *_ = m3
+    lines = TEXTS[:5] + [""] + TEXTS[5:]  # a blank line is an empty text, row 6
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "vec.npy"
+    assert main(["encode", "--m3", "--sparse", "--colbert", "-m", str(folder), "--device", "cpu",
+                 "--input", str(source), "--output", str(out), "--batch-size", "3"]) == 0
+    ref = load_m3(folder, device="cpu").encode(lines, return_sparse=True, return_colbert_vecs=True)
+    assert np.array_equal(np.load(out), ref["dense_vecs"])
+    rows = [json.loads(line) for line in (tmp_path / "vec.sparse.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in rows] == list(range(1, len(lines) + 1))
+    assert [r["weights"] for r in rows] == ref["lexical_weights"]
+    vecs, offsets = np.load(tmp_path / "vec.colbert.npy"), np.load(tmp_path / "vec.colbert_offsets.npy")
+    assert offsets.dtype == np.int64 and len(offsets) == len(lines) + 1 and offsets[-1] == len(vecs)
+    for i, expected in enumerate(ref["colbert_vecs"]):
+        assert np.array_equal(vecs[offsets[i]:offsets[i + 1]], expected)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary left behind"
+
+
+def test_cli_encode_m3_dense_only_and_errors(m3, tmp_path, capsys):
+    from minibge.cli import main
+
+    folder, *_ = m3
+    out = tmp_path / "d.npy"
+    assert main(["encode", "--m3", "-m", str(folder), "--device", "cpu", "a cat", "a dog", "--output", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npy"] and np.load(out).shape == (2, 1024)
+    assert main(["encode", "--sparse", "-m", str(folder), "a cat", "--output", str(tmp_path / "x.npy")]) == 2
+    assert "add --m3" in capsys.readouterr().err
+    assert main(["encode", "--m3", "-m", str(folder), "a cat", "--output", str(tmp_path / "x.jsonl")]) == 2
+    assert "FILE.npy" in capsys.readouterr().err
