@@ -281,3 +281,18 @@ def test_cli_encode_m3_dense_only_and_errors(m3, tmp_path, capsys):
     assert "add --m3" in capsys.readouterr().err
     assert main(["encode", "--m3", "-m", str(folder), "a cat", "--output", str(tmp_path / "x.jsonl")]) == 2
     assert "FILE.npy" in capsys.readouterr().err
+
+
+def test_docs_m3_python_block_runs(m3, tmp_path):
+    """docs/m3.md's usage block runs as written, on the random checkpoint in place of the real one."""
+    from conftest import REPO_ROOT
+
+    folder, *_ = m3
+    text = (REPO_ROOT / "docs" / "m3.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    assert len(blocks) == 1
+    code = blocks[0].replace("path/to/bge-m3", str(folder)).replace("runs/copy", str(tmp_path / "copy"))
+    namespace = {}
+    exec(compile(code, "docs/m3.md python block", "exec"), namespace)
+    assert namespace["out"]["dense_vecs"].shape == (2, 1024)
+    assert (tmp_path / "copy" / "colbert_linear.pt").exists()
