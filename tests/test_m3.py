@@ -296,3 +296,28 @@ def test_docs_m3_python_block_runs(m3, tmp_path):
     exec(compile(code, "docs/m3.md python block", "exec"), namespace)
     assert namespace["out"]["dense_vecs"].shape == (2, 1024)
     assert (tmp_path / "copy" / "colbert_linear.pt").exists()
+
+
+# -----------------------------------------------------------------------------
+# evaluate/m3.py: every mode's score matrix, and the metrics
+
+def test_score_matrices_equal_compute_score(m3):
+    from minibge.evaluate.m3 import m3_retrieval, score_matrices
+    from minibge.evaluate.tasks import retrieval_metrics
+
+    folder, *_ = m3
+    model = load_m3(folder, device="cpu")
+    queries, docs = TEXTS[:3], TEXTS[3:]
+    matrices = score_matrices(model, queries, docs, batch_size=2, weights=[0.4, 0.2, 0.4])
+    pairs = [(q, d) for q in queries for d in docs]
+    ref = model.compute_score(pairs, batch_size=4, weights_for_different_modes=[0.4, 0.2, 0.4])
+    for mode, matrix in matrices.items():
+        expected = np.array(ref[mode]).reshape(len(queries), len(docs))
+        assert np.abs(matrix - expected).max() <= 1e-5, f"{mode}: max |diff| {np.abs(matrix - expected).max():.3e}"
+    corpus = {f"d{j}": {"title": "", "text": d} for j, d in enumerate(docs)}
+    qs = {f"q{i}": q for i, q in enumerate(queries)}
+    qrels = {"q0": {"d1": 1}, "q1": {"d0": 1, "d4": 1}, "q2": {"d3": 1}}
+    metrics = m3_retrieval(model, corpus, qs, qrels, k_values=(1, 3), batch_size=2, weights=[0.4, 0.2, 0.4])
+    for mode, matrix in matrices.items():
+        results = {f"q{i}": {f"d{j}": float(matrix[i, j]) for j in range(len(docs))} for i in range(len(queries))}
+        assert metrics[mode] == pytest.approx(retrieval_metrics(qrels, results, (1, 3))), mode
