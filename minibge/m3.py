@@ -193,6 +193,10 @@ class M3Model(nn.Module):
         model.safetensors (weights.py), colbert_linear.pt and sparse_linear.pt (the heads it has,
         as state dicts of plain tensors), and the tokenizer when given."""
         directory = Path(directory)
+        for name, linear in (("colbert", self.colbert_linear), ("sparse", self.sparse_linear)):
+            if linear is None and (directory / HEAD_FILES[name]).exists():  # it would survive beside new weights
+                raise ValueError(f"{directory} holds a {HEAD_FILES[name]} and this model has no {name} head; "
+                                 "save to a new folder")
         directory.parent.mkdir(parents=True, exist_ok=True)
         with atomic_folder(directory) as partial:
             _write_model_files(self.encoder, partial, None, None, "", None)

@@ -221,6 +221,10 @@ def test_missing_head_is_an_error_only_when_asked(m3, tmp_path):
         model.encode(TEXTS[:2], return_colbert_vecs=True)
     with pytest.raises(ValueError, match="no colbert_linear.pt"):
         model.compute_score(PAIRS[:1])
+    with pytest.raises(ValueError, match="holds a colbert_linear.pt"):  # an old head would survive beside new weights
+        model.save_pretrained(folder)
+    model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / "colbert_linear.pt").exists() and (tmp_path / "saved" / "sparse_linear.pt").exists()
 
 
 class Evil:
