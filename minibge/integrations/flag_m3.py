@@ -53,9 +53,10 @@ class BGEM3FlagModel:
         if not normalize_embeddings or pooling_method != "cls":
             raise ValueError("minibge's BGE-M3 uses pooling_method='cls' with normalize_embeddings=True, "
                              "the model's own settings")
+        device = kwargs.pop("device", None)  # FlagEmbedding 1.2's name for devices
         if kwargs:
             logger.warning("BGEM3FlagModel: ignoring %s (FlagEmbedding options minibge does not use)", sorted(kwargs))
-        device = torch.device(_single_device(devices or kwargs.get("device"))
+        device = torch.device(_single_device(devices if devices is not None else device)
                               or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = resolve_dtype("float16" if use_fp16 else None, device)
         self.model = load_m3(model_name_or_path, device=device, dtype=dtype)
