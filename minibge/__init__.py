@@ -18,6 +18,7 @@ Reading order, the textbook first (the flat modules of this package):
     tokenizer.py   text -> token ids
     embedder.py    the pipeline: tokenize, order by length, run the model, pool, normalise, restore order
     reranker.py    cross-encoders: a (query, passage) pair read as one sequence, one score out
+    m3.py          BGE-M3: dense, lexical and ColBERT outputs of one forward pass, and their scores
     losses.py      InfoNCE, the contrastive loss BGE is fine-tuned with
     retromae.py    RetroMAE, BGE's pre-training objective
     lab.py         each classic re-implementation mistake, measured
@@ -36,8 +37,11 @@ from .embedder import Embedder, load_embedder
 from .reranker import CrossEncoder, Reranker, load_reranker
 from .integrations.flag_model import FlagAutoModel, FlagModel
 from .integrations.flag_reranker import FlagReranker
+from .m3 import M3Embedder, M3Model, load_m3
+from .integrations.flag_m3 import BGEM3FlagModel
 
 __all__ = ["BertConfig", "BertModel", "EncoderOutput", "PRESETS", "preset", "load_model", "save_pretrained",
            "cls_pool", "mean_pool", "l2_normalize", "Tokenizer", "Embedder", "load_embedder",
-           "FlagModel", "FlagAutoModel", "CrossEncoder", "Reranker", "load_reranker", "FlagReranker"]
+           "FlagModel", "FlagAutoModel", "CrossEncoder", "Reranker", "load_reranker", "FlagReranker",
+           "M3Model", "M3Embedder", "load_m3", "BGEM3FlagModel"]
 __version__ = "0.1.0"

@@ -40,6 +40,18 @@ to win its own group, FlagEmbedding's listwise cross-entropy (no temperature, no
 a passage of another query would need its own forward pass with this query):
 
     L_rank = −1/B Σ_i log( exp(z_i,0) / Σ_{k<G} exp(z_i,k) )        plus L_kd on z when teacher scores are given
+
+BGE-M3's unified fine-tuning (m3_loss) has three (B, B·G) score matrices, one per head (dense, lexical,
+ColBERT; m3.py), each already divided by τ. Each gets the in-batch InfoNCE above, L_dense, L_lex, L_mul;
+their weighted sum is the ensemble teacher s_inter = w1·s_dense + w2·s_lex + w3·s_mul, which gets one
+too, L_inter; and with self-knowledge distillation each head learns softmax(s_inter), held constant:
+
+    L  = (λ1·L_dense + λ2·L_lex + λ3·L_mul + L_inter) / 4
+    L' = (λ1·L'_dense + λ2·L'_lex + λ3·L'_mul) / 3,     L'_* = −1/B Σ_i Σ_j softmax(s_inter)_ij · log softmax(s_*)_ij
+    L_final = (L + L') / 2
+
+with FlagEmbedding's values w = (1, 0.3, 1) and λ = (1, 0.1, 1) (the lexical scores are on another
+scale, hence their small weights).
 """
 from __future__ import annotations
 
@@ -186,4 +198,31 @@ def contrastive_loss(q: torch.Tensor, p: torch.Tensor, temperature: float = 0.02
     if teacher_scores is not None:
         losses["distill"] = distillation_loss(q, p, teacher_scores, temperature)
         losses["loss"] = losses["loss"] + losses["distill"]
+    return losses
+
+
+M3_TEACHER_WEIGHTS = (1.0, 0.3, 1.0)  # w1, w2, w3: dense, lexical, ColBERT in s_inter
+M3_LOSS_WEIGHTS = (1.0, 0.1, 1.0)     # λ1, λ2, λ3: the same three in L and L'
+
+
+def m3_loss(dense: torch.Tensor, sparse: torch.Tensor, colbert: torch.Tensor, group_size: int,
+            teacher_weights=M3_TEACHER_WEIGHTS, loss_weights=M3_LOSS_WEIGHTS, self_distill: bool = True) -> dict:
+    """BGE-M3's unified loss from three (B, B·G) score matrices, already divided by the temperature
+    (module docstring) → {"loss", "dense", "sparse", "colbert", "ensemble"[, "distill"]}."""
+    if not (dense.shape == sparse.shape == colbert.shape) or dense.dim() != 2 or \
+            dense.shape[1] != dense.shape[0] * group_size:
+        raise ValueError(f"the three score matrices must be (B, B·G) with G = {group_size}; got "
+                         f"{tuple(dense.shape)}, {tuple(sparse.shape)}, {tuple(colbert.shape)}")
+    target = torch.arange(dense.shape[0], device=dense.device) * group_size  # query i's positive: column i·G
+    w1, w2, w3 = teacher_weights
+    l1, l2, l3 = loss_weights
+    ensemble = w1 * dense + w2 * sparse + w3 * colbert                       # s_inter (B, B·G)
+    losses = {name: F.cross_entropy(scores, target) for name, scores in
+              (("dense", dense), ("sparse", sparse), ("colbert", colbert), ("ensemble", ensemble))}
+    losses["loss"] = (l1 * losses["dense"] + l2 * losses["sparse"] + l3 * losses["colbert"] + losses["ensemble"]) / 4
+    if self_distill:
+        teacher = ensemble.detach()  # a target, not a path for gradients
+        losses["distill"] = (l1 * soft_cross_entropy(dense, teacher) + l2 * soft_cross_entropy(sparse, teacher)
+                             + l3 * soft_cross_entropy(colbert, teacher)) / 3
+        losses["loss"] = (losses["loss"] + losses["distill"]) / 2
     return losses

@@ -60,6 +60,10 @@ from torch.utils.checkpoint import checkpoint
 from .config import BertConfig
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "manual")
+# The manual path (and inspect()) materialises the (B, heads, T, Tk) score matrix; SDPA's fused kernel
+# never does. One 8,192-token BGE-M3 text has 16·8192² fp32 scores = 4 GiB per layer, so the manual
+# path refuses a matrix above this budget rather than exhausting the machine's memory.
+MANUAL_ATTENTION_MAX_BYTES = 2 * 1024 ** 3
 
 
 def activation(name: str):
@@ -166,6 +170,7 @@ class SelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=self.sdpa_mask(mask, score_bias, q.dtype),
                                                dropout_p=dropout_p)  # (B, heads, T, D)
         else:
+            check_score_matrix_size(q, k)
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, heads, T, D) x (B, heads, D, Tk) -> (B, heads, T, Tk)
             if score_bias is not None:
                 scores = scores + score_bias  # added after the 1/√d scaling, as SDPA adds a float attn_mask
@@ -189,6 +194,17 @@ class SelfAttention(nn.Module):
         if mask is not None:  # torch.where broadcasts both ways: (B, 1, 1, Tk) mask, (1, heads, T, Tk) bias
             bias = torch.where(mask, bias, torch.finfo(dtype).min)
         return bias
+
+
+def check_score_matrix_size(q, k) -> None:
+    """Refuse, before allocating it, a (B, heads, T, Tk) score matrix over MANUAL_ATTENTION_MAX_BYTES."""
+    B, heads, T, _ = q.shape
+    size = B * heads * T * k.shape[2] * q.element_size()
+    if size > MANUAL_ATTENTION_MAX_BYTES:
+        raise ValueError(f"the manual attention path (attn_impl='manual', or inspect()) would build a "
+                         f"{(B, heads, T, k.shape[2])} score matrix of {size / 2**30:.1f} GiB, over its budget of "
+                         f"{MANUAL_ATTENTION_MAX_BYTES / 2**30:.1f} GiB (model.MANUAL_ATTENTION_MAX_BYTES); use the "
+                         f"fused path, attn_impl='sdpa' (model.set_attn_impl('sdpa')), which never builds it")
 
 
 class FeedForward(nn.Module):

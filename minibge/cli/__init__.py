@@ -51,6 +51,7 @@ from .io import PROG, CliError, one_line
 from .lab import add_lab_command
 from .model import DEFAULT_MODELS, MODEL_ENV, add_model_commands
 from .rerank import add_rerank_commands
+from .m3 import add_m3_command
 from .train import add_training_commands
 
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_command(commands, verbose, model, model_only)        # eval (eval.py)
     add_training_commands(commands, parents=[verbose])            # finetune, mine, pretrain (cli/train.py)
     add_rerank_commands(commands, parents=[verbose])              # finetune-reranker (cli/rerank.py)
+    add_m3_command(commands, parents=[verbose])                   # finetune-m3 (cli/m3.py)
     add_bench_command(commands, parents=[verbose])                # bench (cli/bench.py)
     add_lab_command(commands, parents=[verbose, model])           # the divergence lab (cli/lab.py)
     return parser

@@ -61,6 +61,11 @@ def add_embedding_commands(commands, verbose, model, model_only) -> None:
                    help="the texts are search queries: prepend the model's query instruction")
     p.add_argument("--instruction", metavar="TEXT", help="with --query: use this instruction instead")
     p.add_argument("--no-normalize", action="store_true", help="keep raw pooled vectors (no L2 normalisation)")
+    p.add_argument("--m3", action="store_true", help="-m is a BGE-M3 folder: dense vectors to --output FILE.npy, "
+                   "and --sparse / --colbert outputs beside it (cli/m3.py)")
+    p.add_argument("--sparse", action="store_true", help="with --m3: lexical weights to FILE.sparse.jsonl")
+    p.add_argument("--colbert", action="store_true", help="with --m3: ColBERT vectors to FILE.colbert.npy "
+                   "and their row offsets to FILE.colbert_offsets.npy")
     p.set_defaults(run=cmd_encode)
 
     p = command("similarity", "print the cosine similarity matrix of a few sentences",
@@ -119,6 +124,16 @@ def cmd_encode(args) -> int:
     check_readable(args.input, "--input")
     check_writable(args.output, "--output")
     check_not_input(args.output, "--output", {"--input": args.input})
+    if (args.sparse or args.colbert) and not args.m3:
+        raise UsageError("--sparse and --colbert are BGE-M3 outputs: add --m3")
+    if args.m3:  # BGE-M3's outputs (cli/m3.py); one process
+        from .m3 import encode_m3
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("encode --m3 runs in one process; run it without torchrun")
+        if args.input == "-":
+            with stdin_as_file() as copy:
+                return encode_m3(args, output, copy)
+        return encode_m3(args, output, args.input)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: each rank embeds a slice (cli/shard.py)
         if args.input == "-":
             raise UsageError("under torchrun, --input must be a file: stdin can be read by one process only")
