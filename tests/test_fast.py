@@ -193,6 +193,7 @@ def test_int8_keeps_the_vectors_and_leaves_the_model_alone(minilm, stsb_texts, m
     assert fast.fast_path_blocker() is None  # int8 copies live in the fast encoder, the model is untouched
     assert all(type(m) is not Int8Linear for m in fast.model.modules()), "the shared model was quantised"
     assert isinstance(fast.fast_encoder.linears[0]["up"], Int8Linear)
+    assert not isinstance(fast.fast_encoder.linears[0]["qkv"], Int8Linear), "q and k stay in float"
     got, ref = fast.encode(stsb_texts), minilm.encode(stsb_texts)
     cos = min_cosine(got, ref)
     assert 0.995 <= cos < 0.99999, f"int8 min cosine {cos:.6f}"  # 1 − cos ≤ 0.005, and visibly not exact

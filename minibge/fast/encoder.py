@@ -68,10 +68,11 @@ logger = logging.getLogger(__name__)
 
 ATTENTION_MODES = ("auto", "buckets", "padded", "nested")
 SPEED_PRECISIONS = ("fp32", "bf16", "int8")  # speed_options' modes (not encode's output precision)
-# With int8=True these stay in float: the attention scores amplify an error in q and k through the
-# softmax, and the projection that feeds them is the cheapest of a layer's matmuls (3H² of its
-# 4H² + 2HI per token). Measured by leaving each out in turn (docs/benchmarks.md, "int8").
-FLOAT_UNDER_INT8 = ("qkv", "query", "key", "value")
+# With int8=True these stay in float. The query/key/value projection: the attention scores amplify
+# an error in q and k through the softmax. The down-projection: its input, GELU's output, has the
+# widest spread of a layer. Chosen by leaving each matmul out in turn and measuring 1 − cos against
+# float32 on STS-B (docs/benchmarks.md, "int8"); output and up-projection run in int8.
+FLOAT_UNDER_INT8 = ("qkv", "query", "key", "value", "down")
 
 
 class Packing:
@@ -209,9 +210,9 @@ class FastEncoder(nn.Module):
     (one kernel, no extra pass over the (N, I) activations). prepack (with onednn): each matmul
     weight packed once into oneDNN's layout (`self.packed_weights`, keyed by the Linear), which
     saves a reorder per call on short texts, for a second copy of those weights in memory.
-    int8 (CPU): the matmuls after attention (output, up, down) through int8 copies of their weights
+    int8 (CPU): the attention output and up projections through int8 copies of their weights
     (int8.Int8Linear), re-made like the fused QKV whenever the model's weights change; the query,
-    key and value projection stays in float (FLOAT_UNDER_INT8); the model itself is unchanged.
+    key, value and down projections stay in float (FLOAT_UNDER_INT8); the model is unchanged.
     """
 
     def __init__(self, model: BertModel, attention: str = "auto", fuse_qkv: bool = True, onednn: bool | None = None,
