@@ -613,7 +613,7 @@ def test_the_reliability_page_names_only_tests_that_exist():
     import re
 
     page = (REPO_ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
-    sources = {path.name: path.read_text(encoding="utf-8") for path in (REPO_ROOT / "tests").glob("test_*.py")}
+    sources = {path.name: path.read_text(encoding="utf-8") for path in (REPO_ROOT / "tests").rglob("test_*.py")}
     missing = []
     for row in page.splitlines():
         if not row.startswith("|"):
