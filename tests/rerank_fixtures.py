@@ -1,5 +1,5 @@
 """Synthetic XLM-RoBERTa checkpoints and tokenizers in the official layouts, with transformers as the
-reference (tests/test_xlm_roberta.py, tests/test_reranker.py, tests/test_train_rerank.py).
+reference (tests/test_xlm_roberta.py, tests/test_reranker.py, tests/train/test_train_rerank.py).
 
 No XLM-R or reranker checkpoint is available offline, so every test builds one: random weights with
 the shapes of bge-reranker-base / bge-m3 (fewer layers and a small vocabulary, for the CPU), LayerNorms

@@ -44,7 +44,7 @@ def cap_kernel_caches() -> None:
     oneDNN, and ideep (PyTorch's layer over it), each keep one compiled kernel per matmul shape, up
     to 1024 by default. Packed batches (fast/encoder.py) have a new row count almost every time, so
     over a long stream the two caches fill with kernels nobody asks for again, and the process
-    grows by hundreds of MB (tests/test_memory.py). 64 entries still cover every shape of a batch
+    grows by hundreds of MB (tests/fast/test_kernel_caches.py). 64 entries still cover every shape of a batch
     (4 per layer, the same in all layers).
 
     Both libraries read ONEDNN_PRIMITIVE_CACHE_CAPACITY and LRU_CACHE_CAPACITY once, when they first

@@ -3,15 +3,16 @@
 CI executes each one with nbclient (a cell that raises fails the test). The stored outputs are
 what a code host shows; to refresh them after changing a notebook or the code it uses:
 
-    python tests/test_notebooks.py                  # re-executes every notebook in place
-    python tests/test_notebooks.py notebooks/01_bert_from_scratch.ipynb
+    python tests/docs/test_notebooks.py                  # re-executes every notebook in place
+    python tests/docs/test_notebooks.py notebooks/01_bert_from_scratch.ipynb
 """
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import MINILM_DIR, REPO_ROOT, require_module, require_path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest, also when run as a script
+from conftest import MINILM_DIR, REPO_ROOT, require_module, require_path  # noqa: E402
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
 CELL_TIMEOUT_S = 600  # a runaway cell fails instead of hanging CI; the notebooks take a few minutes in all
@@ -56,7 +57,7 @@ def test_stored_notebooks_keep_their_plots():
     unexecuted = [path.name for path in NOTEBOOKS
                   if any(c.cell_type == "code" and c.source.strip() and c.get("execution_count") is None
                          for c in nbformat.read(path, as_version=4).cells)]
-    assert not unexecuted, f"stored without outputs (run `python tests/test_notebooks.py`): {unexecuted}"
+    assert not unexecuted, f"stored without outputs (run `python tests/docs/test_notebooks.py`): {unexecuted}"
     assert len(with_plots) == len(NOTEBOOKS), f"only {with_plots} of {[p.name for p in NOTEBOOKS]} keep plots"
 
 
