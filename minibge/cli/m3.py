@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from ..common import atomic_path
-from .args import Formatter, examples, max_length, positive_int
+from .args import Formatter, examples
 from .io import CHUNK_TEXTS, PROG, UsageError, chunked, encode_source, write_npy_header
-from .train import _add_loop_options, _train_config
+from .train import _add_group_training_options, _train_config
 
 
 def add_m3_command(commands, parents) -> None:
@@ -44,17 +44,10 @@ def add_m3_command(commands, parents) -> None:
                     "sparse_linear.pt, the tokenizer (minibge.BGEM3FlagModel reads it).",
         epilog=examples("minibge finetune-m3 -m weights/all-MiniLM-L6-v2 --train mined.jsonl --out runs/m3",
                          "torchrun --standalone --nproc_per_node 2 -m minibge finetune-m3 ..."))
-    p.add_argument("-m", "--model", required=True, metavar="PATH_OR_ID", help="the model to start from")
-    p.add_argument("--train", required=True, metavar="JSONL", help="training data, one query per line")
-    _add_loop_options(p, batch_size=8, unit="queries")
+    _add_group_training_options(p, batch_size=8, group_size=8, group_help="",
+                                instruction_help="text prepended to every query (default: none)")
     p.add_argument("--temperature", type=float, default=0.02, help="τ of all three softmaxes (default: 0.02)")
-    p.add_argument("--group-size", type=positive_int, default=8,
-                   help="passages per query: 1 positive + N−1 negatives (default: 8)")
-    p.add_argument("--query-max-length", type=max_length, default=32, help="query tokens (default: 32)")
-    p.add_argument("--passage-max-length", type=max_length, default=128, help="passage tokens (default: 128)")
-    p.add_argument("--query-instruction", metavar="TEXT", help="text prepended to every query (default: none)")
     p.add_argument("--no-self-distill", action="store_true", help="the four InfoNCE losses only")
-    p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines with a warning")
     p.set_defaults(run=cmd_finetune_m3)
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from .args import Formatter, examples, max_length, positive_int
+from .args import Formatter, examples, max_length
 from .io import PROG
-from .train import _add_loop_options, _train_config
+from .train import _add_group_training_options, _train_config
 
 
 def add_rerank_commands(commands, parents) -> None:
@@ -30,17 +30,10 @@ def add_rerank_commands(commands, parents) -> None:
         epilog=examples("minibge finetune-reranker -m weights/all-MiniLM-L6-v2 --train mined.jsonl --out runs/rr",
                          "minibge finetune-reranker ... --out runs/rr --resume        (continue an interrupted run)",
                          "torchrun --standalone --nproc_per_node 2 -m minibge finetune-reranker ..."))
-    p.add_argument("-m", "--model", required=True, metavar="PATH_OR_ID", help="the model to start from")
-    p.add_argument("--train", required=True, metavar="JSONL", help="training data, one query per line")
-    _add_loop_options(p, batch_size=8, unit="queries")
-    p.add_argument("--group-size", type=positive_int, default=16,
-                   help="passages per query: 1 positive + N−1 negatives (default: 16, BGE's reranker recipe)")
+    _add_group_training_options(p, batch_size=8, group_size=16, group_help=", BGE's reranker recipe",
+                                instruction_help="text prepended to every query (default: none)")
     p.add_argument("--max-length", type=max_length, default=512, help="tokens per (query, passage) pair (default: 512)")
-    p.add_argument("--query-max-length", type=max_length, default=32, help="query tokens (default: 32)")
-    p.add_argument("--passage-max-length", type=max_length, default=128, help="passage tokens (default: 128)")
-    p.add_argument("--query-instruction", metavar="TEXT", help="text prepended to every query (default: none)")
     p.add_argument("--distill", action="store_true", help="add distillation from pos_scores / neg_scores")
-    p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines with a warning")
     p.set_defaults(run=cmd_finetune_reranker)
 
 

@@ -94,6 +94,21 @@ def _train_config(args) -> tuple[TrainConfig, Path]:
     return config, out
 
 
+def _add_group_training_options(p, batch_size: int, group_size: int, group_help: str, instruction_help: str,
+                                cache: bool = False) -> None:
+    """The options of every command that trains on (query, pos, neg) groups (finetune, finetune-reranker,
+    finetune-m3): the model and data, the loop's, the group and the two length limits."""
+    p.add_argument("-m", "--model", required=True, metavar="PATH_OR_ID", help="the model to start from")
+    p.add_argument("--train", required=True, metavar="JSONL", help="training data, one query per line")
+    _add_loop_options(p, batch_size=batch_size, unit="queries", cache=cache)
+    p.add_argument("--group-size", type=positive_int, default=group_size,
+                   help=f"passages per query: 1 positive + N−1 negatives (default: {group_size}{group_help})")
+    p.add_argument("--query-max-length", type=max_length, default=32, help="query tokens (default: 32)")
+    p.add_argument("--passage-max-length", type=max_length, default=128, help="passage tokens (default: 128)")
+    p.add_argument("--query-instruction", metavar="TEXT", help=instruction_help)
+    p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines with a warning")
+
+
 def add_training_commands(commands, parents) -> None:
     """Add `finetune`, `mine` and `pretrain` to cli.py's subparsers (parents: the shared -v option)."""
     p = commands.add_parser(
@@ -108,20 +123,12 @@ def add_training_commands(commands, parents) -> None:
                          "minibge finetune ... --out runs/ft --resume        (continue an interrupted run)",
                          "minibge finetune ... --batch-size 512 --cache-chunk-size 32   (a big batch, a chunk's memory)",
                          "torchrun --standalone --nproc_per_node 2 -m minibge finetune ..."))
-    p.add_argument("-m", "--model", required=True, metavar="PATH_OR_ID", help="the model to start from")
-    p.add_argument("--train", required=True, metavar="JSONL", help="training data, one query per line")
-    _add_loop_options(p, batch_size=16, unit="queries", cache=True)
+    _add_group_training_options(p, batch_size=16, group_size=8, group_help="", cache=True,
+                                instruction_help="instruction prepended to queries (default: the model's own; '' for none)")
     p.add_argument("--temperature", type=_positive_float, default=0.02, help="softmax temperature τ (default: 0.02)")
-    p.add_argument("--group-size", type=positive_int, default=8,
-                   help="passages per query: 1 positive + N−1 negatives (default: 8)")
-    p.add_argument("--query-max-length", type=max_length, default=32, help="query tokens (default: 32)")
-    p.add_argument("--passage-max-length", type=max_length, default=128, help="passage tokens (default: 128)")
-    p.add_argument("--query-instruction", metavar="TEXT",
-                   help="instruction prepended to queries (default: the model's own; '' for none)")
     p.add_argument("--no-in-batch-negatives", action="store_true", help="each query sees only its own group")
     p.add_argument("--no-cross-device", action="store_true", help="under torchrun: do not share negatives across ranks")
     p.add_argument("--distill", action="store_true", help="add distillation from pos_scores / neg_scores")
-    p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines with a warning")
     p.set_defaults(run=cmd_finetune)
 
     p = commands.add_parser(
