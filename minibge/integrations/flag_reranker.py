@@ -52,7 +52,9 @@ class FlagReranker:
             logger.warning("FlagReranker: ignoring %s (FlagEmbedding options minibge does not use)", sorted(kwargs))
         device = _single_device(devices)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = resolve_dtype("bfloat16" if use_bf16 else "float16" if use_fp16 else None, device)
+        # as FlagEmbedding (and FlagModel here): half precision is for accelerators, the CPU computes in float32
+        half = "bfloat16" if use_bf16 else "float16" if use_fp16 else None
+        dtype = resolve_dtype(half if device.type != "cpu" else None, device)
         self.reranker = load_reranker(model_name_or_path, device=device, dtype=dtype)
         # FlagEmbedding cuts at the max_length asked for: lift the reranker's own cap to the model's positions
         self.reranker.max_length = self.reranker.model.config.max_sequence_length
