@@ -119,9 +119,11 @@ class LastHiddenState(torch.nn.Module):
                          token_type_ids=token_type_ids).last_hidden_state
 
 
-def onnx_peer(optimize: bool):
+def onnx_peer(optimize: bool, int8: bool = False):
     """ONNX Runtime on transformers' BertModel exported to ONNX, optionally through the BERT
-    optimizer (fused Attention, EmbedLayerNormalization, BiasGelu, SkipLayerNormalization)."""
+    optimizer (fused Attention, EmbedLayerNormalization, BiasGelu, SkipLayerNormalization), and
+    optionally quantised with onnxruntime.quantization.quantize_dynamic (int8 weights, activations
+    quantised per batch at run time: what sentence-transformers' ONNX int8 backend does)."""
     def build(folder, embedder):
         import onnxruntime as ort
         import transformers
@@ -147,6 +149,11 @@ def onnx_peer(optimize: bool):
             logger.info("onnxruntime fused operators: %s", optimized.get_fused_operator_statistics())
             path = work / "model.optimized.onnx"
             optimized.save_model_to_file(str(path))
+        if int8:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+            quantized = work / "model.int8.onnx"
+            quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8)
+            path = quantized
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -169,7 +176,8 @@ def all_peers(speed_options: bool = True) -> list[Peer]:
              Peer("minibge plain path (manual)", minibge_peer("manual")),
              Peer("transformers BertModel SDPA, FlagEmbedding loop", transformers_peer),
              Peer("ONNX Runtime, no graph optimizer", onnx_peer(optimize=False)),
-             Peer("ONNX Runtime + BERT optimizer", onnx_peer(optimize=True))]
+             Peer("ONNX Runtime + BERT optimizer", onnx_peer(optimize=True)),
+             Peer("ONNX Runtime int8 (dynamic quantisation)", onnx_peer(optimize=False, int8=True))]
     if speed_options:
         peers += [Peer("minibge fast (padded attention)", fast_peer(encoder={"attention": "padded"})),
                   Peer("minibge fast (nested attention)", fast_peer(encoder={"attention": "nested"})),

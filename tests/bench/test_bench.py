@@ -128,6 +128,16 @@ def test_onnx_runtime_peers_agree(tiny_folder):
     assert max(r["max_one_minus_cos"] for r in rows) < 1e-5, [(r["peer"], r["max_one_minus_cos"]) for r in rows]
 
 
+@pytest.mark.slow
+def test_onnx_runtime_int8_peer_is_close_not_equal(tiny_folder):
+    require_module("onnxruntime")
+    require_module("onnx")
+    rows = run_peers(tiny_folder, ["minibge plain path (sdpa)", "ONNX Runtime int8 (dynamic quantisation)"], rounds=1)
+    assert not [r for r in rows if "skipped" in r], rows
+    int8 = [r["max_one_minus_cos"] for r in rows if "int8" in r["peer"]]
+    assert int8 and all(0 < c < 0.5 for c in int8), int8  # quantised: close, visibly not exact
+
+
 def test_encoder_flops_counts_real_tokens():
     config = BertConfig(**TINY)
     H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
