@@ -64,10 +64,12 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         q, scale, offset = quantize_rows_asymmetric(x.reshape(-1, self.in_features).float())  # (N, in), (N, 1) × 2
-        y = torch._int_mm(q, self.weight_t).float() * scale * self.weight_scale  # (N, out): the integer product
-        y = y + offset * self.weight_sum                                          # + c[n] · Σ_k W[j, k]
+        y = torch._int_mm(q, self.weight_t).float()               # (N, out): the integer product, exact in int32
+        # in place, one pass each over (N, out): on long batches these passes, not the product, are the cost
+        y.mul_(self.weight_scale).mul_(scale)                     # · s_w[j] · s_x[n]
+        y.addr_(offset.squeeze(1), self.weight_sum)               # + c[n] · Σ_k W[j, k] (a rank-1 update)
         if self.bias is not None:
-            y = y + self.bias
+            y.add_(self.bias)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
