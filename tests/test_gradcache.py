@@ -135,6 +135,7 @@ def test_without_the_rng_restored_dropout_would_differ(tmp_path, monkeypatch):
 
 
 def test_the_rng_continues_as_after_one_plain_forward(tmp_path):
+    """Step 3 replays, it draws nothing new: with one chunk, the RNG ends where a plain step leaves it."""
     embedder = tiny_embedder(tmp_path)
     step, batch = ContrastiveStep(embedder, temperature=0.05), contrastive_batch(queries=8)
     torch.manual_seed(5)
