@@ -47,7 +47,8 @@ def add_bench_command(commands, parents) -> None:
                          "minibge bench --models tiny --training-only --train-steps 0 --cache-batches 32 128 512 2048",
                          "minibge bench --peer onnx --peer 'minibge fast' --workloads stsb"))
     p.add_argument("--models", nargs="+", choices=MODELS, default=["minilm"],
-                   help="real all-MiniLM-L6-v2, random-weight BERT-tiny (2 layers, 128 wide) and/or BGE shapes (default: minilm)")
+                   help="real all-MiniLM-L6-v2, random-weight BERT-tiny (2 layers, 128 wide) and/or BGE shapes "
+                        "(default: minilm)")
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     p.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds per peer (default: 3)")
     p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),

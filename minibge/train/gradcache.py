@@ -25,7 +25,7 @@ My choices:
 - Dropout must be the same in 1 and 3, or the cached ∂L/∂e belong to other activations than the ones
   step 3 differentiates. I note the CPU generator's state (and the GPU's, when the batch is on one)
   before each chunk in 1 and restore it for that chunk in 3, as GradCache's RandContext does. After
-  3 the generators continue from where 1 left them, as after one plain forward pass.
+  3 the generators continue from where 2 left them: 3 draws nothing new.
 - Chunks are row slices of the collated batch, padding included: each chunk computes exactly the
   rows it would have computed in the full batch (trimming each chunk's padding would be faster,
   and would change the result by float rounding).
@@ -129,7 +129,6 @@ def cached_step(loss_fn: EmbeddingLoss, batch, chunk_size: int, backward: Callab
                 with autocast():
                     pieces.append(loss_fn.embed(part))                          # (≤ C, D)
             embeddings[name] = torch.cat(pieces).requires_grad_()               # (n, D): a leaf that collects ∂L/∂e
-    after_embedding = RandomState(device)
 
     # 2. loss: on the whole batch at once; backward stops at the embeddings
     with autocast():
@@ -137,6 +136,7 @@ def cached_step(loss_fn: EmbeddingLoss, batch, chunk_size: int, backward: Callab
     if "loss" not in losses:
         raise ValueError(f"loss_fn must return a dict with a 'loss' entry, got keys {sorted(losses)}")
     backward(losses["loss"])
+    after_loss = RandomState(device)
 
     # 3. re-embed: chunk by chunk with a graph and the same dropout; push the cached ∂L/∂e into the weights
     for name, parts in inputs.items():
@@ -147,5 +147,5 @@ def cached_step(loss_fn: EmbeddingLoss, batch, chunk_size: int, backward: Callab
             with autocast():
                 chunk_embeddings = loss_fn.embed(part)                          # (≤ C, D), with a graph
             chunk_embeddings.backward(grad)                                     # this chunk's share of ∂L/∂θ
-    after_embedding.restore()
+    after_loss.restore()  # the generators go on from where steps 1 and 2 left them: step 3 drew nothing new
     return losses

@@ -135,8 +135,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
         if not isinstance(self.onednn, bool):
             raise TypeError(f"TrainConfig.onednn must be True or False, got {self.onednn!r}")
-        if self.cache_chunk_size is not None and (not isinstance(self.cache_chunk_size, int) or self.cache_chunk_size < 1):
-            raise ValueError(f"TrainConfig.cache_chunk_size must be None or a positive int, got {self.cache_chunk_size!r}")
+        chunk = self.cache_chunk_size
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"TrainConfig.cache_chunk_size must be None or a positive int, got {chunk!r}")
         if self.precision not in AUTOCAST_DTYPES:
             raise ValueError(f"TrainConfig.precision must be one of {list(AUTOCAST_DTYPES)}, got {self.precision!r}")
 

@@ -76,6 +76,7 @@ def assert_same_gradient(cached: dict, plain: dict, label: str) -> float:
             assert scale <= 1e-5 * largest, f"{label}: {name} should be rounding noise, its largest entry is {scale:.3e}"
             continue
         assert worst <= 1e-3 * scale, f"{label}: {name}: max |diff| {worst:.3e} vs its largest entry {scale:.3e}"
+    print(f"{label}: ||g_cached - g_plain|| / ||g_plain|| = {error / norm:.2e}")
     return error / norm
 
 
@@ -104,25 +105,29 @@ def cached_gradient(step, model, batch, seed, chunk_size) -> dict:
 # -----------------------------------------------------------------------------
 # Gradient equality
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_cached_gradient_equals_the_plain_one_with_dropout(tmp_path, checkpointing):
-    """Tiny model, dropout 0.1, distillation on: for chunks 1, 7, 32 the cached gradient is the full-batch
+@pytest.mark.parametrize("queries, chunk_sizes, checkpointing", [
+    (8, (3,), False),                                                   # the quick tier's
+    pytest.param(B, CHUNKS, False, marks=pytest.mark.slow),             # the acceptance batch
+    pytest.param(B, CHUNKS, True, marks=pytest.mark.slow),              # ... with gradient checkpointing
+])
+def test_cached_gradient_equals_the_plain_one_with_dropout(tmp_path, queries, chunk_sizes, checkpointing):
+    """Tiny model, dropout 0.1, distillation on: for each chunk size the cached gradient is the full-batch
     gradient with the same dropout draws; a chunk as big as the batch is step(batch) itself."""
     embedder = tiny_embedder(tmp_path)
     embedder.model.gradient_checkpointing = checkpointing
-    step, batch = ContrastiveStep(embedder, temperature=0.05), contrastive_batch()
-    for chunk in CHUNKS:
+    step, batch = ContrastiveStep(embedder, temperature=0.05), contrastive_batch(queries)
+    for chunk in chunk_sizes:
         assert_same_gradient(cached_gradient(step, embedder.model, batch, 3, chunk),
-                             plain_gradient(step, embedder.model, batch, 3, chunk), f"chunk {chunk}")
-    whole = B * G
+                             plain_gradient(step, embedder.model, batch, 3, chunk), f"{queries} queries, chunk {chunk}")
+    whole = queries * G
     assert_same_gradient(cached_gradient(step, embedder.model, batch, 3, whole),
-                         plain_gradient(step, embedder.model, batch, 3), "one chunk")
+                         plain_gradient(step, embedder.model, batch, 3), f"{queries} queries, one chunk")
 
 
 def test_without_the_rng_restored_dropout_would_differ(tmp_path, monkeypatch):
     """What the saved RNG states are for: skip restoring them and the gradient is another one."""
     embedder = tiny_embedder(tmp_path)
-    step, batch = ContrastiveStep(embedder, temperature=0.05), contrastive_batch()
+    step, batch = ContrastiveStep(embedder, temperature=0.05), contrastive_batch(queries=16)
     plain = plain_gradient(step, embedder.model, batch, 3, 7)
     monkeypatch.setattr(gradcache.RandomState, "restore", lambda self: None)
     with pytest.raises(AssertionError, match="g_cached - g_plain"):
@@ -130,6 +135,7 @@ def test_without_the_rng_restored_dropout_would_differ(tmp_path, monkeypatch):
 
 
 def test_the_rng_continues_as_after_one_plain_forward(tmp_path):
+    """Step 3 replays, it draws nothing new: with one chunk, the RNG ends where a plain step leaves it."""
     embedder = tiny_embedder(tmp_path)
     step, batch = ContrastiveStep(embedder, temperature=0.05), contrastive_batch(queries=8)
     torch.manual_seed(5)
@@ -256,6 +262,7 @@ def step_activations(embedder, queries, chunk_size=None, passage_length=48) -> i
     return saved.peak
 
 
+@pytest.mark.slow  # the plain step at 512 queries holds ~850 MB of activations
 def test_cached_memory_stays_flat_as_the_batch_grows(tmp_path):
     embedder = tiny_embedder(tmp_path)
     cached_32, cached_512 = step_activations(embedder, 32, 32), step_activations(embedder, 512, 32)
