@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,7 +191,7 @@ def test_cached_gradient_equals_the_plain_one_on_minilm(minilm_dir):
 
 WORKER = textwrap.dedent("""
     import sys, torch
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = {paths!r}  # this file's folder and tests/ (conftest)
     from test_gradcache import contrastive_batch, tiny_embedder, B, G, CHUNKS
     from minibge.common import rank_and_world, setup_distributed
     from minibge.train import average_gradients, gradcache
@@ -223,7 +224,7 @@ def test_two_torchrun_ranks_with_cross_device_negatives(tmp_path):
     for rank in range(2):
         (tmp_path / f"vocab{rank}").mkdir()
     worker = tmp_path / "worker.py"
-    worker.write_text(WORKER.format(tests=str(REPO_ROOT / "tests")))
+    worker.write_text(WORKER.format(paths=[str(Path(__file__).resolve().parent), str(REPO_ROOT / "tests")]))
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path)],
