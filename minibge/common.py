@@ -5,6 +5,7 @@ process stands in a torchrun group.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import errno
@@ -300,12 +301,20 @@ def setup_distributed(timeout: datetime.timedelta | None = None) -> torch.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, **({} if timeout is None else {"timeout": timeout}))
+        # a group still alive at interpreter shutdown can abort the process after a successful run
+        # ("terminate called without an active exception"): leave it at exit, before the teardown
+        atexit.register(_leave_process_group)
         logger.info("rank %d of %d joined the %s process group", dist.get_rank(), dist.get_world_size(), backend)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
+
+
+def _leave_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_and_world() -> tuple[int, int]:

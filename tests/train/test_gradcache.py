@@ -213,7 +213,11 @@ WORKER = textwrap.dedent("""
         losses = gradcache.cached_step(step, mine, chunk, lambda loss: loss.backward())
         average_gradients(embedder.model)                            # what the loop does after backward
         grads = {{k: p.grad for k, p in embedder.model.named_parameters() if p.grad is not None}}
-        torch.save({{"info_nce": float(losses["info_nce"]), "grads": grads}}, out / f"rank{{rank}}_chunk{{chunk}}.pt")
+        torch.save({{"info_nce": float(losses["info_nce"].detach()), "grads": grads}}, out / f"rank{{rank}}_chunk{{chunk}}.pt")
+    # a gloo group left for interpreter shutdown can abort the process ("terminate called without an
+    # active exception"): both ranks leave it together first
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """)
 
 
