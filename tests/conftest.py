@@ -230,3 +230,24 @@ def fake_bge(tmp_path, minilm_dir):
             shutil.copy(minilm_dir / f, folder / f)
         return folder
     return make
+
+
+def torchrun_minibge(*args, nproc: int = 2, timeout: int = 300):
+    """`torchrun --standalone --nproc_per_node 2 -m minibge ARGS` as a CPU job (gloo, one thread per
+    rank, this checkout's minibge); fails the test with the ranks' stderr unless it succeeds."""
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", str(nproc), "-m", "minibge", *args],
+                            capture_output=True, text=True, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def logged_steps(out: Path) -> list[int]:
+    """The step of every line of a training run's train_log.jsonl."""
+    import json
+
+    return [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]

@@ -2,10 +2,6 @@
 exact resume, the output folder's loadability, and torchrun. Models are tiny and random, with a
 small WordPiece vocabulary written by the test, so nothing here needs real weights."""
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +15,7 @@ from minibge.train.finetune import DataError, GroupCollator, TrainExample, read_
 from minibge.train.mine import mine_hard_negatives
 from minibge.tokenizer import Tokenizer
 
-from conftest import REPO_ROOT, TINY, diff_report, require_module
+from conftest import TINY, diff_report, logged_steps, require_module, torchrun_minibge
 
 WORDS = ("cat dog fish bird tree car road house river city blue red green small big old new fast slow "
          "paper model query answer protein cell gene drug trial").split()
@@ -320,14 +316,8 @@ def test_mine_cli_writes_the_training_format(base_model, tmp_path, capsys):
 def test_torchrun_two_processes(base_model, tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", training_rows(16))
     out = tmp_path / "out"
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "minibge",
-                             *finetune_args(base_model, train, out, "--epochs", "2", "--log-steps", "1")],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_minibge(*finetune_args(base_model, train, out, "--epochs", "2", "--log-steps", "1"))
     run = json.loads((out / "run.json").read_text())
     assert run["finished"] and run["run"]["cross_device"] is True
-    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4], "16 queries / (4 per rank × 2 ranks) = 2 steps per epoch, logged once each"
+    assert logged_steps(out) == [1, 2, 3, 4], "16 queries / (4 per rank × 2 ranks) = 2 steps per epoch, logged once each"
     assert load_embedder(out).pooling == "mean"

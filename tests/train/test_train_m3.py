@@ -4,14 +4,10 @@ teacher, the distillation terms), a run from a bare XLM-R encoder that gets fres
 M3 folder, and a 2-process torchrun run."""
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, diff_report
+from conftest import diff_report, logged_steps, torchrun_minibge
 from test_train_rerank import training_rows, write_jsonl, xlmr_folder
 
 from minibge.cli import main
@@ -109,15 +105,9 @@ def test_finetune_from_a_bare_encoder_writes_an_m3_folder(base, tmp_path):
 def test_torchrun_two_processes(base, tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", training_rows(16))
     out = tmp_path / "out"
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "minibge",
-                             *m3_args(base, train, out, "--epochs", "2", "--log-steps", "1")],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_minibge(*m3_args(base, train, out, "--epochs", "2", "--log-steps", "1"))
     run = json.loads((out / "run.json").read_text())
     assert run["finished"] and run["run"]["stage"] == "m3"
-    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4], "16 queries / (4 per rank × 2 ranks) = 2 steps per epoch, logged once each"
+    assert logged_steps(out) == [1, 2, 3, 4], "16 queries / (4 per rank × 2 ranks) = 2 steps per epoch, logged once each"
     m3 = load_m3(out, device="cpu")
     assert m3.model.colbert_linear is not None and m3.model.sparse_linear is not None

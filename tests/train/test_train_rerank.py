@@ -4,15 +4,11 @@ whose output reloads in transformers with the same logits, exact resume, and a 2
 Models are tiny and random: a small WordPiece vocabulary (BERT) and a small Unigram one (XLM-R)."""
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, diff_report, require_module
+from conftest import diff_report, logged_steps, require_module, torchrun_minibge
 from rerank_fixtures import WORDS, bert_folder, shrunk, write_xlmr_tokenizer
 from safetensors.torch import load_file
 
@@ -203,15 +199,9 @@ def test_torchrun_two_processes(tmp_path):
     base = xlmr_folder(tmp_path / "base")
     train = write_jsonl(tmp_path / "t.jsonl", training_rows(16))
     out = tmp_path / "out"
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "minibge",
-                             *rerank_args(base, train, out, "--epochs", "2", "--log-steps", "1")],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_minibge(*rerank_args(base, train, out, "--epochs", "2", "--log-steps", "1"))
     run = json.loads((out / "run.json").read_text())
     assert run["finished"] and run["run"]["stage"] == "reranker"
-    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4], "16 queries / (4 per rank × 2 ranks) = 2 steps per epoch, logged once each"
+    assert logged_steps(out) == [1, 2, 3, 4], "16 queries / (4 per rank × 2 ranks) = 2 steps per epoch, logged once each"
     model = load_cross_encoder(out)
     assert model.config.model_type == "xlm-roberta" and model.encoder.pooler is None
