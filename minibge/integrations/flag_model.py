@@ -102,6 +102,19 @@ logger = logging.getLogger(__name__)
 PASSAGE_KEYWORDS = ("passage_instruction_for_retrieval", "passage_instruction_format")
 
 
+def device_and_half_precision(devices, use_fp16: bool, use_bf16: bool) -> tuple[torch.device, str | None]:
+    """The one device `devices` names (CUDA when available by default) and the dtype use_fp16 / use_bf16
+    ask for. As FlagEmbedding: half precision is for accelerators; on the CPU it computes in float32
+    (said quietly, at INFO). FlagModel and FlagReranker both decide it here."""
+    device = torch.device(_single_device(devices) or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not (use_bf16 or use_fp16):
+        return device, None
+    if device.type == "cpu":
+        logger.info("use_fp16/use_bf16 on the CPU: computing in float32, as FlagEmbedding does")
+        return device, None
+    return device, "bfloat16" if use_bf16 else "float16"
+
+
 def _check_format(instruction_format, name: str) -> str:
     """FlagEmbedding's instruction template: a str with two {} (instruction, text); "\\n" means a newline."""
     if not isinstance(instruction_format, str):
@@ -147,12 +160,7 @@ class FlagModel:
         self.passage_instruction_for_retrieval = kwargs.get("passage_instruction_for_retrieval")
         self.passage_instruction_format = _check_format(kwargs.get("passage_instruction_format", "{}{}"),
                                                         "passage_instruction_format")
-        device = torch.device(_single_device(devices) or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = None
-        if device.type != "cpu" and (use_bf16 or use_fp16):
-            dtype = "bfloat16" if use_bf16 else "float16"
-        elif use_bf16 or use_fp16:  # as FlagEmbedding: half precision is for accelerators; say it, quietly
-            logger.info("use_fp16/use_bf16 on the CPU: computing in float32, as FlagEmbedding does")
+        device, dtype = device_and_half_precision(devices, use_fp16, use_bf16)
         folder = _model_folder(model_name_or_path, cache_dir)
         # "" rather than None: for the embedder None would mean "BGE's instruction by model name". FlagModel
         # joins its instruction itself (query_instruction_format, in encode); the embedder gets it too, so that

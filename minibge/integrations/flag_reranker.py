@@ -29,11 +29,9 @@ list of pairs, in input order. FlagEmbedding's other keyword arguments (trust_re
 """
 import logging
 
-import torch
-
 from ..embedder import resolve_dtype
 from ..reranker import check_pairs, load_reranker
-from .flag_model import _single_device
+from .flag_model import device_and_half_precision
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +48,8 @@ class FlagReranker:
             raise ValueError("trust_remote_code=True: minibge runs no code from a checkpoint")
         if kwargs:
             logger.warning("FlagReranker: ignoring %s (FlagEmbedding options minibge does not use)", sorted(kwargs))
-        device = _single_device(devices)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        # as FlagEmbedding (and FlagModel here): half precision is for accelerators, the CPU computes in float32
-        half = "bfloat16" if use_bf16 else "float16" if use_fp16 else None
-        dtype = resolve_dtype(half if device.type != "cpu" else None, device)
+        device, half = device_and_half_precision(devices, use_fp16, use_bf16)
+        dtype = resolve_dtype(half, device)
         self.reranker = load_reranker(model_name_or_path, device=device, dtype=dtype)
         # FlagEmbedding cuts at the max_length asked for: lift the reranker's own cap to the model's positions
         self.reranker.max_length = self.reranker.model.config.max_sequence_length
