@@ -104,6 +104,8 @@ def add_embedding_commands(commands, verbose, model, model_only) -> None:
     p.add_argument("--rerank", metavar="PATH_OR_ID",
                    help="a cross-encoder: retrieve --rerank-top passages, re-order them by its score, show --top-k")
     p.add_argument("--rerank-top", type=positive_int, default=100, help="passages reranked per query (default: 100)")
+    p.add_argument("--rerank-max-length", type=positive_int, default=None,
+                   help="tokens per (query, passage) pair for the reranker (default: its tokenizer's model_max_length)")
     p.set_defaults(run=cmd_search)
 
 
@@ -216,7 +218,7 @@ def cmd_search(args) -> int:
     if args.rerank:  # retrieve, then rerank: the cross-encoder reads each query with its shortlist
         from ..reranker import load_reranker
 
-        reranker = load_reranker(args.rerank, device=args.device or embedder.device)
+        reranker = load_reranker(args.rerank, device=args.device or embedder.device, max_length=args.rerank_max_length)
         shortlists = [row[:args.rerank_top].tolist() for row in best_index]
         scores = rerank(reranker, queries, [[passages[j] for j in rows] for rows in shortlists], args.batch_size)
         order = [sorted(range(len(rows)), key=lambda i: -s[i])[:args.top_k] for rows, s in zip(shortlists, scores)]

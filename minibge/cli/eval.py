@@ -38,6 +38,8 @@ def add_eval_command(commands, verbose, model, model_only) -> None:
     p.add_argument("--rerank", metavar="PATH_OR_ID",
                    help="a cross-encoder that re-orders each query's --rerank-top best documents (retrieval tasks)")
     p.add_argument("--rerank-top", type=positive_int, default=100, help="documents reranked per query (default: 100)")
+    p.add_argument("--rerank-max-length", type=positive_int, default=None,
+                   help="tokens per (query, passage) pair for the reranker (default: its tokenizer's model_max_length)")
     p.set_defaults(run=cmd_eval)
 
 
@@ -60,14 +62,15 @@ def cmd_eval(args) -> int:
     reranker = None
     if args.rerank:
         from ..reranker import load_reranker
-        reranker = load_reranker(args.rerank, device=args.device or embedder.device)
+        reranker = load_reranker(args.rerank, device=args.device or embedder.device, max_length=args.rerank_max_length)
         print(f"{PROG}: reranking the top {args.rerank_top} of each query with {args.rerank}", file=sys.stderr)
     results = []
     for task in tasks:
         print(f"{PROG}: running {task} ...", file=sys.stderr)
         result = evaluate_task(embedder, task, data_dir, batch_size=args.batch_size,
                                show_progress_bar=progress_setting(), reranker=reranker, rerank_top=args.rerank_top)
-        extra = {"reranker": args.rerank, "rerank_top": args.rerank_top} if reranker is not None else {}
+        extra = {"reranker": args.rerank, "rerank_top": args.rerank_top,
+                 "rerank_max_length": reranker.max_length} if reranker is not None else {}
         results.append({"model": folder.name, **extra, **result})
     table = format_markdown(results, folder.name)  # the folder name is what the published scores use
     print(table)

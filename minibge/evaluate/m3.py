@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from ..m3 import SCORE_MODES, combine_scores
+from ..m3 import combine_scores
 from .data import document_text
 from .tasks import retrieval_metrics
 
@@ -78,10 +78,16 @@ def m3_retrieval(m3, corpus: Mapping[str, Mapping[str, str]], queries: Mapping[s
     doc_ids = list(corpus)
     matrices = score_matrices(m3, [queries[q] for q in scored], [document_text(corpus[d]) for d in doc_ids],
                               batch_size, max_query_length, max_passage_length, weights)
+    return mode_metrics(matrices, scored, doc_ids, qrels, k_values)
+
+
+def mode_metrics(matrices: Mapping[str, np.ndarray], query_ids: Sequence[str], doc_ids: Sequence[str],
+                 qrels: Mapping[str, Mapping[str, int]], k_values: Sequence[int] = (1, 3, 5, 10, 100)) -> dict:
+    """{mode: retrieval_metrics} from {mode: (Nq, Nd) scores}, row i = query_ids[i], column j = doc_ids[j]."""
     k = min(max(k_values), len(doc_ids))
     out = {}
-    for mode in SCORE_MODES:
-        top = np.argsort(-matrices[mode], axis=1, kind="stable")[:, :k]                 # (Nq, k)
-        results = {qid: {doc_ids[j]: float(matrices[mode][i, j]) for j in top[i]} for i, qid in enumerate(scored)}
+    for mode, matrix in matrices.items():
+        top = np.argsort(-matrix, axis=1, kind="stable")[:, :k]                          # (Nq, k)
+        results = {qid: {doc_ids[j]: float(matrix[i, j]) for j in top[i]} for i, qid in enumerate(query_ids)}
         out[mode] = retrieval_metrics(qrels, results, k_values)
     return out

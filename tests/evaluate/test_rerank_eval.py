@@ -72,6 +72,7 @@ def test_eval_with_rerank_matches_the_pair_by_pair_order(models, beir, tmp_path,
                  "--rerank", str(reranker_dir), "--rerank-top", "8", "--output", str(out)]) == 0
     result, = json.loads(out.read_text())
     assert result["reranker"] == str(reranker_dir) and result["rerank_top"] == 8
+    assert result["rerank_max_length"] == load_reranker(reranker_dir).max_length  # the folder's own by default
     assert main(["eval", "--task", "scifact", "--data-dir", str(beir), "-m", str(embedder_dir), "--device", "cpu",
                  "--output", str(tmp_path / "plain.json")]) == 0
     plain, = json.loads((tmp_path / "plain.json").read_text())
@@ -93,6 +94,21 @@ def test_eval_with_rerank_matches_the_pair_by_pair_order(models, beir, tmp_path,
     reference = retrieval_metrics(qrels, expected, (1, 3, 5, 10, 100, 1000))
     for name in ("ndcg_at_10", "map_at_10", "recall_at_5", "recall_at_100"):
         assert result[name] == pytest.approx(reference[name], abs=1e-9), name
+
+
+def test_eval_rerank_max_length_reaches_the_reranker(models, beir, tmp_path, monkeypatch):
+    import minibge.reranker as reranker_module
+    embedder_dir, reranker_dir = models
+    seen = []
+    real = reranker_module.Reranker.score
+    monkeypatch.setattr(reranker_module.Reranker, "score",
+                        lambda self, pairs, **kw: seen.append(self.max_length) or real(self, pairs, **kw))
+    out = tmp_path / "r.json"
+    assert main(["eval", "--task", "scifact", "--data-dir", str(beir), "-m", str(embedder_dir), "--device", "cpu",
+                 "--rerank", str(reranker_dir), "--rerank-top", "4", "--rerank-max-length", "12",
+                 "--output", str(out)]) == 0
+    assert json.loads(out.read_text())[0]["rerank_max_length"] == 12
+    assert seen and set(seen) == {12}, seen
 
 
 def test_eval_rerank_refuses_sts_tasks(models, beir, capsys):
