@@ -199,8 +199,9 @@ def run_benchmark(models, workload_names, rounds, scifact_docs, stsb_texts=None,
             folder = model_folder(model_name, Path(tmp) / model_name)
             if encode:
                 embedder = load_embedder(folder, device="cpu")
-                choice = embedder.fast_encoder.matmul_choice  # measured per machine (fast/kernels.py)
-                results["kernels"][model_name] = choice.describe() if choice is not None else "not measured (no oneDNN)"
+                # the matmul and attention routes, measured per machine (fast/kernels.py)
+                results["kernels"][model_name] = "; ".join(f"{what}: {how}" for what, how in
+                                                           embedder.fast_encoder.kernel_report())
                 peers = [p for p in all_peers(speed_options) if peer_filter is None or peer_filter(p.name)]
                 build_peers(peers, folder, embedder, workloads)
                 run_rounds(peers, workloads, rounds)
@@ -245,7 +246,7 @@ def markdown(results: dict, command: str) -> str:
              f"{_cell(results.get('peak_gflops_start'))} before and {_cell(results.get('peak_gflops_end'))} after "
              f"the peers; torch.mm alone: {_cell(results.get('torch_mm_peak_gflops'))}).", "",
              f"Command: `{command}`", ""]
-    lines += [f"fp32 matmul route the default encode chose for {model}: {choice}." for model, choice in
+    lines += [f"Kernels the default encode chose for {model}: {choice}." for model, choice in
               results.get("kernels", {}).items()] + ([""] if results.get("kernels") else [])
     header = ("| peer | texts/s | tokens/s | × sentence-transformers | median s (min–max) | GFLOP/s (% peak) "
               "| peak extra MB | 1 − cos vs plain | STS-B ρ | set-up s |")

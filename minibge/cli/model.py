@@ -111,20 +111,16 @@ def describe(embedder, folder: Path, origin: str) -> list[tuple[str, object]]:
         ("max length", f"{embedder.max_length} tokens"),
         ("query instruction", repr(instruction) if instruction else "(none)"),
         ("device", f"{embedder.device}, {next(embedder.model.parameters()).dtype}".replace("torch.", "")),
-        ("encode runs", backend_line(embedder)),
-    ]
+    ] + backend_rows(embedder)
 
 
-def backend_line(embedder) -> str:
-    """Which path encode() takes, and on the CPU which fp32 matmul kernel (measured per machine)."""
+def backend_rows(embedder) -> list[tuple[str, str]]:
+    """Which path encode() takes and, on the fast backend, its kernels: the fp32 matmul route, the
+    attention route and the short-group attention, with the timings that chose them on this machine."""
     blocker = embedder.fast_path_blocker()
     if blocker is not None:
-        return f"the plain model ({blocker})"
-    encoder = embedder.fast_encoder
-    choice = encoder.matmul_choice
-    kernel = (f"fp32 matmuls on {choice.describe()}" if choice is not None
-              else "oneDNN matmuls" if encoder.onednn else "F.linear matmuls")
-    return f"the fast backend, {encoder.attention} attention, {kernel}"
+        return [("encode runs", f"the plain model ({blocker})")]
+    return [("encode runs", "the fast backend")] + embedder.fast_encoder.kernel_report()
 
 
 # ---------------------------------------------------------------- the commands

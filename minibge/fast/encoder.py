@@ -53,15 +53,16 @@ such a write, call `embedder.fast_encoder.sync(force=True)`, or write under torc
 import functools
 import logging
 import time
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..common import cpu_has_native_bf16
+from . import kernels
 from . import onednn as onednn_kernels
 from .int8 import Int8Linear
-from .kernels import choose_matmul
 from ..model import BertModel
 
 logger = logging.getLogger(__name__)
@@ -129,40 +130,94 @@ def merge_heads(y: torch.Tensor) -> torch.Tensor:
     return y.transpose(1, 2).reshape(b * L, heads * D)
 
 
-SHORT_ATTENTION = 32  # up to this length, dense_attention spells attention out on the CPU
+# -----------------------------------------------------------------------------
+# Attention over one dense group of equal-length sentences, and which way to compute it (measured)
+
+SHORT_ATTENTION = 32  # the longest group the CPU may spell attention out for; longer ones always take SDPA
+SHORT_BANDS = ((15, (6, 12)), (SHORT_ATTENTION, (20, 28)))  # (longest length of a band, the lengths timed for it)
+SHORT_METHODS = ("sdpa", "plain", "transposed")  # candidates for a band; a tie goes to the first
+SHORT_GROUP = 16  # sentences in each timed group: a length bucket of the pipeline's 32-text batches
+ATTENTION_REPEATS = 5  # timed passes per attention candidate (each a few milliseconds at most), after one warm-up
 
 
-def dense_attention(q, k, v):
-    """Unmasked attention over a dense group, (b, heads, L, D) each → (b, heads, L, D).
+def attention_sdpa(q, k, v):
+    """PyTorch's kernel. On the CPU it is flash attention, working on blocks of queries and keys: for
+    long groups its blocking keeps the (L, L) scores in cache and wins; for short ones its set-up may
+    cost more than the work."""
+    return F.scaled_dot_product_attention(q, k, v)
 
-    PyTorch's CPU SDPA kernel (flash attention) works on blocks of queries and keys; for short
-    sequences its set-up dominates, and the three plain ops below are faster (docs/benchmarks.md),
-    while for long ones its blocking keeps the (L, L) scores in cache and wins. The same function
-    either way: softmax(q kᵀ / √D) v.
-    """
-    L, scale = q.shape[-2], q.shape[-1] ** -0.5
-    if q.device.type != "cpu" or L > SHORT_ATTENTION:
-        return F.scaled_dot_product_attention(q, k, v)
-    if L < 16:
-        # PyTorch's CPU softmax over the last dimension vectorises along it, and is several times slower
-        # when it is shorter than 16 (one AVX-512 vector of floats). Over dim -2 it vectorises across
-        # the last dimension instead, so for under 16 keys I lay the scores out as (keys, queries):
-        scores_t = (k @ q.transpose(-1, -2)).mul_(scale)             # (b, heads, L_keys, L_queries)
-        return scores_t.softmax(dim=-2).transpose(-1, -2) @ v         # a softmax over the keys, as below
-    scores = (q @ k.transpose(-1, -2)).mul_(scale)                    # (b, heads, L_queries, L_keys)
+
+def attention_plain(q, k, v):
+    """The three ops spelled out: softmax(q kᵀ / √D) v, softmax over the last dimension (the keys)."""
+    scores = (q @ k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)     # (b, heads, L_queries, L_keys)
     return scores.softmax(dim=-1) @ v
 
 
-def attend_buckets(qkv, packing: Packing, num_heads: int):
-    """Dense, unmasked attention per group of equal-length sentences. qkv (N, 3H) → (N, H)."""
+def attention_transposed(q, k, v):
+    """The same, with the scores laid out as (keys, queries) and the softmax over dim -2.
+    PyTorch's CPU softmax over the last dimension vectorises along it, and was several times slower
+    when that dimension is shorter than one vector register (16 floats with AVX-512); over dim -2 it
+    vectorises across the last dimension instead. Whether that pays depends on the CPU: measured."""
+    scores_t = (k @ q.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)   # (b, heads, L_keys, L_queries)
+    return scores_t.softmax(dim=-2).transpose(-1, -2) @ v             # a softmax over the keys, as above
+
+
+SHORT_ATTEND = {"sdpa": attention_sdpa, "plain": attention_plain, "transposed": attention_transposed}
+
+
+def dense_attention(q, k, v, plan=()):
+    """Unmasked attention over a dense group, (b, heads, L, D) each → (b, heads, L, D).
+
+    plan: ((longest, method), ...) by increasing `longest`, from choose_short_attention: on the CPU a
+    group of L tokens takes the method of the first band with L <= longest, SHORT_ATTEND's names;
+    longer groups, other devices and the empty plan take SDPA. The same function whichever runs.
+    """
+    if q.device.type == "cpu":
+        L = q.shape[-2]
+        for longest, method in plan:
+            if L <= longest:
+                return SHORT_ATTEND[method](q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def time_short_attention(num_heads: int, head_dim: int, lengths, dtype=torch.float32) -> dict:
+    """method -> best seconds to attend over SHORT_GROUP sentences of each of `lengths` tokens, with
+    q, k, v the same strided views of a packed q|k|v that the fast path hands to dense_attention."""
+    generator = torch.Generator().manual_seed(0)
+    H = num_heads * head_dim
+    groups = [split_qkv(torch.randn(SHORT_GROUP, L, 3 * H, generator=generator).to(dtype), num_heads)
+              for L in lengths]                                          # q, k, v: (b, heads, L, D) each
+    return kernels.best_times({method: functools.partial(lambda attend: [attend(*g) for g in groups], attend)
+                               for method, attend in SHORT_ATTEND.items()}, repeats=ATTENTION_REPEATS)
+
+
+@functools.cache
+def choose_short_attention(num_heads: int, head_dim: int, dtype=torch.float32) -> tuple:
+    """((longest, kernels.Choice), ...), one per SHORT_BANDS band: which SHORT_METHODS method attends
+    fastest on this CPU over groups up to `longest` tokens (measured once, cached; kernels.py)."""
+    bands, shortest = [], 1
+    for longest, lengths in SHORT_BANDS:
+        key = (f"{kernels.machine_key()} | attention of {shortest}-{longest} tokens (timed at {lengths}) "
+               f"heads={num_heads} D={head_dim} {str(dtype).removeprefix('torch.')}")
+        choice = kernels.choose(f"attention of groups of {shortest}-{longest} tokens", key, SHORT_METHODS,
+                                lambda lengths=lengths: time_short_attention(num_heads, head_dim, lengths, dtype),
+                                f"per {SHORT_GROUP} sentences of {' and '.join(map(str, lengths))} tokens")
+        bands.append((longest, choice))
+        shortest = longest + 1
+    return tuple(bands)
+
+
+def attend_buckets(qkv, packing: Packing, num_heads: int, plan=()):
+    """Dense, unmasked attention per group of equal-length sentences. qkv (N, 3H) → (N, H).
+    plan: how short groups are attended (dense_attention)."""
     H = qkv.shape[-1] // 3
     buckets = packing.buckets()
     if len(buckets) == 1:  # every sentence has the same length: the packed matrix *is* a dense batch
         L, _ = buckets[0]
-        return merge_heads(dense_attention(*split_qkv(qkv.view(-1, L, 3 * H), num_heads)))
+        return merge_heads(dense_attention(*split_qkv(qkv.view(-1, L, 3 * H), num_heads), plan=plan))
     out = qkv.new_empty(qkv.shape[0], H)
     for L, rows in buckets:
-        y = dense_attention(*split_qkv(qkv[rows], num_heads))  # (b, heads, L, D)
+        y = dense_attention(*split_qkv(qkv[rows], num_heads), plan=plan)  # (b, heads, L, D)
         out[rows.flatten()] = merge_heads(y)
     return out
 
@@ -190,6 +245,53 @@ def attend_nested(qkv, packing: Packing, num_heads: int):
 
 
 ATTEND = {"buckets": attend_buckets, "padded": attend_padded, "nested": attend_nested}
+CPU_ATTENTION = ("buckets", "padded", "nested")  # attention="auto"'s candidates on the CPU; a tie goes to the first
+# The two packed batches the CPU route is timed on, as the pipeline's length-sorted batches look:
+# short texts in a few neighbouring lengths (one bucket each), and longer ones that all differ.
+ROUTE_BATCHES = ((14,) * 10 + (13,) * 12 + (12,) * 10, tuple(range(80, 56, -4)))
+
+
+def time_attention_routes(num_heads: int, head_dim: int, plan=(), dtype=torch.float32) -> dict:
+    """route -> best seconds for one layer's attention over both ROUTE_BATCHES, each route as
+    FastEncoder runs it (buckets with the short-group `plan`). The packing, built once per batch and
+    shared by every layer in the encoder, is made before the clock starts."""
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for lengths in ROUTE_BATCHES:
+        lengths = torch.tensor(lengths)
+        packing = Packing.from_mask((torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long())  # (B, T) mask
+        packing.buckets()
+        qkv = torch.randn(packing.num_tokens, 3 * num_heads * head_dim, generator=generator).to(dtype)  # (N, 3H)
+        batches.append((qkv, packing))
+    attend = {**ATTEND, "buckets": functools.partial(attend_buckets, plan=plan)}
+    # torch's jagged tensors warn on first use that they are a prototype, and (torch 2.13) log a
+    # deprecation of their own is_fx_tracing call: noise in a measurement nobody asked to see
+    fx_log = logging.getLogger("torch.fx._symbolic_trace")
+    level = fx_log.level
+    fx_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return kernels.best_times({route: functools.partial(lambda f: [f(qkv, p, num_heads) for qkv, p in batches],
+                                                                attend[route]) for route in CPU_ATTENTION},
+                                      repeats=ATTENTION_REPEATS)
+    finally:
+        fx_log.setLevel(level)
+
+
+@functools.cache
+def choose_attention(num_heads: int, head_dim: int, dtype=torch.float32) -> kernels.Choice:
+    """The CPU_ATTENTION route attention="auto" takes on this CPU (measured once, cached; kernels.py)."""
+    plan = short_plan(choose_short_attention(num_heads, head_dim, dtype))
+    key = f"{kernels.machine_key()} | attention route heads={num_heads} D={head_dim} {str(dtype).removeprefix('torch.')}"
+    sizes = " and ".join(f"{len(lengths)} texts of {min(lengths)}-{max(lengths)} tokens" for lengths in ROUTE_BATCHES)
+    return kernels.choose("attention route", key, CPU_ATTENTION,
+                          lambda: time_attention_routes(num_heads, head_dim, plan, dtype), f"per layer on {sizes}")
+
+
+def short_plan(bands) -> tuple:
+    """choose_short_attention's answer as dense_attention's plan: ((longest, method), ...)."""
+    return tuple((longest, choice.route) for longest, choice in bands)
 
 
 class FastEncoder(nn.Module):
@@ -221,17 +323,28 @@ class FastEncoder(nn.Module):
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         weight = model.embeddings.word_embeddings.weight
-        if attention == "auto":
-            # measured (docs/benchmarks.md): per-bucket calls are cheap on a CPU and lose on a GPU,
-            # where one masked kernel over the re-padded batch wins (and jagged tensors cost more)
-            attention = "padded" if weight.device.type == "cuda" else "buckets"
         if int8 and weight.device.type != "cpu":
             raise ValueError("int8 matmuls (torch._int_mm with per-token scales) run on the CPU here")
+        heads, head_dim = model.config.num_attention_heads, model.config.head_dim
+        on_cpu = weight.device.type == "cpu"
+        self.attention_choice, self.short_attention, self.attention_asked = None, (), attention
+        if attention == "auto" and on_cpu:
+            # measured once per machine and shape (choose_attention): "buckets" won where it was first
+            # measured, but how cheap the per-bucket calls are depends on the CPU
+            self.attention_choice = choose_attention(heads, head_dim, weight.dtype)
+            attention = self.attention_choice.route
+        elif attention == "auto":
+            # measured on a GPU (docs/benchmarks.md, section 2): one masked kernel over the re-padded
+            # batch wins; per-bucket calls and jagged tensors cost more there
+            attention = "padded"
+        if attention == "buckets" and on_cpu:
+            self.short_attention = choose_short_attention(heads, head_dim, weight.dtype)  # ((longest, Choice), ...)
         self.model = model
         self.int8 = int8
         self.device_type = weight.device.type  # what attention="auto" and onednn=None were decided for
         self.attention = attention
-        self.attend = ATTEND[attention]
+        self.attend = (functools.partial(attend_buckets, plan=short_plan(self.short_attention))
+                       if attention == "buckets" else ATTEND[attention])
         self.fuse_qkv = fuse_qkv
         self.matmul_choice = None
         if onednn is None:
@@ -239,7 +352,7 @@ class FastEncoder(nn.Module):
             onednn = onednn_kernels.available(weight)
             if onednn:
                 config = model.config
-                self.matmul_choice = choose_matmul(config.hidden_size, config.intermediate_size)
+                self.matmul_choice = kernels.choose_matmul(config.hidden_size, config.intermediate_size)
                 onednn = self.matmul_choice.route == "onednn"
         self.onednn = onednn
         self.prepack = prepack
@@ -252,6 +365,19 @@ class FastEncoder(nn.Module):
         """For copy.deepcopy and pickle: packed oneDNN weights are opaque tensors that can be neither,
         so a copy leaves them behind and re-makes its matmuls on first use (built_from=None)."""
         return {**vars(self), "packed_weights": {}, "built_from": None}
+
+    def kernel_report(self) -> list[tuple[str, str]]:
+        """[(what, the route taken and why)] for the fp32 matmuls, the attention route and the
+        short-group attention: what `minibge info`, the bench header and the INFO log show."""
+        matmul = self.matmul_choice
+        rows = [("fp32 matmuls", matmul.describe() if matmul is not None
+                 else "oneDNN (asked for)" if self.onednn else "F.linear")]
+        if self.attention_choice is not None:
+            rows.append((self.attention_choice.what, self.attention_choice.describe()))
+        else:
+            rows.append(("attention route", f"{self.attention} (attention={self.attention_asked!r} on {self.device_type})"))
+        rows += [(choice.what, choice.describe()) for _, choice in self.short_attention]
+        return rows
 
     def weight_signature(self) -> list:
         """Identifies the Linears self.linears was made from: which modules (one may have been swapped
