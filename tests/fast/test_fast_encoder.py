@@ -3,6 +3,8 @@
 The bar is the issue's: per-text cosine ≥ 0.99999 in fp32 (in practice the differences are float
 rounding, ~1e-7), and the hidden states of real tokens within 1e-5.
 """
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -80,11 +82,46 @@ def test_fused_qkv_is_one_linear_with_stacked_weights():
             assert torch.allclose(got, expected, atol=1e-5), f"onednn={onednn}: {(got - expected).abs().max():.3e}"
 
 
-@pytest.mark.parametrize("L", [1, 15, 16, fast_path.SHORT_ATTENTION, fast_path.SHORT_ATTENTION + 1, 70])
-def test_dense_attention_is_sdpa_on_both_sides_of_the_short_threshold(L):
-    q, k, v = torch.randn(3, 3, 4, L, 8).unbind(0)  # (b, heads, L, D) each
-    got, ref = fast_path.dense_attention(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    assert (got - ref).abs().max() < 1e-5, f"L={L}: max |diff| {(got - ref).abs().max():.3e}"
+def reference_attention(q, k, v):
+    """softmax(q kᵀ / √D) v in float64, the textbook formula."""
+    q, k, v = q.double(), k.double(), v.double()
+    return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
+
+
+def assert_close_to(got, ref, what, tol=1e-5):
+    diff = (got.double() - ref).abs()
+    assert diff.max() < tol, f"{what}: max |diff| {diff.max():.3e}, mean {diff.mean():.3e}"
+
+
+@pytest.mark.parametrize("L", [1, 6, 15, 16, 28, fast_path.SHORT_ATTENTION, fast_path.SHORT_ATTENTION + 1, 70])
+@pytest.mark.parametrize("method", fast_path.SHORT_METHODS)
+def test_every_short_group_method_is_attention(method, L):
+    """Whichever method the measurement picks for a band, it computes attention: checked on q, k, v
+    as the fast path hands them over (strided views of a packed q|k|v), beyond the bands too."""
+    torch.manual_seed(L)
+    q, k, v = fast_path.split_qkv(torch.randn(3, L, 3 * 4 * 8), num_heads=4)  # (b, heads, L, D) each
+    ref = reference_attention(q, k, v)
+    assert_close_to(fast_path.SHORT_ATTEND[method](q, k, v), ref, f"{method}, L={L}")
+    plan = tuple((longest, method) for longest, _ in fast_path.SHORT_BANDS)
+    assert_close_to(fast_path.dense_attention(q, k, v, plan=plan), ref, f"dense_attention with {method}, L={L}")
+
+
+@pytest.mark.parametrize("route", fast_path.CPU_ATTENTION)
+def test_every_cpu_attention_route_is_attention_per_sentence(route):
+    """The candidates of attention="auto" on the CPU, on the packed batches they are timed on, with
+    every short-group plan: each sentence attends over itself only, as the textbook formula says."""
+    heads, D = 4, 8
+    plans = [tuple(zip([band[0] for band in fast_path.SHORT_BANDS], methods))
+             for methods in itertools.product(fast_path.SHORT_METHODS, repeat=len(fast_path.SHORT_BANDS))]
+    for lengths in fast_path.ROUTE_BATCHES + ((40, 20, 20, 15, 1),):
+        lengths = torch.tensor(lengths)
+        packing = Packing.from_mask((torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long())
+        qkv = torch.randn(packing.num_tokens, 3 * heads * D)                                 # (N, 3H)
+        ref = torch.cat([fast_path.merge_heads(reference_attention(*fast_path.split_qkv(part[None], heads)))
+                         for part in qkv.split(lengths.tolist())])                           # (N, H)
+        for plan in (plans if route == "buckets" else [()]):
+            got = fast_path.ATTEND[route](qkv, packing, heads, **({"plan": plan} if plan else {}))
+            assert_close_to(got, ref, f"{route} {plan} on lengths {lengths.tolist()}")
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh", "relu"])
