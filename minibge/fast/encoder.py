@@ -20,24 +20,32 @@ model, hooks, train mode, attn_impl="manual", a customised embed(): see model_bl
        b b ⬚ ⬚ ⬚          ──►       └─ seq 0 ─┘└ 1 ┘└─ 2 ──┘
        c c c c ⬚                    offsets (cu_seqlens) = [0, 5, 7, 11]
 
-   Attention then runs in one of three ways (`attention=`; "auto" picks buckets on a CPU and
-   padded on a GPU, as measured in docs/benchmarks.md), all the same function:
+   Attention then runs in one of three ways, all the same function (`attention=`; "auto" takes
+   "padded" on a GPU, as measured in docs/benchmarks.md, and on a CPU whichever of the three
+   choose_attention measured fastest on this machine, once, cached by kernels.py):
      "buckets"  group the sentences by exact length; each group is a dense (b, L) batch with no
-                mask at all, so SDPA may take its fastest kernel. Best on the CPU, where the
-                calls are cheap and the pipeline's batches (sorted by token count) have one or
-                two lengths.
+                mask at all, so SDPA may take its fastest kernel. Cheap calls on the CPU, and the
+                pipeline's batches (sorted by token count) have one or two lengths.
      "padded"   scatter q, k, v back into (B, T) and make one masked SDPA call (one kernel).
      "nested"   torch.nested jagged tensors: one SDPA call over ragged sequences, which CUDA
                 runs with the variable-length Flash kernel (the CPU falls back to math).
    The output is scattered back to (B, T, H), zeros at padding, for the embedder's pooling.
+   Within "buckets", a short group (up to SHORT_ATTENTION tokens) on the CPU may skip SDPA, whose
+   set-up can cost more than such a group's work, and spell attention out as three ops, with the
+   softmax over the last dimension ("plain") or over the keys laid out as rows ("transposed": the
+   softmax vectorises across queries, which pays where the keys are fewer than a vector register
+   holds). Which of SDPA, "plain" and "transposed" runs is measured per band of lengths
+   (SHORT_BANDS: 1-15 and 16-32 tokens) by choose_short_attention, once per machine; longer
+   groups always take SDPA.
 2. A fused QKV projection. The query, key and value Linears read the same input, so one
    (3H, H) matmul does the work of three; the weight [W_q; W_k; W_v] is concatenated once,
    when the FastEncoder is built. A packed row of q|k|v splits into heads by a view:
 
        (N, 3H) ─view─► (N, 3, heads, D)      (no copy until attention needs (heads, L, D))
 
-3. oneDNN matmuls on the CPU (onednn.py), with GELU and the residual adds fused into them:
-   PyTorch's fp32 nn.Linear goes to MKL's sgemm, which is slow on some CPUs (docs/benchmarks.md). The
+3. oneDNN matmuls on the CPU (onednn.py), with GELU and the residual adds fused into them, where
+   kernels.choose_matmul measured them faster than MKL on this machine: PyTorch's fp32 nn.Linear goes
+   to MKL's sgemm, which is slow on some CPUs and fast on others (docs/benchmarks.md). The
    weights are packed once into oneDNN's blocked layout (a second copy of the encoder's matmul
    weights: 42 MB for MiniLM), which saves the reorder oneDNN would do on every call.
 4. Optional modes that change the numbers slightly (speed_options): bf16 on CPUs with native
@@ -136,7 +144,7 @@ def merge_heads(y: torch.Tensor) -> torch.Tensor:
 SHORT_ATTENTION = 32  # the longest group the CPU may spell attention out for; longer ones always take SDPA
 SHORT_BANDS = ((15, (6, 12)), (SHORT_ATTENTION, (20, 28)))  # (longest length of a band, the lengths timed for it)
 SHORT_METHODS = ("sdpa", "plain", "transposed")  # candidates for a band; a tie goes to the first
-SHORT_GROUP = 16  # sentences in each timed group: a length bucket of the pipeline's 32-text batches
+SHORT_GROUP = 8  # sentences in each timed group: a length bucket of the pipeline's 32-text batches
 ATTENTION_REPEATS = 5  # timed passes per attention candidate (each a few milliseconds at most), after one warm-up
 
 
@@ -306,6 +314,11 @@ class FastEncoder(nn.Module):
     see the whole thing. It always computes the model in inference
     mode: no dropout, whatever model.training says (encode() checks that, see model_blocker).
 
+    attention: "auto" (measured on a CPU: choose_attention, `self.attention_choice`), "buckets",
+    "padded" or "nested" (module docstring); an explicit mode is never measured over. With "buckets"
+    on the CPU, the short groups' method per band is measured too (`self.short_attention`).
+    `kernel_report()` lists every choice with the timings that made it. The attention choices are
+    measured in the dtype the model has when the FastEncoder is built (a later .to() keeps them).
     onednn (CPU, fp32; None: measured, kernels.choose_matmul, on where oneDNN beats MKL on this
     machine): every matmul runs through oneDNN instead of MKL's sgemm, with the exact GELU
     fused into the up-projection and the residual adds fused into the output and down projections

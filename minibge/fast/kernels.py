@@ -60,7 +60,6 @@ logger = logging.getLogger(__name__)
 
 ROWS = 256     # packed token rows per timed matmul: a small batch, so the measurement stays short
 REPEATS = 3    # timed passes per route, after one warm-up; the best one counts
-OUTPACED = 4   # a route this many times slower than the fastest after two timed passes is not timed again
 ROUTES = ("mkl", "onednn")
 MAX_CACHE_BYTES = 1 << 20
 
@@ -135,26 +134,22 @@ def write_cache(path: Path, entries: dict) -> None:
 
 def best_times(passes: dict[str, Callable[[], object]], repeats: int = REPEATS) -> dict:
     """route -> best seconds of `repeats` timed calls of passes[route](), after one warm-up call each;
-    the routes take turns. A route that raises (an operator this build or CPU lacks) gets inf; one
-    still OUTPACED times slower than the fastest after two timed passes is not timed again (it will
-    not win, and the slowest candidates would otherwise take most of the measurement's time)."""
+    the routes take turns. A route that raises (an operator this build or CPU lacks) gets inf."""
     best = {route: float("inf") for route in passes}
-    dropped = set()
+    failed = set()
     with torch.inference_mode():
         for route, run in passes.items():
             try:
                 run()  # warm-up: kernels built, data touched
             except (RuntimeError, NotImplementedError) as err:
                 logger.info("%s cannot run here, not a candidate: %s", route, err)
-                dropped.add(route)
-        for repeat in range(repeats):
-            for route, run in passes.items():
-                if route not in dropped:
+                failed.add(route)
+        for _ in range(repeats):
+            for route, run in passes.items():  # in turn, so a passing load hits every route alike
+                if route not in failed:
                     start = time.perf_counter()
                     run()
                     best[route] = min(best[route], time.perf_counter() - start)
-            if repeat >= 1:  # two passes each first: one may have been preempted by another process
-                dropped |= {route for route, s in best.items() if s > OUTPACED * min(best.values())}
     return best
 
 

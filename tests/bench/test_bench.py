@@ -82,9 +82,11 @@ def test_bench_rows_agree_and_report(tiny_folder):
     assert len({round(r["stsb_spearman"], 6) for r in pairs}) == 1, [r["stsb_spearman"] for r in pairs]
     report = markdown({"machine": {"date": "d", "cores": 2, "cpu": "c", "cpu_flags": [], "torch": "t",
                                    "torch_cpu_capability": "x", "threads": 1, "load_average": None},
-                       "peak_gflops": 100.0, "rows": rows}, "minibge bench")
+                       "peak_gflops": 100.0, "rows": rows, "kernels": {"tiny": "attention route: buckets (...)"}},
+                      "minibge bench")
     for name in names:
         assert name in report
+    assert "Kernels the default encode chose for tiny: attention route: buckets (...)." in report
 
 
 def test_training_step_rows(tiny_folder, monkeypatch):

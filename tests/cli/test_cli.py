@@ -209,6 +209,10 @@ def test_info(minilm_dir, capsys):
     assert fields["hidden size"] == "384" and fields["layers"] == "6"
     assert fields["pooling"] == "mean" and fields["max length"] == "256 tokens"
     assert fields["folder"] == str(minilm_dir.resolve())
+    # the kernels encode runs on this machine, each with the timings that chose it (minibge/fast/kernels.py)
+    assert fields["encode runs"] == "the fast backend"
+    assert fields["fp32 matmuls"].split()[0] in ("onednn", "mkl", "F.linear")
+    assert fields["attention route"].split()[0] in ("buckets", "padded", "nested") and " ms" in fields["attention route"]
 
 
 def test_model_from_environment(minilm_dir, monkeypatch, capsys):
