@@ -24,8 +24,9 @@ the fastest. Three choices are made this way:
 The rules, the same for all three (`choose`):
 - One warm-up pass per route, then the best of REPEATS passes, the routes in turn (so a burst of
   load elsewhere hits them all alike). A route that fails to run counts as infinitely slow.
-- The fastest route wins; a tie goes to the first route listed, the simpler or PyTorch's default
-  (MKL; SDPA; "buckets").
+- The fastest route wins; a tie goes to the route listed first, the simpler or PyTorch's default
+  (MKL; SDPA; "buckets"). Within TIE (5%) of the fastest counts as a tie: a route must beat an
+  earlier one by more than that to be taken, so a near-equal pair is not decided by noise.
 - The answers are cached per machine in `<cache>/kernels.json` (`$MINIBGE_CACHE_DIR`, else
   `$XDG_CACHE_HOME/minibge`, else `~/.cache/minibge`), keyed by the CPU model, torch's version,
   the thread count and the shapes (and, for attention, the dtype), so later processes skip the
@@ -60,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 ROWS = 256     # packed token rows per timed matmul: a small batch, so the measurement stays short
 REPEATS = 3    # timed passes per route, after one warm-up; the best one counts
+TIE = 0.05     # a route within this fraction of the fastest ties with it (pick)
 ROUTES = ("mkl", "onednn")
 MAX_CACHE_BYTES = 1 << 20
 
@@ -154,8 +156,9 @@ def best_times(passes: dict[str, Callable[[], object]], repeats: int = REPEATS) 
 
 
 def pick(seconds: dict, routes: tuple = ROUTES) -> str:
-    """The fastest route; on a tie the first of `routes` (the simpler, or PyTorch's default)."""
-    return min(routes, key=lambda route: seconds[route])
+    """The first of `routes` (in order: the simpler, or PyTorch's default, first) within TIE of the fastest."""
+    fastest = min(seconds[route] for route in routes)
+    return next(route for route in routes if seconds[route] <= fastest * (1 + TIE))
 
 
 def choose(what: str, key: str, routes: tuple, measure: Callable[[], dict], unit: str) -> Choice:

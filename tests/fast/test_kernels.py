@@ -122,6 +122,11 @@ def test_pick_breaks_ties_by_the_order_of_the_routes():
     assert kernels.pick(dict.fromkeys(fast_path.CPU_ATTENTION, 1.0), fast_path.CPU_ATTENTION) == "buckets"
     assert kernels.pick({"sdpa": 2.0, "plain": 1.5, "transposed": 1.0}, fast_path.SHORT_METHODS) == "transposed"
     assert kernels.pick({"buckets": 2.0, "padded": 1.0, "nested": float("inf")}, fast_path.CPU_ATTENTION) == "padded"
+    # within TIE of the fastest is a tie, taken by the earlier route; beyond it the faster one wins
+    near, beyond = 1 + kernels.TIE / 2, 1 + 2 * kernels.TIE
+    assert kernels.pick({"sdpa": near, "plain": 2.0, "transposed": 1.0}, fast_path.SHORT_METHODS) == "sdpa"
+    assert kernels.pick({"sdpa": beyond, "plain": near, "transposed": 1.0}, fast_path.SHORT_METHODS) == "plain"
+    assert kernels.pick({"mkl": beyond, "onednn": 1.0}) == "onednn" and kernels.pick({"mkl": near, "onednn": 1.0}) == "mkl"
 
 
 # -----------------------------------------------------------------------------
