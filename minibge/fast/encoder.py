@@ -21,8 +21,8 @@ model, hooks, train mode, attn_impl="manual", a customised embed(): see model_bl
        c c c c ⬚                    offsets (cu_seqlens) = [0, 5, 7, 11]
 
    Attention then runs in one of three ways, all the same function (`attention=`; "auto" takes
-   "padded" on a GPU, as measured in docs/benchmarks.md, and on a CPU whichever of the three
-   choose_attention measured fastest on this machine, once, cached by kernels.py):
+   "padded" on a GPU, as measured in docs/benchmarks.md, and on a CPU whichever of the first two
+   choose_attention measured faster on this machine, once, cached by kernels.py):
      "buckets"  group the sentences by exact length; each group is a dense (b, L) batch with no
                 mask at all, so SDPA may take its fastest kernel. Cheap calls on the CPU, and the
                 pipeline's batches (sorted by token count) have one or two lengths.
@@ -253,7 +253,9 @@ def attend_nested(qkv, packing: Packing, num_heads: int):
 
 
 ATTEND = {"buckets": attend_buckets, "padded": attend_padded, "nested": attend_nested}
-CPU_ATTENTION = ("buckets", "padded", "nested")  # attention="auto"'s candidates on the CPU; a tie goes to the first
+# attention="auto"'s candidates on the CPU; a tie goes to the first. Not "nested": the CPU runs jagged
+# SDPA through the math fallback, many times slower than either, and timing it costs most of a second.
+CPU_ATTENTION = ("buckets", "padded")
 # The two packed batches the CPU route is timed on, as the pipeline's length-sorted batches look:
 # short texts in a few neighbouring lengths (one bucket each), and longer ones that all differ.
 ROUTE_BATCHES = ((14,) * 10 + (13,) * 12 + (12,) * 10, tuple(range(80, 56, -4)))

@@ -106,9 +106,9 @@ def test_every_short_group_method_is_attention(method, L):
     assert_close_to(fast_path.dense_attention(q, k, v, plan=plan), ref, f"dense_attention with {method}, L={L}")
 
 
-@pytest.mark.parametrize("route", fast_path.CPU_ATTENTION)
+@pytest.mark.parametrize("route", list(fast_path.ATTEND))
 def test_every_cpu_attention_route_is_attention_per_sentence(route):
-    """The candidates of attention="auto" on the CPU, on the packed batches they are timed on, with
+    """Every route (the candidates of attention="auto" on the CPU among them), on the packed batches they are timed on, with
     every short-group plan: each sentence attends over itself only, as the textbook formula says."""
     heads, D = 4, 8
     plans = [tuple(zip([band[0] for band in fast_path.SHORT_BANDS], methods))
