@@ -76,8 +76,8 @@ def test_bf16_step_on_cpu_matches_fp32_and_keeps_fp32_weights(tmp_path, native_b
     with caplog.at_level(logging.INFO, logger="minibge.train"):
         embedder, bf16_step, bf16_loss = train_once(tmp_path / "b", "bf16", steps=2)
     diff = abs(bf16_loss - fp32_loss)
-    # same weights, same batch, no dropout: only the rounding differs (bf16 keeps 8 bits of mantissa)
-    assert diff < 2e-2 * abs(fp32_loss), f"bf16 loss {bf16_loss:.5f} vs fp32 {fp32_loss:.5f}: |diff| {diff:.2e}"
+    # same weights, same batch, no dropout: only the rounding differs (measured: 7.6e-4 relative)
+    assert diff < 5e-3 * abs(fp32_loss), f"bf16 loss {bf16_loss:.5f} vs fp32 {fp32_loss:.5f}: |diff| {diff:.2e}"
     assert bf16_loss != fp32_loss, "bf16 autocast changed nothing: the step did not run in bf16"
     assert all(autocast for autocast, _ in bf16_step.seen), "every forward (steps and the check) under autocast"
     assert not any(autocast for autocast, _ in fp32_step.seen)
@@ -100,7 +100,7 @@ def test_bf16_with_gradient_caching_takes_the_loops_autocast(tmp_path, native_bf
     assert len(cached_step.seen) > len(plain_step.seen) and all(autocast for autocast, _ in cached_step.seen), \
         "every chunk's forward, in steps 1 and 3 of the cached step, runs under the loop's autocast"
     diff = abs(cached_loss - plain_loss)
-    assert diff < 1e-2 * abs(plain_loss), f"cached {cached_loss:.5f} vs plain {plain_loss:.5f}: |diff| {diff:.2e}"
+    assert diff < 1e-3 * abs(plain_loss), f"cached {cached_loss:.5f} vs plain {plain_loss:.5f}: |diff| {diff:.2e}"
 
 
 def test_bf16_is_refused_on_a_cpu_without_native_bf16(tmp_path, monkeypatch):
