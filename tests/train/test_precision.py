@@ -5,6 +5,7 @@ bf16 autocast itself works on any x86 CPU (emulated where there is no hardware),
 train in bf16 pretend the CPU has it (cpu_has_native_bf16 → True) and run everywhere."""
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -129,3 +130,38 @@ def test_fp16_on_cpu_warns_and_trains_in_fp32(tmp_path, caplog):
     assert "fp16 needs CUDA" in caplog.text
     assert not any(autocast for autocast, _ in step.seen)
     assert all(p.dtype == torch.float32 for p in embedder.model.parameters())
+
+
+
+@pytest.mark.slow  # four commands on tiny models (~1 min under load)
+@pytest.mark.parametrize("command", ["finetune-reranker", "finetune-m3", "pretrain", "finetune"])
+def test_every_command_on_the_loop_trains_in_bf16(tmp_path, native_bf16, command, monkeypatch):
+    """The loop is shared, so each command gets bf16 for free: under autocast every loss (listwise CE,
+    M3's unified loss, RetroMAE's MLM, InfoNCE with gradient caching) runs, is finite and is logged."""
+    from test_train_rerank import training_rows, write_jsonl, xlmr_folder
+
+    seen = []
+    real_autocast = loop_module._autocast
+
+    def recording_autocast(device, precision):
+        seen.append(precision)
+        return real_autocast(device, precision)
+
+    monkeypatch.setattr(loop_module, "_autocast", recording_autocast)
+    base = xlmr_folder(tmp_path / "base")
+    rows = training_rows(8)
+    train_file = write_jsonl(tmp_path / "t.jsonl", rows)
+    if command == "pretrain":  # RetroMAE reads plain text, one passage a line
+        train_file = tmp_path / "corpus.txt"
+        train_file.write_text("".join(row["pos"][0] + "\n" for row in rows))
+    out = tmp_path / "out"
+    args = [command, "-m", str(base), "--train", str(train_file), "--out", str(out), "--batch-size", "4",
+            "--max-steps", "2", "--log-steps", "1", "--lr", "1e-3", "--precision", "bf16"]
+    if command != "pretrain":
+        args += ["--group-size", "4", "--query-max-length", "8", "--passage-max-length", "16"]
+    if command == "finetune":
+        args += ["--cache-chunk-size", "3"]
+    assert main(args) == 0
+    log = [json.loads(line) for line in (out / loop_module.LOG_FILE).read_text().splitlines()]
+    assert len(log) == 2 and all(math.isfinite(entry["loss"]) for entry in log), log
+    assert seen and set(seen) == {"bf16"}, f"{command}: every forward through the loop's bf16 autocast ({seen})"
