@@ -11,7 +11,7 @@ and the loop does the rest, the same way for both stages:
 
     for each optimizer step:
         for each of `grad_accumulation` micro-batches:
-            with autocast (module notes):            losses = loss_fn(batch)
+            with autocast (Precision, below):        losses = loss_fn(batch)
             (losses["loss"] / micro-batches).backward()          gradients add up across micro-batches
         all-reduce the gradients (mean over ranks)               what DistributedDataParallel does
         clip the global gradient norm to max_grad_norm
@@ -62,7 +62,10 @@ refuses it (ValueError, as load_embedder refuses dtype="bfloat16" there); fp16 o
 no CPU has fast kernels, warns and trains in fp32. On the CPU, bf16 autocast keeps PyTorch's own
 F.linear (whose bf16 matmuls are oneDNN's kernels, AMX where there is one), not the fp32 oneDNN route
 below: autocast casts only at the operators it knows, not inside a custom autograd function, so on
-that route every Linear would stay fp32. docs/benchmarks.md has the speeds and a loss curve of both.
+that route every Linear would stay fp32. The loss runs under autocast too, so the score matmul of
+InfoNCE is bf16 even after the loss's .float(): its rounding is small next to the encoder's (the
+scores move about as much either way), so I keep one context around the whole loss_fn.
+docs/benchmarks.md has the speeds and a loss curve of both.
 
 On the CPU in fp32 (`onednn`, on by default), the model's nn.Linears compute through oneDNN for the
 length of the loop (fast/onednn.py: the same function, forward and backward, with faster matmuls on
