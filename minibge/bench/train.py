@@ -11,6 +11,10 @@ and the median over steps is reported as real (unpadded) tokens per second.
 compute through oneDNN (minibge/train/loop.py, minibge/fast/onednn.py). "minibge BertModel, MKL (no oneDNN)" is the
 same model on PyTorch's default matmuls, as `--no-onednn` trains it, and as transformers runs:
 the gap between the two rows is what oneDNN buys; the gap to transformers' row, the rest.
+"minibge BertModel, bf16 autocast" is `--precision bf16` on a CPU that multiplies bf16 in hardware
+(common.cpu_has_native_bf16; the row is left out elsewhere, where the loop refuses bf16): the
+forward and the loss under torch.autocast("cpu", bfloat16), fp32 weights and AdamW state, the
+Linears on PyTorch's F.linear (bf16 through oneDNN's own kernels), as train/loop.py runs it.
 
 cached_step_benchmark: one step of `minibge finetune` at growing batch sizes (group size 4), plain
 and with gradient caching (minibge/train/gradcache.py), with the bytes saved for backward (the
@@ -23,6 +27,7 @@ import time
 
 import torch
 
+from ..common import cpu_has_native_bf16
 from ..fast import onednn
 from .timing import PeakRSS
 from ..embedder import load_embedder
@@ -40,9 +45,11 @@ def training_batches(embedder, queries: list[str], passages: list[str]):
     return q, p
 
 
-def minibge_step(embedder, optimizer):
+def minibge_step(embedder, optimizer, autocast_dtype: torch.dtype | None = None):
+    """One step as the loop takes it: forward and loss under autocast (when a dtype is given), backward after."""
     def step(q, p):
-        loss = info_nce(embedder.embed(q), embedder.embed(p), temperature=0.02)
+        with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            loss = info_nce(embedder.embed(q).float(), embedder.embed(p).float(), temperature=0.02)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -65,20 +72,27 @@ def transformers_step(model, pooling: str, optimizer):
 
 
 def train_step_benchmark(folder, queries: list[str], passages: list[str], steps: int = 5) -> list[dict]:
-    """Median seconds and tokens/s of a contrastive step, minibge and transformers, interleaved."""
+    """Median seconds and tokens/s of a contrastive step, minibge (fp32 on oneDNN, fp32 on MKL, and bf16
+    autocast where the CPU has native bf16) and transformers, interleaved."""
     import transformers
 
     embedder, mkl_embedder = load_embedder(folder, device="cpu"), load_embedder(folder, device="cpu")
     onednn.use_onednn_linears(embedder.model)  # what train/loop.py does for `minibge finetune` on a CPU (fp32)
+    trained = [embedder.model, mkl_embedder.model]
     reference = transformers.AutoModel.from_pretrained(str(folder), attn_implementation="sdpa").train()
     steps_by_name = {  # each side its own copy of the weights and its own optimizer
         "minibge BertModel": minibge_step(embedder, torch.optim.AdamW(embedder.model.parameters(), lr=1e-5)),
         "minibge BertModel, MKL (no oneDNN)": minibge_step(
             mkl_embedder, torch.optim.AdamW(mkl_embedder.model.parameters(), lr=1e-5)),
-        "transformers BertModel (SDPA)": transformers_step(reference, embedder.pooling,
-                                                           torch.optim.AdamW(reference.parameters(), lr=1e-5)),
     }
-    for model in (embedder.model, mkl_embedder.model):
+    if cpu_has_native_bf16():  # `--precision bf16`: plain nn.Linears, which autocast casts (train/loop.py)
+        bf16_embedder = load_embedder(folder, device="cpu")
+        trained.append(bf16_embedder.model)
+        steps_by_name["minibge BertModel, bf16 autocast"] = minibge_step(
+            bf16_embedder, torch.optim.AdamW(bf16_embedder.model.parameters(), lr=1e-5), torch.bfloat16)
+    steps_by_name["transformers BertModel (SDPA)"] = transformers_step(
+        reference, embedder.pooling, torch.optim.AdamW(reference.parameters(), lr=1e-5))
+    for model in trained:
         model.train()
     q, p = training_batches(embedder, queries, passages)
     tokens = int(q["attention_mask"].sum() + p["attention_mask"].sum())

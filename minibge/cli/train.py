@@ -64,7 +64,9 @@ def _add_loop_options(p, batch_size: int, unit: str, cache: bool = False) -> Non
     p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (default: 0, at the end only)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--seed", type=int, default=42, help="data order, sampling and dropout (default: 42)")
-    p.add_argument("--precision", choices=list(AUTOCAST_DTYPES), default="fp32", help="autocast on CUDA (default: fp32)")
+    p.add_argument("--precision", choices=list(AUTOCAST_DTYPES), default="fp32",
+                   help="mixed precision (autocast): bf16 or fp16 on CUDA, bf16 on a CPU that multiplies it in hardware "
+                        "(avx512_bf16 or amx_bf16; refused on other CPUs); default: fp32")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="set the model's gradient_checkpointing flag while training: less memory, more compute")
     p.add_argument("--no-onednn", action="store_true",

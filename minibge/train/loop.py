@@ -11,7 +11,7 @@ and the loop does the rest, the same way for both stages:
 
     for each optimizer step:
         for each of `grad_accumulation` micro-batches:
-            with autocast (bf16/fp16 on CUDA only):  losses = loss_fn(batch)
+            with autocast (Precision, below):        losses = loss_fn(batch)
             (losses["loss"] / micro-batches).backward()          gradients add up across micro-batches
         all-reduce the gradients (mean over ranks)               what DistributedDataParallel does
         clip the global gradient norm to max_grad_norm
@@ -53,6 +53,20 @@ loss functions call sub-modules (Embedder.embed calls model(...) directly) and D
 when its own forward is called. The arithmetic is DDP's: sum over ranks, divide by world size.
 Rank 0 alone writes checkpoints, logs and the progress bar. Backend: nccl on CUDA, gloo on CPU.
 
+Precision (`precision`): fp32, or mixed precision under torch.autocast: bf16 or fp16 on CUDA (fp16
+with a GradScaler), and bf16 on a CPU that multiplies it in hardware (AVX-512 BF16 or AMX:
+common.cpu_has_native_bf16). Under autocast the master weights, gradients and AdamW moments stay
+fp32; autocast casts each matmul's inputs to bf16 on the fly and keeps its weight copies only inside
+the `with` block. Elsewhere bf16 would be emulated, slower than fp32, so a CPU without the hardware
+refuses it (ValueError, as load_embedder refuses dtype="bfloat16" there); fp16 on the CPU, for which
+no CPU has fast kernels, warns and trains in fp32. On the CPU, bf16 autocast keeps PyTorch's own
+F.linear (whose bf16 matmuls are oneDNN's kernels, AMX where there is one), not the fp32 oneDNN route
+below: autocast casts only at the operators it knows, not inside a custom autograd function, so on
+that route every Linear would stay fp32. The loss runs under autocast too, so the score matmul of
+InfoNCE is bf16 even after the loss's .float(): its rounding is small next to the encoder's (the
+scores move about as much either way), so I keep one context around the whole loss_fn.
+docs/benchmarks.md has the speeds and a loss curve of both.
+
 On the CPU in fp32 (`onednn`, on by default), the model's nn.Linears compute through oneDNN for the
 length of the loop (fast/onednn.py: the same function, forward and backward, with faster matmuls on
 some CPUs; docs/benchmarks.md, "Why oneDNN"). The switch changes the modules' class, not their
@@ -86,7 +100,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 # rank_and_world is looked up here at call time, so tests can stand in for a group (monkeypatch this module's name)
-from ..common import atomic_folder, rank_and_world, read_json, write_text_atomic
+from ..common import atomic_folder, cpu_has_native_bf16, rank_and_world, read_json, write_text_atomic
 from ..fast import onednn as onednn_kernels
 from ..weights import RUN_FILE
 from . import gradcache
@@ -112,7 +126,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0    # clip the global gradient norm (None: no clipping)
     save_steps: int = 0                  # checkpoint every N optimizer steps (0: only at the end)
     seed: int = 42                       # data order, sampling inside batches, dropout
-    precision: str = "fp32"              # fp32 | fp16 | bf16 (autocast, CUDA only)
+    precision: str = "fp32"              # fp32 | fp16 | bf16 (autocast: CUDA; bf16 also on CPUs with native bf16)
     gradient_checkpointing: bool = False # BertModel.gradient_checkpointing: less memory, one more forward per layer
     onednn: bool = True                  # CPU fp32: Linears through oneDNN (fast/onednn.py): same function, faster
     log_steps: int = 10                  # write a log line every N optimizer steps
@@ -520,17 +534,38 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, scaler) 
 
 def onednn_while_training(model: nn.Module, config: TrainConfig):
     """The loop's context: the model's nn.Linears on oneDNN while it runs, when config.onednn asks for
-    it and the parameters are fp32 on a CPU with a working operator; otherwise nothing changes."""
-    if not (config.onednn and onednn_kernels.available(next(model.parameters()))):
+    it, the parameters are fp32 on a CPU with a working operator and no autocast is on; otherwise
+    nothing changes (under bf16 autocast the Linears stay F.linear, which autocast casts to bf16)."""
+    param = next(model.parameters())
+    if not (config.onednn and onednn_kernels.available(param)) or autocast_dtype(param.device, config.precision):
         return contextlib.nullcontext(0)
     return onednn_kernels.onednn_linears(model)
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The dtype the loop autocasts to on `device`, or None (fp32): bf16/fp16 on CUDA, bf16 on the CPU
+    (train() has refused it on a CPU without native bf16), nothing elsewhere (train() warns)."""
     dtype = AUTOCAST_DTYPES[precision]
-    if dtype is None or device.type != "cuda":
+    if device.type == "cuda" or (device.type == "cpu" and dtype == torch.bfloat16):
+        return dtype
+    return None
+
+
+def check_precision(device: torch.device, precision: str) -> None:
+    """Refuse bf16 on a CPU that would emulate it (ValueError); warn that fp16 off CUDA trains in fp32."""
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        raise ValueError("precision bf16 on this CPU would be emulated (no avx512_bf16 or amx_bf16 flag), slower "
+                         "than fp32: train in fp32 here, or in bf16 on a CPU or GPU that multiplies it in hardware")
+    if precision != "fp32" and autocast_dtype(device, precision) is None:
+        logger.warning("precision %s needs CUDA%s; training in fp32 on %s", precision,
+                       " (or bf16 on a CPU with native bf16)" if precision == "fp16" else "", device)
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = autocast_dtype(device, precision)
+    if dtype is None:
         return torch.autocast(device.type, enabled=False)
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _as_floats(losses: dict) -> dict:
@@ -697,8 +732,7 @@ def train(model: nn.Module, loss_fn: Callable[[object], dict], batches: Batches,
     run_info = json.loads(json.dumps(run_info or {}))  # what run.json will read back (tuples -> lists)
     rank, _ = rank_and_world()
     device = device or next(model.parameters()).device
-    if config.precision != "fp32" and device.type != "cuda":
-        logger.warning("precision %s needs CUDA; training in fp32 on %s", config.precision, device)
+    check_precision(device, config.precision)  # before the output folder is touched
     if config.gradient_checkpointing:
         bert_models(model)  # a model it cannot apply to fails here, before the output folder is touched
     if config.cache_chunk_size and not isinstance(loss_fn, gradcache.EmbeddingLoss):
@@ -722,6 +756,9 @@ def train(model: nn.Module, loss_fn: Callable[[object], dict], batches: Batches,
         if switched and rank == 0:
             logger.info("%d Linear layers compute through oneDNN while training (CPU, fp32; off: --no-onednn, "
                         "TrainConfig(onednn=False))", switched)
+        if device.type == "cpu" and autocast_dtype(device, config.precision) and rank == 0:
+            logger.info("training under bf16 autocast on the CPU (fp32 master weights and AdamW state); the "
+                        "Linears run PyTorch's own bf16 matmuls, not the fp32 oneDNN route")
         from tqdm.auto import tqdm  # the bar comes after that line: a log line drawn over a bar is hard to find
         bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=rank != 0)
         log = TrainLog(output_dir, config, total_steps, bar)

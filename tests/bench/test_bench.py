@@ -91,6 +91,8 @@ def test_bench_rows_agree_and_report(tiny_folder):
 
 def test_training_step_rows(tiny_folder, monkeypatch):
     require_module("transformers")
+    # the bf16 row is only built where the CPU has native bf16; autocast runs (emulated) anywhere, so test it here
+    monkeypatch.setattr(bench_train, "cpu_has_native_bf16", lambda: True)
     calls = []
 
     def counting_linear(*args, **kwargs):
@@ -101,6 +103,7 @@ def test_training_step_rows(tiny_folder, monkeypatch):
     monkeypatch.setattr(onednn, "linear", counting_linear)
     rows = bench_train.train_step_benchmark(tiny_folder, TEXTS[:3], TEXTS[3:], steps=1)
     assert [r["step"] for r in rows] == ["minibge BertModel", "minibge BertModel, MKL (no oneDNN)",
+                                         "minibge BertModel, bf16 autocast",
                                          "transformers BertModel (SDPA)"]
     assert all(r["median_s"] > 0 and r["tokens_per_s"] > 0 for r in rows) and rows[-1]["vs_transformers"] == 1.0
     assert bool(calls) == onednn.available(torch.zeros(1)), "the minibge row trains on oneDNN, as finetune does"

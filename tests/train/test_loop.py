@@ -161,8 +161,8 @@ def test_config_rejects_bad_values(field, value):
 
 
 def test_half_precision_on_cpu_warns_and_trains_in_fp32(tmp_path, caplog):
-    model = toy_model()
-    run(model, TrainConfig(epochs=1, batch_size=8, precision="bf16"), tmp_path / "out")
+    model = toy_model()  # fp16 here; bf16 on the CPU: tests/train/test_precision.py
+    run(model, TrainConfig(epochs=1, batch_size=8, precision="fp16"), tmp_path / "out")
     assert "needs CUDA" in caplog.text
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
