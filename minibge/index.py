@@ -244,6 +244,8 @@ def build(model, corpus, out, *, store_texts: bool = True, batch_size: int = 32,
     loaded = hasattr(model, "encode_corpus") or isinstance(model, M3Embedder)
     if loaded and load_kwargs:
         raise ValueError(f"{sorted(load_kwargs)} are for loading a model; this embedder is already loaded")
+    if m3 and loaded and not isinstance(model, M3Embedder):
+        raise ValueError("m3=True needs a BGE-M3 folder or an M3Embedder (minibge.load_m3), not a plain embedder")
     if not loaded:
         model = (load_m3 if m3 else load_embedder)(model, **load_kwargs)
     m3 = isinstance(model, M3Embedder)

@@ -322,6 +322,8 @@ def test_cli_search_modes_on_an_m3_index(m3_index):
 def test_lexical_modes_are_refused_where_they_cannot_work(m3_index, tmp_path):
     root, m3 = m3_index
     dense_only = saved_index.build(m3.embedder, root / "docs.txt", tmp_path / "dense")  # no m3: dense vectors only
+    with pytest.raises(ValueError, match="m3=True needs a BGE-M3 folder"):
+        saved_index.build(m3.embedder, root / "docs.txt", tmp_path / "x", m3=True)
     assert dense_only.sparse is None and "m3" not in dense_only.info["model"]
     with pytest.raises(ValueError, match="holds dense vectors only.*minibge index --m3"):
         dense_only.search(m3, ["q"], mode="sparse")
