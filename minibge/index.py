@@ -18,6 +18,25 @@ An index is a folder:
     index.json       what built it: the model (folder, Hub repository, sha256 of its config, tokenizer
                      and weights files; pooling, max length), the corpus file, N and D
 
+An index built from a BGE-M3 model (an M3Embedder, `minibge index --m3`; m3.py) also holds each
+document's lexical weights, as one sparse (N, V) matrix in CSR form, V the vocabulary:
+
+    sparse.indptr.npy   (N + 1,) int64: document i's weights are entries indptr[i]:indptr[i+1] ...
+    sparse.indices.npy  (nnz,) int32 token ids, ascending within a document ...
+    sparse.values.npy   (nnz,) float32 their weights (> 0; the special tokens are already dropped)
+
+and index.json says so ("sparse": {"vocab_size": V, "nnz": nnz}; the model record has "m3": true,
+and its sha256 covers the two head files too). search(mode=...) then ranks by one of
+
+    dense           e_q · e_d                                    (every index)
+    sparse          s_lex = Σ_{t in both} w_q(t) · w_d(t)        (the lexical matching score)
+    sparse+dense    (w2·s_lex + w1·s_dense) / (w1 + w2)          (m3.combine_scores, weights [w1, w2])
+
+the very numbers BGEM3FlagModel.compute_score gives for the same (query, document) pair. ColBERT
+vectors are not stored: they take a vector per token (SciFact's 5,183 abstracts at D = 384 are
+~2.3 GB; BGE-M3's D = 1024 is 2.7 times that), where the dense vector and the sparse weights take
+one vector and a few hundred numbers per document. Rerank a shortlist with compute_score for it.
+
 The corpus file is read line by line (common.iter_lines), in one of three forms:
 
     text     one document per line; blank lines are skipped; the id is the line number ("17"), as
@@ -36,6 +55,12 @@ Exact choices:
 - The folder is written under a temporary name beside DIR and renamed onto it at the end; a run that
   fails leaves nothing. An existing index is replaced only with overwrite=True, and anything else at
   DIR never is.
+- The lexical scores are computed SEARCH_ROWS documents at a time, like the dense ones, from plain
+  reads of the CSR files: per chunk, each stored weight whose token is among the queries' tokens is
+  multiplied by the query's weight and added to its document's score (float64). The files are
+  untrusted: their shapes and dtypes are checked when the index opens, indptr (monotone, 0 to nnz)
+  at the first lexical search, and each chunk's token ids (in [0, V)) and weights (finite, ≥ 0)
+  when it is read.
 - Searching with a model other than the one that built the index is refused: the sha256 of the model's
   files must match the record (or pooling/dimension differ), since another model's query vectors live
   in another space and would return confident nonsense.
@@ -61,7 +86,8 @@ import torch
 
 from . import common, hub
 from .evaluate.data import document_text
-from .evaluate.search import npy_chunks, npy_header, top_k
+from .evaluate.search import npy_chunks, npy_header, top_k, top_k_of_scores
+from .m3 import HEAD_FILES, M3Embedder, check_mode_weights, combine_scores
 
 logger = logging.getLogger(__name__)
 
@@ -71,18 +97,23 @@ INDEX_FILE, VECTORS_FILE = "index.json", "vectors.npy"
 CHUNK_TEXTS = 10_000  # documents embedded at a time: the same chunks as `minibge search --corpus`
 SEARCH_ROWS = 16_384  # vectors scored at a time by the exact backend: (Q, 16384) scores
 BACKENDS = ("exact", "faiss-flat", "faiss-hnsw", "faiss-ivf")
+MODES = ("dense", "sparse", "sparse+dense")  # the M3 scores an index can rank by (ColBERT's are not stored)
+SPARSE_FILES = {"indptr": ("sparse.indptr.npy", "<i8"), "indices": ("sparse.indices.npy", "<i4"),
+                "values": ("sparse.values.npy", "<f4")}
 MODEL_FILES = ("config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json",
                "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 # ---------------------------------------------------------------- the model's record
-def model_sha256(folder) -> str:
-    """sha256 over the files that decide a model's vectors: config, tokenizer, weights (shards too).
+def model_sha256(folder, m3: bool = False) -> str:
+    """sha256 over the files that decide a model's vectors: config, tokenizer, weights (shards too),
+    and with m3 the two head files (the sparse head decides the stored lexical weights).
 
     Each file enters as its name, its size and its bytes, in sorted order, so renaming the folder
     keeps the hash and changing any of those files changes it."""
     folder = Path(folder)
-    names = [name for name in MODEL_FILES if (folder / name).is_file()]
+    files = MODEL_FILES + (tuple(HEAD_FILES.values()) if m3 else ())
+    names = [name for name in files if (folder / name).is_file()]
     index = common.read_json(folder / "model.safetensors.index.json")
     if index is not None and not (folder / "model.safetensors").is_file():
         names += sorted(set(index.get("weight_map", {}).values()))
@@ -113,12 +144,14 @@ def model_folder(embedder) -> Path:
     return folder
 
 
-def model_record(embedder) -> dict:
-    """What index.json says about the model that embedded the documents."""
+def model_record(embedder, m3: bool = False) -> dict:
+    """What index.json says about the model that embedded the documents (for an M3 model, its
+    dense Embedder, M3Embedder.embedder, with m3=True)."""
     folder = model_folder(embedder)
-    return {"name": folder.name, "folder": str(folder.resolve()), "repository": hub.recorded_source(folder),
-            "sha256": model_sha256(folder), "pooling": embedder.pooling, "max_length": embedder.max_length,
-            "dimension": embedder.dimension, "normalized": True}
+    record = {"name": folder.name, "folder": str(folder.resolve()), "repository": hub.recorded_source(folder),
+              "sha256": model_sha256(folder, m3), "pooling": embedder.pooling, "max_length": embedder.max_length,
+              "dimension": embedder.dimension, "normalized": True}
+    return {**record, "m3": True} if m3 else record
 
 
 # ---------------------------------------------------------------- reading a corpus
@@ -197,18 +230,29 @@ def check_index_destination(out: Path, overwrite: bool) -> None:
 
 # ---------------------------------------------------------------- building
 def build(model, corpus, out, *, store_texts: bool = True, batch_size: int = 32, overwrite: bool = False,
-          faiss: tuple[str, ...] = (), show_progress_bar: bool | None = None, **load_kwargs) -> "Index":
+          faiss: tuple[str, ...] = (), show_progress_bar: bool | None = None, m3: bool = False,
+          **load_kwargs) -> "Index":
     """Embed every document of `corpus` (a text/jsonl file or a BEIR folder) with `model` (a folder,
-    a Hub id or a loaded Embedder) into the index folder `out`; returns the opened Index.
+    a Hub id, a loaded Embedder or M3Embedder) into the index folder `out`; returns the opened Index.
 
-    faiss: FAISS structures to build and save beside the vectors ("hnsw", "ivf"); load_kwargs go to
-    load_embedder (device, dtype, max_length, ...)."""
+    m3: `model` is a BGE-M3 folder (load_m3): the index holds its dense vectors and lexical weights
+    (an M3Embedder given as `model` does this too). faiss: FAISS structures to build and save beside
+    the vectors ("hnsw", "ivf"); load_kwargs go to load_embedder / load_m3 (device, dtype, max_length, ...)."""
     from .embedder import load_embedder
+    from .m3 import load_m3
 
-    if hasattr(model, "encode_corpus") and load_kwargs:
+    loaded = hasattr(model, "encode_corpus") or isinstance(model, M3Embedder)
+    if loaded and load_kwargs:
         raise ValueError(f"{sorted(load_kwargs)} are for loading a model; this embedder is already loaded")
-    embedder = model if hasattr(model, "encode_corpus") else load_embedder(model, **load_kwargs)
-    record = model_record(embedder)
+    if m3 and loaded and not isinstance(model, M3Embedder):
+        raise ValueError("m3=True needs a BGE-M3 folder or an M3Embedder (minibge.load_m3), not a plain embedder")
+    if not loaded:
+        model = (load_m3 if m3 else load_embedder)(model, **load_kwargs)
+    m3 = isinstance(model, M3Embedder)
+    if m3:
+        model.model.head("sparse")  # a folder without sparse_linear.pt fails here, before any embedding
+    embedder = model.embedder if m3 else model  # the dense side: pooling, dimension, the model's folder
+    record = model_record(embedder, m3)
     out = Path(out)
     corpus_path, kind = corpus_format(corpus)
     for name in faiss:
@@ -231,17 +275,26 @@ def build(model, corpus, out, *, store_texts: bool = True, batch_size: int = 32,
         vectors = np.lib.format.open_memmap(folder / VECTORS_FILE, mode="w+", dtype=np.float32,
                                             shape=(total, embedder.dimension))  # (N, D)
         id_offsets, text_offsets, row = [], [], 0
+        sparse = _SparseWriter(folder) if m3 else None
         with builtins.open(folder / "ids.jsonl", "wb") as ids, \
                 (builtins.open(folder / "texts.jsonl", "wb") if store_texts else contextlib.nullcontext()) as texts:
             for chunk in common.chunked(iter_corpus(corpus_path), CHUNK_TEXTS):
                 chunk_ids, chunk_texts = zip(*chunk)
-                # batch by batch, as encode_corpus embeds them (no instruction, unit length), so that
-                # the progress bar moves with every batch and each one lands in its rows at once
-                for indices, batch in embedder.iter_batches(list(chunk_texts), batch_size=batch_size,
-                                                            normalize_embeddings=True, show_progress_bar=False):
-                    vectors[row + indices] = batch.cpu().numpy()  # (b, D) into rows in input order
+                if m3:  # dense vectors and lexical weights of one forward pass (M3Embedder.encode), a chunk at a time
+                    output = model.encode(list(chunk_texts), batch_size=batch_size, return_sparse=True,
+                                          show_progress_bar=False)
+                    vectors[row:row + len(chunk)] = output["dense_vecs"]  # (n, D), unit length
+                    sparse.add(output["lexical_weights"])
                     if bar is not None:
-                        bar.update(len(indices))
+                        bar.update(len(chunk))
+                else:
+                    # batch by batch, as encode_corpus embeds them (no instruction, unit length), so that
+                    # the progress bar moves with every batch and each one lands in its rows at once
+                    for indices, batch in embedder.iter_batches(list(chunk_texts), batch_size=batch_size,
+                                                                normalize_embeddings=True, show_progress_bar=False):
+                        vectors[row + indices] = batch.cpu().numpy()  # (b, D) into rows in input order
+                        if bar is not None:
+                            bar.update(len(indices))
                 _write_lines(chunk_ids, ids, id_offsets)
                 if store_texts:
                     _write_lines(chunk_texts, texts, text_offsets)
@@ -259,6 +312,8 @@ def build(model, corpus, out, *, store_texts: bool = True, batch_size: int = 32,
         info = {"format": FORMAT, "version": VERSION, "count": total, "dimension": embedder.dimension,
                 "texts": store_texts, "model": record,
                 "corpus": {"path": str(corpus_path.resolve()), "format": kind}}
+        if m3:
+            info["sparse"] = {"vocab_size": model.model.config.vocab_size, "nnz": sparse.finish()}
         (folder / INDEX_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         staged = Index(folder)
         for name in faiss:
@@ -276,6 +331,114 @@ def _progress_bar(total: int, show: bool | None):
         return None
     from tqdm.auto import tqdm
     return tqdm(total=total, unit="doc", desc="Indexing")
+
+
+# ---------------------------------------------------------------- lexical weights (M3)
+class _SparseWriter:
+    """Appends documents' {"token id": weight} dicts to the CSR files: token ids and weights go to
+    two raw files as they come (their count is known only at the end), then each becomes a .npy
+    (the header, then the raw bytes copied after it)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.indptr = [0]
+        self.raw = {name: builtins.open(folder / f"{SPARSE_FILES[name][0]}.part", "wb") for name in ("indices", "values")}
+
+    def add(self, weights: list[dict]) -> None:
+        for item in weights:
+            ids = sorted(int(t) for t in item)
+            self.raw["indices"].write(np.asarray(ids, dtype=SPARSE_FILES["indices"][1]).tobytes())
+            self.raw["values"].write(np.asarray([item[str(t)] for t in ids], dtype=SPARSE_FILES["values"][1]).tobytes())
+            self.indptr.append(self.indptr[-1] + len(ids))
+
+    def finish(self) -> int:
+        """Write the three .npy files; returns nnz."""
+        nnz = self.indptr[-1]
+        np.save(self.folder / SPARSE_FILES["indptr"][0], np.asarray(self.indptr, dtype=SPARSE_FILES["indptr"][1]))
+        for name, raw in self.raw.items():
+            raw.close()
+            filename, dtype = SPARSE_FILES[name]
+            with builtins.open(self.folder / filename, "wb") as f, builtins.open(raw.name, "rb") as part:
+                np.lib.format.write_array_header_1_0(f, {"descr": dtype, "fortran_order": False, "shape": (nnz,)})
+                while block := part.read(1 << 24):
+                    f.write(block)
+            Path(raw.name).unlink()
+        return nnz
+
+
+class SparseRows:
+    """The lexical weights of a saved M3 index, read as untrusted (module docstring): the CSR files'
+    shapes and dtypes are checked here, indptr at first use, the entries chunk by chunk."""
+
+    def __init__(self, path: Path, count: int, info: dict):
+        self.path, self.count = path, count
+        vocab, nnz = info.get("vocab_size"), info.get("nnz")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (vocab, nnz)):
+            raise ValueError(f"{path / INDEX_FILE}: \"sparse\" must hold the integers vocab_size and nnz")
+        self.vocab_size, self.nnz = vocab, nnz
+        self.offsets = {}
+        for name, (filename, dtype) in SPARSE_FILES.items():
+            file = path / filename
+            if file.is_symlink() or not file.is_file():
+                raise ValueError(f"{file} is missing (or not a regular file); this M3 index is incomplete, rebuild it")
+            shape, found, offset = npy_header(file)
+            want = (count + 1,) if name == "indptr" else (nnz,)
+            if shape != want or found != np.dtype(dtype):
+                raise ValueError(f"{file} holds {found} {shape}, but {INDEX_FILE} says {np.dtype(dtype)} {want}")
+            if file.stat().st_size != offset + np.prod(want, dtype=np.int64) * np.dtype(dtype).itemsize:
+                raise ValueError(f"{file} is {file.stat().st_size} bytes, not what its header says (truncated?)")
+            self.offsets[name] = offset
+        self._indptr = None
+
+    @property
+    def indptr(self) -> np.ndarray:
+        """(N + 1,) int64, checked: starts at 0, never decreases, ends at nnz."""
+        if self._indptr is None:
+            indptr = np.load(self.path / SPARSE_FILES["indptr"][0], allow_pickle=False)
+            if indptr[0] != 0 or indptr[-1] != self.nnz or (np.diff(indptr) < 0).any():
+                raise ValueError(f"{self.path / SPARSE_FILES['indptr'][0]}: row pointers must rise from 0 to "
+                                 f"nnz = {self.nnz} (a damaged or foreign file)")
+            self._indptr = indptr
+        return self._indptr
+
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Entries start:stop of indices or values, by a plain read (no memory map: see npy_chunks)."""
+        filename, dtype = SPARSE_FILES[name]
+        with builtins.open(self.path / filename, "rb") as f:
+            f.seek(self.offsets[name] + start * np.dtype(dtype).itemsize)
+            out = np.fromfile(f, dtype=dtype, count=stop - start)
+        if len(out) != stop - start:
+            raise ValueError(f"{self.path / filename} ends early (truncated?)")
+        return out
+
+    def scores(self, query_weights: list[dict], rows: int = SEARCH_ROWS) -> Iterator[torch.Tensor]:
+        """s_lex of every query against every document: (Q, n) float64 tensors, `rows` documents at a time."""
+        # the queries' tokens only: a (V,) lookup to a compact column, and their weights (u, Q)
+        tokens = sorted({int(t) for item in query_weights for t in item})
+        if tokens and not (0 <= tokens[0] and tokens[-1] < self.vocab_size):
+            raise ValueError(f"query token ids must lie in [0, {self.vocab_size}): is this the index's model?")
+        column = np.full(self.vocab_size, -1, dtype=np.int64)
+        column[tokens] = np.arange(len(tokens))
+        query = np.zeros((len(tokens), len(query_weights)))                        # (u, Q) float64
+        for j, item in enumerate(query_weights):
+            for t, w in item.items():
+                query[column[int(t)], j] = w
+        indptr = self.indptr
+        for start in range(0, self.count, rows):
+            stop = min(start + rows, self.count)
+            a, b = int(indptr[start]), int(indptr[stop])
+            ids, values = self._read("indices", a, b), self._read("values", a, b)  # (e,) each
+            if len(ids) and (ids.min() < 0 or ids.max() >= self.vocab_size):
+                raise ValueError(f"{self.path / SPARSE_FILES['indices'][0]}: a token id outside [0, {self.vocab_size})")
+            if not np.isfinite(values).all() or (values < 0).any():
+                raise ValueError(f"{self.path / SPARSE_FILES['values'][0]}: weights must be finite and ≥ 0")
+            document = np.repeat(np.arange(stop - start), np.diff(indptr[start:stop + 1]))  # (e,) each entry's row
+            cols = column[ids]
+            shared = cols >= 0                                                      # entries whose token a query has
+            products = values[shared, None].astype(np.float64) * query[cols[shared]]  # (e', Q): w_d(t)·w_q(t)
+            scores = torch.zeros(stop - start, len(query_weights), dtype=torch.float64)
+            scores.index_add_(0, torch.from_numpy(document[shared]), torch.from_numpy(products))  # (n, Q)
+            yield scores.T                                                          # (Q, n)
 
 
 # ---------------------------------------------------------------- searching
@@ -315,6 +478,7 @@ class Index:
                              f"float32 ({info['count']}, {info['dimension']})")
         self.ids = _Lines(self.path / "ids.jsonl")
         self.texts = _Lines(self.path / "texts.jsonl") if info.get("texts") else None
+        self.sparse = SparseRows(self.path, info["count"], info["sparse"]) if "sparse" in info else None
         self._faiss = {}
 
     def __len__(self) -> int:
@@ -322,7 +486,8 @@ class Index:
 
     def __repr__(self):
         model = self.info["model"]
-        return f"Index({str(self.path)!r}, {len(self)} x {self.info['dimension']}, model={model['name']!r})"
+        sparse = ", sparse" if self.sparse is not None else ""
+        return f"Index({str(self.path)!r}, {len(self)} x {self.info['dimension']}{sparse}, model={model['name']!r})"
 
     @property
     def vectors(self) -> np.ndarray:
@@ -332,9 +497,11 @@ class Index:
     def check_model(self, embedder) -> None:
         """Refuse an embedder other than the one that built the index (ValueError saying which is which)."""
         record = self.info["model"]
+        if isinstance(embedder, M3Embedder):
+            embedder = embedder.embedder  # its dense side: pooling, dimension, folder
         folder = model_folder(embedder)
         mismatch = []
-        if model_sha256(folder) != record["sha256"]:
+        if model_sha256(folder, bool(record.get("m3"))) != record["sha256"]:
             mismatch.append("its files' sha256")
         for key, ours in (("pooling", embedder.pooling), ("dimension", embedder.dimension)):
             if record.get(key) != ours:
@@ -371,16 +538,73 @@ class Index:
         return structure
 
     def search(self, embedder, queries: list[str], k: int = 10, backend: str = "exact",
-               instruction: str | None = None, batch_size: int = 32) -> list[list[Hit]]:
+               instruction: str | None = None, batch_size: int = 32, mode: str = "dense",
+               weights=None) -> list[list[Hit]]:
         """Embed the queries (with the model's retrieval instruction, or `instruction`; "" for none)
-        and return their top k documents, best first: one list of Hits per query."""
+        and return their top k documents, best first: one list of Hits per query.
+
+        mode "sparse" and "sparse+dense" need an index built from an M3 model and that model's
+        M3Embedder (load_m3); weights are FlagEmbedding's weights_for_different_modes, [w_dense,
+        w_sparse] or [w_dense, w_sparse, w_colbert] (the last unused here), default [1, 1].
+        An M3Embedder's queries get no instruction unless `instruction` gives one (BGE-M3 has none)."""
         if isinstance(queries, str):
             raise TypeError("queries must be a list of str; wrap one query in a list")
+        self.check_mode(mode, backend, weights)
+        if mode != "dense" and not isinstance(embedder, M3Embedder):
+            raise ValueError(f"mode {mode!r} needs the lexical weights of the queries: search with the M3 model "
+                             f"(minibge.load_m3({self.info['model']['folder']!r})), not {type(embedder).__name__}")
         self.check_model(embedder)
-        q = embedder.encode_queries(list(queries), instruction=instruction, batch_size=batch_size,
-                                    normalize_embeddings=True, show_progress_bar=False)  # (Q, D)
-        scores, rows = self.search_vectors(q, k, backend)
+        if isinstance(embedder, M3Embedder):
+            texts = [(instruction or "") + query for query in queries]
+            out = embedder.encode(texts, batch_size=batch_size, return_sparse=mode != "dense", show_progress_bar=False)
+            q, lexical = out["dense_vecs"], out["lexical_weights"]  # (Q, D), [{"token id": w}] or None
+        else:
+            q = embedder.encode_queries(list(queries), instruction=instruction, batch_size=batch_size,
+                                        normalize_embeddings=True, show_progress_bar=False)  # (Q, D)
+        if mode == "dense":
+            scores, rows = self.search_vectors(q, k, backend)
+        else:
+            scores, rows = self.search_lexical(q, lexical, k, mode, weights)
         return self.hits(scores, rows)
+
+    def check_mode(self, mode: str, backend: str = "exact", weights=None) -> None:
+        """ValueError unless this index can rank by `mode` with `backend` and `weights`."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode != "dense" and self.sparse is None:
+            raise ValueError(f"index {self.path} holds dense vectors only, so it cannot rank by mode {mode!r}; "
+                             "build it from a BGE-M3 model with a sparse head (`minibge index --m3`)")
+        if mode != "dense" and backend != "exact":
+            raise ValueError(f"backend {backend!r} searches dense vectors only; mode {mode!r} needs backend 'exact'")
+        if weights is not None and mode != "sparse+dense":
+            raise ValueError(f"weights combine the dense and sparse scores: they apply to mode 'sparse+dense' only, "
+                             f"not {mode!r}")
+        mode_weights(weights)
+
+    def search_lexical(self, query_vectors, query_weights: list[dict], k: int = 10, mode: str = "sparse",
+                       weights=None) -> tuple[np.ndarray, np.ndarray]:
+        """Best-first (scores, rows), both (Q, min(k, N)), by the lexical ("sparse") or the combined
+        ("sparse+dense") score, for M3 query outputs: (Q, D) dense vectors, Q {"token id": weight} dicts."""
+        self.check_mode(mode, "exact", weights)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
+        q = torch.as_tensor(np.asarray(query_vectors, dtype=np.float32)).reshape(-1, self.info["dimension"])  # (Q, D)
+        if len(query_weights) != len(q):
+            raise ValueError(f"{len(q)} query vectors but {len(query_weights)} lexical weight dicts")
+        w = mode_weights(weights)
+
+        def chunks():  # the same SEARCH_ROWS documents of both files at a time
+            dense = npy_chunks(self.path / VECTORS_FILE, SEARCH_ROWS)
+            for lexical, vectors in zip(self.sparse.scores(query_weights, SEARCH_ROWS), dense):
+                if mode == "sparse":
+                    yield lexical                                                    # (Q, n)
+                    continue
+                dense_scores = (q @ vectors.T).double()                               # (Q, n)
+                combined = combine_scores(dense_scores.numpy(), lexical.numpy(), np.zeros(lexical.shape), w)
+                yield torch.as_tensor(combined["sparse+dense"], dtype=torch.float64)  # (Q, n)
+
+        scores, rows = top_k_of_scores(chunks(), k, len(q), dtype=torch.float64)
+        return scores.numpy(), rows.numpy()
 
     def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[list[Hit]]:
         """Hits from (scores, rows), with each document's id and, when stored, text."""
@@ -393,6 +617,17 @@ class Index:
             out.append([Hit(i, rank, doc_id, score, row, text)
                         for rank, ((score, row), doc_id, text) in enumerate(zip(keep, ids, texts), start=1)])
         return out
+
+
+def mode_weights(weights) -> list[float]:
+    """FlagEmbedding's weights_for_different_modes for an index: [w_dense, w_sparse(, w_colbert)], default
+    [1, 1]; ColBERT's weight is unused (an index holds no ColBERT vectors) and counts as 0."""
+    if weights is None:
+        return [1.0, 1.0, 0.0]
+    if not isinstance(weights, (list, tuple)) or len(weights) not in (2, 3):
+        raise ValueError(f"weights must be [w_dense, w_sparse] (or FlagEmbedding's three, [w_dense, w_sparse, "
+                         f"w_colbert]), got {weights!r}")
+    return list(check_mode_weights([*weights[:2], 0.0]))
 
 
 def _build_faiss(faiss, backend: str, vectors_path: Path, dim: int, n: int):

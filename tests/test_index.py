@@ -238,3 +238,145 @@ def test_searching_a_1m_vector_index_keeps_memory_flat(tmp_path):
     print(f"searching {size_mb:.0f} MB of vectors: peak RSS {report['before']:.0f} MB -> {report['after']:.0f} MB")
     # one 16,384-row chunk is 24 MB; reading through a memory map instead grows RSS by the whole 1,465 MB
     assert growth < 150, f"peak RSS grew by {growth:.0f} MB searching a {size_mb:.0f} MB index ({report['before']:.0f} MB before)"
+
+
+# ---------------------------------------------------------------- an index of a BGE-M3 model: lexical weights
+M3_DOCS = ["the cat sat on the mat", "The giant panda is a bear species endemic to China.",
+           "pandas eat bamboo in the mountains of China", "hello world, hello again", "机器学习很有趣",
+           "emoji 😀 🎉 are fun, naïve café", "BGE rerankers are cross-encoders", "a bear is not a cat",
+           "query passage score the the the", "BM25 is a bag-of-words retrieval function"]
+M3_QUERIES = ["what is a panda?", "the cat", "retrieval with bag of words"]
+
+
+@pytest.fixture(scope="module")
+def m3_index(tmp_path_factory):
+    """A random M3 checkpoint in the official layout (tests/test_m3.py), and an --m3 index of M3_DOCS built by the CLI."""
+    from test_m3 import write_m3_folder
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("m3-index")
+    (root / "model").mkdir()
+    write_m3_folder(root / "model")
+    (root / "docs.txt").write_text("\n".join(M3_DOCS) + "\n", encoding="utf-8")
+    code, out, err = run_cli("index", "--m3", "-m", root / "model", "--corpus", root / "docs.txt", "--out", root / "ix")
+    assert code == 0, err
+    assert "lexical weights" in out
+    return root, minibge.load_m3(root / "model", device="cpu")
+
+
+@pytest.mark.parametrize("mode,weights", [("dense", None), ("sparse", None), ("sparse+dense", None),
+                                          ("sparse+dense", [0.4, 0.2, 0.4]), ("sparse+dense", [1.0, 0.3])])
+def test_m3_index_scores_equal_compute_score(m3_index, mode, weights):
+    root, m3 = m3_index
+    index = saved_index.open(root / "ix")
+    assert index.sparse is not None and index.info["model"]["m3"] is True
+    results = index.search(m3, M3_QUERIES, k=len(M3_DOCS), mode=mode, weights=weights)
+    flag = minibge.BGEM3FlagModel(str(root / "model"), use_fp16=False, devices="cpu")
+    pairs = [(q, d) for q in M3_QUERIES for d in M3_DOCS]
+    three = None if weights is None else [*weights, 1.0][:3]  # compute_score takes all three
+    expected = np.array(flag.compute_score(pairs, weights_for_different_modes=three)[mode]).reshape(len(M3_QUERIES), -1)
+    for i, hits in enumerate(results):
+        assert [h.rank for h in hits] == list(range(1, len(M3_DOCS) + 1))
+        assert sorted(h.row for h in hits) == list(range(len(M3_DOCS))) and hits[0].text == M3_DOCS[hits[0].row]
+        ours = np.array([h.score for h in sorted(hits, key=lambda h: h.row)])
+        diff = np.abs(ours - expected[i])
+        assert diff.max() <= 1e-5, f"{mode} {weights}, query {i}: max |diff| {diff.max():.3e}, mean {diff.mean():.3e}"
+        assert all(a.score >= b.score for a, b in zip(hits, hits[1:])), "hits are not best first"
+    if mode == "sparse":
+        assert len({round(h.score, 6) for hits in results for h in hits}) > 3, "lexical scores all alike: a vacuous test"
+
+
+def test_m3_index_stores_encodes_lexical_weights(m3_index):
+    root, m3 = m3_index
+    index = saved_index.open(root / "ix")
+    expected = m3.encode(M3_DOCS, return_dense=True, return_sparse=True)
+    indptr = np.load(root / "ix" / "sparse.indptr.npy")
+    indices, values = np.load(root / "ix" / "sparse.indices.npy"), np.load(root / "ix" / "sparse.values.npy")
+    for i, weights in enumerate(expected["lexical_weights"]):
+        stored = {str(t): float(w) for t, w in zip(indices[indptr[i]:indptr[i + 1]], values[indptr[i]:indptr[i + 1]])}
+        assert stored.keys() == weights.keys(), f"document {i}: token ids differ"
+        assert max(abs(stored[t] - w) for t, w in weights.items()) <= 1e-7
+    diff = np.abs(np.asarray(index.vectors) - expected["dense_vecs"]).max()
+    assert diff <= 1e-5, f"dense vectors: max |diff| {diff:.3e}"
+    assert index.info["sparse"] == {"vocab_size": m3.model.config.vocab_size, "nnz": len(indices)}
+
+
+def test_cli_search_modes_on_an_m3_index(m3_index):
+    root, m3 = m3_index
+    code, out, err = run_cli("search", "--index", root / "ix", "--mode", "sparse+dense", "--weights", "0.4,0.2",
+                             "-k", 3, "--format", "jsonl", *M3_QUERIES)
+    assert code == 0, err
+    cli = [json.loads(line) for line in out.splitlines()]
+    api = saved_index.open(root / "ix").search(m3, M3_QUERIES, k=3, mode="sparse+dense", weights=[0.4, 0.2])
+    assert [(h["rank"], h["id"]) for h in cli] == [(h.rank, h.id) for hits in api for h in hits]
+    assert max(abs(h["score"] - a.score) for h, a in zip(cli, [h for hits in api for h in hits])) <= 1e-6
+    for argv, message in [(["--mode", "sparse", "--weights", "1,1"], "add --mode sparse+dense"),
+                          (["--mode", "sparse", "--backend", "faiss-flat"], "needs backend 'exact'"),
+                          (["--mode", "sparse+dense", "--weights", "1"], "weights must be"),
+                          (["--weights", "a,b"], "numbers separated by commas")]:
+        code, out, err = run_cli("search", "--index", root / "ix", *argv, "q")
+        assert code in (1, 2) and message in err and out == "", err
+    code, _, err = run_cli("search", "--corpus", root / "docs.txt", "--mode", "sparse", "q")
+    assert code == 2 and "--index only" in err
+
+
+def test_lexical_modes_are_refused_where_they_cannot_work(m3_index, tmp_path):
+    root, m3 = m3_index
+    dense_only = saved_index.build(m3.embedder, root / "docs.txt", tmp_path / "dense")  # no m3: dense vectors only
+    with pytest.raises(ValueError, match="m3=True needs a BGE-M3 folder"):
+        saved_index.build(m3.embedder, root / "docs.txt", tmp_path / "x", m3=True)
+    assert dense_only.sparse is None and "m3" not in dense_only.info["model"]
+    with pytest.raises(ValueError, match="holds dense vectors only.*minibge index --m3"):
+        dense_only.search(m3, ["q"], mode="sparse")
+    code, _, err = run_cli("search", "--index", tmp_path / "dense", "--mode", "sparse+dense", "q")
+    assert code == 1 and "holds dense vectors only" in err, err
+    index = saved_index.open(root / "ix")
+    with pytest.raises(ValueError, match="needs the lexical weights of the queries"):
+        index.search(m3.embedder, ["q"], mode="sparse")  # a plain Embedder has no sparse head
+    assert index.search(m3.embedder, ["q"], k=1)[0][0].id, "dense mode works with the dense Embedder of the same folder"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        index.search(m3, ["q"], mode="colbert")
+    with pytest.raises(ValueError, match="apply to mode 'sparse\\+dense' only"):
+        index.search(m3, ["q"], mode="sparse", weights=[1, 1])
+    with pytest.raises(ValueError, match="must not be 0"):
+        index.search(m3, ["q"], mode="sparse+dense", weights=[0, 0])
+    # a changed sparse head changes the stored weights' meaning: the record's sha256 covers it
+    import shutil
+    shutil.copytree(root / "model", tmp_path / "model")
+    head = torch.load(tmp_path / "model" / "sparse_linear.pt", weights_only=True)
+    torch.save({k: v + 0.1 for k, v in head.items()}, tmp_path / "model" / "sparse_linear.pt")
+    with pytest.raises(ValueError, match="sha256"):
+        index.search(minibge.load_m3(tmp_path / "model", device="cpu"), ["q"], mode="sparse")
+
+
+def _damage(folder, name, array):
+    (folder / f"sparse.{name}.npy").unlink()
+    np.save(folder / f"sparse.{name}.npy", array, allow_pickle=True)
+
+
+@pytest.mark.parametrize("damage,message,when", [
+    (lambda f, a: _damage(f, "indices", a["indices"].astype(np.int64)), "holds int64", "open"),
+    (lambda f, a: _damage(f, "values", np.array([{"x": 1}] * len(a["values"]), dtype=object)), "holds object", "open"),
+    (lambda f, a: _damage(f, "values", a["values"][:-1]), "but index.json says", "open"),
+    (lambda f, a: (f / "sparse.values.npy").write_bytes((f / "sparse.values.npy").read_bytes()[:-4]), "truncated", "open"),
+    (lambda f, a: (f / "sparse.indptr.npy").unlink(), "is missing", "open"),
+    (lambda f, a: _damage(f, "indptr", a["indptr"][::-1].copy()), "row pointers must rise", "search"),
+    (lambda f, a: _damage(f, "indices", np.full_like(a["indices"], 10**6)), "a token id outside", "search"),
+    (lambda f, a: _damage(f, "indices", np.full_like(a["indices"], -3)), "a token id outside", "search"),
+    (lambda f, a: _damage(f, "values", np.full_like(a["values"], np.nan)), "finite and ≥ 0", "search"),
+    (lambda f, a: _damage(f, "values", -a["values"]), "finite and ≥ 0", "search"),
+])
+def test_malformed_or_hostile_sparse_files_are_refused(m3_index, tmp_path, damage, message, when):
+    import shutil
+    root, m3 = m3_index
+    folder = tmp_path / "ix"
+    shutil.copytree(root / "ix", folder)
+    arrays = {name: np.load(folder / f"sparse.{name}.npy") for name in ("indptr", "indices", "values")}
+    damage(folder, arrays)
+    if when == "open":
+        with pytest.raises(ValueError, match=message):
+            saved_index.open(folder)
+        return
+    index = saved_index.open(folder)
+    assert index.search(m3, M3_QUERIES[:1], k=2)[0], "dense mode never reads the sparse files"
+    with pytest.raises(ValueError, match=message):
+        index.search(m3, M3_QUERIES[:1], mode="sparse")

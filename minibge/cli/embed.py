@@ -13,6 +13,7 @@ a contiguous slice of the lines and rank 0 joins the slices, in input order (cli
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from ..evaluate.search import rerank, top_k
-from ..index import BACKENDS, Hit
+from ..index import BACKENDS, MODES, Hit
 from .args import Formatter, examples, positive_int
 from .io import (CHUNK_TEXTS, ChunkEmbedder, UsageError, check_not_input, check_readable, check_writable, chunked,
                  embed_texts, encode_source, format_matrix, print_summary, progress, progress_setting, query_prefix,
@@ -95,6 +96,12 @@ def add_embedding_commands(commands, verbose, model, model_only) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="exact",
                    help="with --index: exact (default; flat memory), or FAISS (needs faiss-cpu): faiss-flat "
                         "(exact), faiss-hnsw / faiss-ivf (approximate)")
+    p.add_argument("--mode", choices=MODES, default="dense",
+                   help="with --index built by `minibge index --m3`: rank by the dense score (default), BGE-M3's "
+                        "lexical matching score (sparse), or their weighted mean (sparse+dense)")
+    p.add_argument("--weights", type=mode_weights, metavar="W_DENSE,W_SPARSE",
+                   help="with --mode sparse+dense: the two weights, e.g. 0.4,0.2 (FlagEmbedding's "
+                        "weights_for_different_modes; a third, ColBERT's, is accepted and unused); default 1,1")
     p.add_argument("--format", choices=("text", "jsonl"), default="text",
                    help="text (default) or jsonl: one {query, rank, id, score, text} object per hit")
     p.add_argument("-q", "--queries", dest="queries_file", metavar="FILE", help="queries, one per line")
@@ -107,6 +114,14 @@ def add_embedding_commands(commands, verbose, model, model_only) -> None:
     p.add_argument("--rerank-max-length", type=positive_int, default=None,
                    help="tokens per (query, passage) pair for the reranker (default: its tokenizer's model_max_length)")
     p.set_defaults(run=cmd_search)
+
+
+def mode_weights(text: str) -> list[float]:
+    """--weights 0.4,0.2 → [0.4, 0.2] (one argument: a list of numbers would swallow the queries after it)."""
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, e.g. 0.4,0.2; got {text!r}") from None
 
 
 def _one_source(arguments: list[str], path: str | None, noun: str, option: str) -> None:
@@ -196,6 +211,10 @@ def cmd_search(args) -> int:
         raise UsageError(f"--rerank-top {args.rerank_top} is below --top-k {args.top_k}: the reranker orders only its shortlist")
     if args.backend != "exact" and args.index is None:
         raise UsageError("--backend applies to --index only (a --corpus is searched exactly)")
+    if (args.mode != "dense" or args.weights is not None) and args.index is None:
+        raise UsageError("--mode and --weights apply to --index only (a --corpus is searched by dense vectors)")
+    if args.weights is not None and args.mode != "sparse+dense":
+        raise UsageError("--weights combine the dense and sparse scores: add --mode sparse+dense")
     if args.rerank and args.index is not None:
         raise UsageError("--rerank applies to a --corpus search (an index search returns its own top-k)")
     check_readable(args.corpus, "--corpus")

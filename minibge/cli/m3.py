@@ -80,18 +80,14 @@ def m3_output_paths(output: Path) -> dict:
 def encode_m3(args, output: Path | None, source: str | None) -> int:
     """`minibge encode --m3`: dense vectors to --output (.npy), and with --sparse / --colbert the lexical
     weights and ColBERT vectors to files beside it, a chunk of lines at a time; each file appears whole."""
-    from ..m3 import load_m3
-    from .model import _check_device, _resolve
+    from .model import load_m3_model
 
     if output is None or output.suffix.lower() != ".npy":
         raise UsageError("encode --m3 writes several files: give --output FILE.npy (the dense vectors; the "
                          "sparse and ColBERT outputs go beside it)")
     if args.query or args.no_normalize or getattr(args, "plain", False):
         raise UsageError("encode --m3 takes none of --query, --no-normalize, --plain")
-    _check_device(args.device)
-    folder, origin = _resolve(args.model)
-    print(f"{PROG}: M3 model {folder.name} from {folder} [{origin}]", file=sys.stderr)
-    m3 = load_m3(folder, device=args.device, dtype=args.dtype, max_length=args.max_length)
+    m3, _, _ = load_m3_model(args)
     m3.model.head("sparse") if args.sparse else None      # a missing head file fails before anything is written
     m3.model.head("colbert") if args.colbert else None
     _, lines = encode_source(args, source)  # stdin arrives here as a copied file (cli/embed.py)

@@ -85,6 +85,18 @@ def load(args, query_instruction: str | None = None, announce: bool = True):
     return embedder, folder, origin
 
 
+def load_m3_model(args, announce: bool = True):
+    """load() for a BGE-M3 folder (m3.load_m3: the encoder and its heads); returns (m3, folder, origin)."""
+    from ..m3 import load_m3
+
+    _check_device(args.device)
+    folder, origin = _resolve(args.model)
+    if announce:
+        print(f"{PROG}: M3 model {folder.name} from {folder} [{origin}]", file=sys.stderr)
+    m3 = load_m3(folder, device=args.device, dtype=args.dtype, max_length=getattr(args, "max_length", None))
+    return m3, folder, origin
+
+
 def describe(embedder, folder: Path, origin: str) -> list[tuple[str, object]]:
     """(field, value) rows for `minibge info`: architecture, size, pooling, origin."""
     config = embedder.model.config

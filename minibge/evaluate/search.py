@@ -28,22 +28,29 @@ def top_k(query_embeddings: torch.Tensor, doc_chunks: Iterable[torch.Tensor], k:
     from the corpus start. exclude: (query row, document index) pairs that must never match; they
     score -inf, so they come last, and only when a query has fewer than k other documents.
     """
-    n_queries = query_embeddings.shape[0]
-    best_scores = torch.empty(n_queries, 0, dtype=query_embeddings.dtype)
+    scores = (query_embeddings @ chunk.T for chunk in doc_chunks)  # (Q, n) each
+    return top_k_of_scores(scores, k, query_embeddings.shape[0], exclude, query_embeddings.dtype)
+
+
+def top_k_of_scores(score_chunks: Iterable[torch.Tensor], k: int, n_queries: int,
+                    exclude: Sequence[tuple[int, int]] = (), dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """top_k for scores computed elsewhere (a saved index's lexical and hybrid scores, index.py):
+    score_chunks are (Q, n_i) tensors, the queries' scores of consecutive slices of the corpus."""
+    best_scores = torch.empty(n_queries, 0, dtype=dtype)
     best_index = torch.empty(n_queries, 0, dtype=torch.long)
     excluded_rows, excluded_docs = torch.tensor(list(exclude), dtype=torch.long).reshape(-1, 2).T
     start = 0
-    for chunk in doc_chunks:
-        scores = query_embeddings @ chunk.T  # (Q, n)
-        inside = (excluded_docs >= start) & (excluded_docs < start + len(chunk))
+    for scores in score_chunks:  # (Q, n)
+        n = scores.shape[1]
+        inside = (excluded_docs >= start) & (excluded_docs < start + n)
         scores[excluded_rows[inside], excluded_docs[inside] - start] = float("-inf")
         # the chunk's own top k, merged with the best so far: top k of the union is top k overall
-        chunk_scores, chunk_index = scores.topk(min(k, len(chunk)), dim=1)
-        merged = torch.cat([best_scores, chunk_scores], dim=1)
+        chunk_scores, chunk_index = scores.topk(min(k, n), dim=1)
+        merged = torch.cat([best_scores.to(chunk_scores.dtype), chunk_scores], dim=1)
         merged_index = torch.cat([best_index, chunk_index + start], dim=1)
         best_scores, pick = merged.topk(min(k, merged.shape[1]), dim=1)
         best_index = merged_index.gather(1, pick)
-        start += len(chunk)
+        start += n
     return best_scores, best_index
 
 

@@ -1,15 +1,17 @@
 """BGE-M3's unified fine-tuning (losses.m3_loss, minibge/train/m3.py, `minibge finetune-m3`; issue 21, item 5):
 the unified loss against an independent reference on fixed scores (the three InfoNCE losses, the ensemble
 teacher, the distillation terms), a run from a bare XLM-R encoder that gets fresh heads and writes an official
-M3 folder, and a 2-process torchrun run."""
+M3 folder, exact resume (the heads included), and a 2-process torchrun run."""
 import json
 import math
 
 import pytest
 import torch
 from conftest import diff_report, logged_steps, torchrun_minibge
+from safetensors.torch import load_file
 from test_train_rerank import training_rows, write_jsonl, xlmr_folder
 
+import minibge.train.m3 as m3_module
 from minibge.cli import main
 from minibge.losses import m3_loss
 from minibge.m3 import HEAD_FILES, load_m3
@@ -99,6 +101,43 @@ def test_finetune_from_a_bare_encoder_writes_an_m3_folder(base, tmp_path):
     base_m3 = load_m3(base, device="cpu")
     with pytest.raises(ValueError, match="no colbert_linear.pt"):
         base_m3.encode(["x"], return_colbert_vecs=True)
+
+
+def m3_weights(folder) -> dict:
+    """Every tensor of an M3 folder: the encoder's, and each head's under its file's name."""
+    weights = dict(load_file(folder / "model.safetensors"))
+    for name, filename in HEAD_FILES.items():
+        for key, value in torch.load(folder / filename, weights_only=True).items():
+            weights[f"{filename}:{key}"] = value
+    return weights
+
+
+@pytest.mark.slow  # three short trainings (~20 s of CPU), as the other resume tests
+def test_resume_after_a_crash_ends_with_the_same_weights(base, tmp_path, monkeypatch):
+    """Interrupted after checkpoint 3 and resumed with --resume, a run from a bare encoder (fresh heads) ends
+    with the uninterrupted run's weights, both heads included: the heads are restored, not made fresh again."""
+    train = write_jsonl(tmp_path / "t.jsonl", training_rows(16))
+    args = ["--epochs", "2", "--save-steps", "3", "--log-steps", "1"]  # 4 steps per epoch, 8 in all
+    assert main(m3_args(base, train, tmp_path / "straight", *args)) == 0
+    calls = []
+
+    def crashing_loss(*args, **kwargs):  # dies (like Ctrl-C) in batch 6, i.e. step 6, after checkpoint 3
+        calls.append(1)
+        if len(calls) > 5:
+            raise KeyboardInterrupt
+        return m3_loss(*args, **kwargs)
+    monkeypatch.setattr(m3_module, "m3_loss", crashing_loss)
+    assert main(m3_args(base, train, tmp_path / "crashed", *args)) == 130
+    assert [p.name for p in (tmp_path / "crashed").glob("checkpoint-*")] == ["checkpoint-3"]
+    monkeypatch.undo()
+    assert main(m3_args(base, train, tmp_path / "crashed", *args, "--resume")) == 0
+    assert logged_steps(tmp_path / "crashed") == list(range(1, 9)), "the log has each step once"
+
+    straight, resumed = m3_weights(tmp_path / "straight"), m3_weights(tmp_path / "crashed")
+    assert set(straight) == set(resumed) and sum(":" in name for name in straight) == 4, sorted(straight)
+    for name in straight:
+        assert torch.allclose(straight[name].float(), resumed[name].float(), atol=1e-6, rtol=0), \
+            f"{name}: {diff_report(straight[name].float(), resumed[name].float())}"
 
 
 @pytest.mark.slow
