@@ -251,3 +251,21 @@ def logged_steps(out: Path) -> list[int]:
     import json
 
     return [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def crash_then_resume(monkeypatch, module, loss_name: str, run, out: Path, crash_after: int = 5) -> None:
+    """A run dies like Ctrl-C in batch crash_after + 1 (its loss, `module.<loss_name>`, raises
+    KeyboardInterrupt), then continues with --resume. `run(*extra_args)` calls the CLI on `out` and
+    returns its exit code; with --save-steps 3 the crash leaves checkpoint-3 and nothing later."""
+    real, calls = getattr(module, loss_name), []
+
+    def crashing_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > crash_after:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, loss_name, crashing_loss)
+    assert run() == 130
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]
+    monkeypatch.undo()
+    assert run("--resume") == 0

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import diff_report, logged_steps, torchrun_minibge
+from conftest import crash_then_resume, diff_report, logged_steps, torchrun_minibge
 from safetensors.torch import load_file
 from test_train_rerank import training_rows, write_jsonl, xlmr_folder
 
@@ -119,18 +119,8 @@ def test_resume_after_a_crash_ends_with_the_same_weights(base, tmp_path, monkeyp
     train = write_jsonl(tmp_path / "t.jsonl", training_rows(16))
     args = ["--epochs", "2", "--save-steps", "3", "--log-steps", "1"]  # 4 steps per epoch, 8 in all
     assert main(m3_args(base, train, tmp_path / "straight", *args)) == 0
-    calls = []
-
-    def crashing_loss(*args, **kwargs):  # dies (like Ctrl-C) in batch 6, i.e. step 6, after checkpoint 3
-        calls.append(1)
-        if len(calls) > 5:
-            raise KeyboardInterrupt
-        return m3_loss(*args, **kwargs)
-    monkeypatch.setattr(m3_module, "m3_loss", crashing_loss)
-    assert main(m3_args(base, train, tmp_path / "crashed", *args)) == 130
-    assert [p.name for p in (tmp_path / "crashed").glob("checkpoint-*")] == ["checkpoint-3"]
-    monkeypatch.undo()
-    assert main(m3_args(base, train, tmp_path / "crashed", *args, "--resume")) == 0
+    crash_then_resume(monkeypatch, m3_module, "m3_loss",
+                      lambda *extra: main(m3_args(base, train, tmp_path / "crashed", *args, *extra)), tmp_path / "crashed")
     assert logged_steps(tmp_path / "crashed") == list(range(1, 9)), "the log has each step once"
 
     straight, resumed = m3_weights(tmp_path / "straight"), m3_weights(tmp_path / "crashed")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import diff_report, logged_steps, require_module, torchrun_minibge
+from conftest import crash_then_resume, diff_report, logged_steps, require_module, torchrun_minibge
 from rerank_fixtures import WORDS, bert_folder, shrunk, write_xlmr_tokenizer
 from safetensors.torch import load_file
 
@@ -174,18 +174,8 @@ def test_resume_after_a_crash_ends_with_the_same_weights(tmp_path, monkeypatch):
     train = write_jsonl(tmp_path / "t.jsonl", training_rows(16))
     args = ["--epochs", "2", "--save-steps", "3"]  # 4 steps per epoch, 8 in all
     assert main(rerank_args(base, train, tmp_path / "straight", *args)) == 0
-    calls = []
-
-    def crashing_loss(*args, **kwargs):  # dies (like Ctrl-C) in batch 6, i.e. step 6, after checkpoint 3
-        calls.append(1)
-        if len(calls) > 5:
-            raise KeyboardInterrupt
-        return reranker_loss(*args, **kwargs)
-    monkeypatch.setattr(rerank_module, "reranker_loss", crashing_loss)
-    assert main(rerank_args(base, train, tmp_path / "crashed", *args)) == 130
-    assert [p.name for p in (tmp_path / "crashed").glob("checkpoint-*")] == ["checkpoint-3"]
-    monkeypatch.undo()
-    assert main(rerank_args(base, train, tmp_path / "crashed", *args, "--resume")) == 0
+    crash_then_resume(monkeypatch, rerank_module, "reranker_loss",
+                      lambda *extra: main(rerank_args(base, train, tmp_path / "crashed", *args, *extra)), tmp_path / "crashed")
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     resumed = load_file(tmp_path / "crashed" / "model.safetensors")
     assert set(straight) == set(resumed) and any(name.startswith("classifier.") for name in straight)
