@@ -10,7 +10,15 @@ itself never needs them, and a missing one makes its peer "skipped", nothing mor
     minibge fast ...        the fast path with one option changed or one speed mode added
     transformers            BertModel (SDPA) in FlagEmbedding's loop: sort by token count, pad per batch
     ONNX Runtime            transformers' BertModel exported to ONNX, with and without the BERT
-                            graph optimizer (fused Attention, EmbedLayerNorm, BiasGelu, SkipLayerNorm)
+                            graph optimizer (fused Attention, EmbedLayerNorm, BiasGelu, SkipLayerNorm),
+                            and int8 by its dynamic quantisation
+    OpenVINO                transformers' BertModel converted by openvino.convert_model from the torch
+                            module (no ONNX file in between), fp32, the CPU's default precision (bf16
+                            where the CPU has it), and int8 by NNCF's post-training quantisation
+                            calibrated on a few hundred texts
+
+The ONNX Runtime and OpenVINO peers run FlagEmbedding's loop (length_sorted_loop) on minibge's
+tokenizer and pool with model.py's POOLING, so they differ from minibge only in the encoder.
 """
 from __future__ import annotations
 
@@ -168,8 +176,68 @@ def onnx_peer(optimize: bool, int8: bool = False):
     return build
 
 
-def all_peers(speed_options: bool = True) -> list[Peer]:
-    """Every peer, the reference (sentence-transformers) first."""
+def openvino_peer(precision: str | None = "f32", int8: bool = False, calibration: Callable = list):
+    """OpenVINO on transformers' BertModel, converted as sentence-transformers' backend="openvino"
+    converts it (optimum-intel's exporter): openvino.convert_model on the torch module, which traces it
+    through OpenVINO's PyTorch frontend, inputs declared (batch, tokens) dynamic.
+
+    precision: the CPU plugin's INFERENCE_PRECISION_HINT. I pin "f32" for the fp32 row because the
+    plugin's default is bf16 on any CPU with native bf16 (AVX512-BF16 or AMX): what a user gets
+    unpinned is the precision=None row. int8: nncf.quantize, post-training static quantisation with
+    the settings optimum-intel's OVQuantizationConfig defaults to (transformer model type, the "mixed"
+    preset: symmetric int8 weights, asymmetric activations; fast bias correction), calibrated on
+    calibration() (a few hundred texts, each its own batch of one, unpadded); the ops NNCF leaves in
+    float run at `precision`."""
+    def build(folder, embedder):
+        import transformers
+        try:
+            import openvino as ov
+        except ImportError:
+            raise ImportError("the OpenVINO peers need openvino: pip install 'minibge[bench]'") from None
+
+        bert = transformers.AutoModel.from_pretrained(str(folder), attn_implementation="sdpa").eval()
+        example = torch.ones(2, 8, dtype=torch.long)
+        example_mask = example.clone()
+        example_mask[1, 5:] = 0  # a padded row, so nothing mask-related is traced away as all ones
+        with torch.no_grad():
+            model = ov.convert_model(LastHiddenState(bert), example_input=(example, example_mask, torch.zeros_like(example)),
+                                     input=[([-1, -1], ov.Type.i64)] * 3)  # (batch, tokens), both dynamic
+        if int8:
+            try:
+                import nncf
+            except ImportError:
+                raise ImportError("the OpenVINO int8 peer needs nncf: pip install 'minibge[bench]'") from None
+            texts = list(calibration())
+            if not texts:
+                raise ValueError("the OpenVINO int8 peer needs calibration texts (none found)")
+
+            def one_text(text):
+                ids = np.asarray(embedder.tokenizer.encode_batch([text], embedder.max_length), dtype=np.int64)  # (1, T)
+                return [ids, np.ones_like(ids), np.zeros_like(ids)]
+
+            model = nncf.quantize(model, nncf.Dataset(texts, one_text), subset_size=len(texts),
+                                  model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED,
+                                  fast_bias_correction=True)
+        config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+        if precision is not None:
+            config["INFERENCE_PRECISION_HINT"] = precision
+        compiled = ov.Core().compile_model(model, "CPU", config)
+        logger.info("OpenVINO CPU plugin runs %s at %s", "int8" if int8 else "float",
+                    compiled.get_property("INFERENCE_PRECISION_HINT"))
+        request = compiled.create_infer_request()  # one request, reused: the bench encodes one batch at a time
+
+        def run(input_ids, mask):
+            hidden = request.infer([input_ids, mask, np.zeros_like(input_ids)])[0]  # (B, T, H), a copy
+            return pool_numpy(hidden, mask, embedder.pooling)
+
+        tokenize = lambda texts, n: embedder.tokenizer.encode_batch(texts, n)
+        return lambda texts: length_sorted_loop(tokenize, run, texts, embedder.max_length)
+    return build
+
+
+def all_peers(speed_options: bool = True, calibration: Callable = list) -> list[Peer]:
+    """Every peer, the reference (sentence-transformers) first. calibration() gives the texts the
+    OpenVINO int8 peer calibrates on (called only if that peer is built)."""
     peers = [Peer("sentence-transformers encode", sentence_transformers_peer),
              Peer("minibge encode (default: fast path)", fast_peer()),
              Peer("minibge plain path (sdpa)", minibge_peer("sdpa")),
@@ -177,7 +245,10 @@ def all_peers(speed_options: bool = True) -> list[Peer]:
              Peer("transformers BertModel SDPA, FlagEmbedding loop", transformers_peer),
              Peer("ONNX Runtime, no graph optimizer", onnx_peer(optimize=False)),
              Peer("ONNX Runtime + BERT optimizer", onnx_peer(optimize=True)),
-             Peer("ONNX Runtime int8 (dynamic quantisation)", onnx_peer(optimize=False, int8=True))]
+             Peer("ONNX Runtime int8 (dynamic quantisation)", onnx_peer(optimize=False, int8=True)),
+             Peer("OpenVINO fp32", openvino_peer("f32")),
+             Peer("OpenVINO, the CPU's default precision (bf16 where native)", openvino_peer(None)),
+             Peer("OpenVINO int8 (NNCF static quantisation)", openvino_peer("f32", int8=True, calibration=calibration))]
     if speed_options:
         peers += [Peer("minibge fast (padded attention)", fast_peer(encoder={"attention": "padded"})),
                   Peer("minibge fast (nested attention)", fast_peer(encoder={"attention": "nested"})),

@@ -14,7 +14,9 @@ and each peer gets its median over rounds, its spread (min..max), and its ratio 
 sentence-transformers' median. Peers: minibge encode (the default fast path, each of its options
 and speed modes, and the plain path with both attention implementations), transformers'
 BertModel (SDPA) driven as FlagEmbedding drives it,
-sentence-transformers, ONNX Runtime with its BERT graph optimizer. The references are optional
+sentence-transformers, ONNX Runtime (with and without its BERT graph optimizer, and int8) and
+OpenVINO (fp32, the CPU's default precision, and int8 by NNCF, calibrated on STS-B dev sentences and
+SciFact abstracts that are not timed: calibration_texts). The references are optional
 (`pip install minibge[bench]`); a peer whose library is missing is listed as skipped.
 
 Useful work is counted the same for every peer, from the real (unpadded) token counts: for a text
@@ -82,6 +84,24 @@ def load_workloads(data_dir: Path, names, scifact_docs: int, stsb_texts: int | N
     if missing:
         logger.warning("skipping workloads %s: no data under %s", sorted(missing), data_dir)
     return workloads
+
+
+def calibration_texts(data_dir: Path, scifact_docs: int, sentences: int = 200, abstracts: int = 100) -> list[str]:
+    """The texts the OpenVINO int8 peer calibrates on, none of them timed: STS-B *dev* sentences not
+    also in the test set (the timed ones are the test set's; a few sentences are in both) and SciFact
+    abstracts from the end of the corpus (the timed ones are its first `scifact_docs`), so both text
+    lengths the bench measures are in the calibration."""
+    texts = []
+    sts = data_dir / "stsbenchmark"
+    if (sts / "sts-dev.csv").is_file():
+        s1, s2, _ = load_sts_csv(sts / "sts-dev.csv")
+        t1, t2, _ = load_sts_csv(sts / "sts-test.csv") if (sts / "sts-test.csv").is_file() else ([], [], [])
+        timed = set(t1 + t2)
+        texts += [s for s in dict.fromkeys(s1 + s2) if s not in timed][:sentences]
+    if (data_dir / "scifact").is_dir():
+        corpus, _, _ = load_beir(data_dir / "scifact")
+        texts += [doc["text"] for doc in list(corpus.values())[scifact_docs:][-abstracts:]]
+    return texts
 
 
 def model_folder(name: str, folder: Path) -> Path:
@@ -194,6 +214,7 @@ def run_benchmark(models, workload_names, rounds, scifact_docs, stsb_texts=None,
     workloads = load_workloads(Path(data_dir), workload_names, scifact_docs, stsb_texts)
     if not workloads:
         raise ValueError(f"no benchmark data under {data_dir}: expected stsbenchmark/ and/or scifact/")
+    calibration = lambda: calibration_texts(Path(data_dir), scifact_docs)  # read only if the OpenVINO int8 peer runs
     with tempfile.TemporaryDirectory() as tmp:
         for model_name in models:
             folder = model_folder(model_name, Path(tmp) / model_name)
@@ -202,7 +223,7 @@ def run_benchmark(models, workload_names, rounds, scifact_docs, stsb_texts=None,
                 # the matmul and attention routes, measured per machine (fast/kernels.py)
                 results["kernels"][model_name] = "; ".join(f"{what}: {how}" for what, how in
                                                            embedder.fast_encoder.kernel_report())
-                peers = [p for p in all_peers(speed_options) if peer_filter is None or peer_filter(p.name)]
+                peers = [p for p in all_peers(speed_options, calibration) if peer_filter is None or peer_filter(p.name)]
                 build_peers(peers, folder, embedder, workloads)
                 run_rounds(peers, workloads, rounds)
                 results["rows"] += summarise(model_name, embedder, peers, workloads)

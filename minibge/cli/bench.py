@@ -37,7 +37,7 @@ def add_bench_command(commands, parents) -> None:
     """Add `minibge bench` to the `minibge` parser's subcommands (cli/__init__.py)."""
     p = commands.add_parser(
         "bench", parents=parents, formatter_class=Formatter,
-        help="time minibge's encode against transformers, sentence-transformers and ONNX Runtime",
+        help="time minibge's encode against transformers, sentence-transformers, ONNX Runtime and OpenVINO",
         description="Encode the STS-B test sentences and SciFact abstracts with every peer in one process, "
                     "in interleaved rounds, and print a markdown table: texts/s, tokens/s, ratio to "
                     "sentence-transformers, achieved GFLOP/s against a matmul peak measured in the same run, "
@@ -45,7 +45,8 @@ def add_bench_command(commands, parents) -> None:
                     "pip install 'minibge[bench]'.",
         epilog=examples("minibge bench", "minibge bench --models minilm bge-small --rounds 5 --markdown bench.md",
                          "minibge bench --models tiny --training-only --train-steps 0 --cache-batches 32 128 512 2048",
-                         "minibge bench --peer onnx --peer 'minibge fast' --workloads stsb"))
+                         "minibge bench --peer onnx --peer 'minibge fast' --workloads stsb",
+                         "minibge bench --peer default --peer 'ONNX Runtime' --peer OpenVINO --rounds 3"))
     p.add_argument("--models", nargs="+", choices=MODELS, default=["minilm"],
                    help="real all-MiniLM-L6-v2, random-weight BERT-tiny (2 layers, 128 wide) and/or BGE shapes "
                         "(default: minilm)")

@@ -14,7 +14,7 @@ from minibge import BertConfig, BertModel, Embedder, load_embedder
 from minibge.bench import gpu as bench_gpu
 from minibge.bench import train as bench_train
 from minibge.fast import onednn
-from minibge.bench.run import Workload, build_peers, markdown, run_rounds, summarise
+from minibge.bench.run import Workload, build_peers, calibration_texts, load_workloads, markdown, run_rounds, summarise
 from minibge.model import encoder_flops
 from minibge.bench.peers import all_peers
 
@@ -150,3 +150,84 @@ def test_encoder_flops_counts_real_tokens():
     assert encoder_flops(config, [10]) == one
     assert encoder_flops(config, [10, 10]) == 2 * one  # no padding term: a batch costs its texts
     assert np.isclose(encoder_flops(config, [5]) * 2, encoder_flops(config, [10]) - 4 * L * 50 * H)
+
+
+# -----------------------------------------------------------------------------
+# OpenVINO peers: converted from the torch module (fp32), quantised by NNCF (int8)
+
+# calibration texts for the int8 peer: short and long, none of them the encoded TEXTS
+CALIBRATION = [f"{a} {b} the {c}." * n for n, (a, b, c) in enumerate(
+    [("A dog", "chases", "ball"), ("Two women", "are cooking", "soup"), ("The market", "rose after", "report"),
+     ("A child", "reads", "book"), ("Scientists", "measured", "protein levels"), ("He", "plays", "piano")] * 5, 1)]
+
+
+def peer_vectors(folder, names, texts, calibration=list):
+    """Build the named peers on one folder and encode `texts` with each: {name: (N, D)}."""
+    embedder = load_embedder(folder, device="cpu")
+    peers = [p for p in all_peers(calibration=calibration) if p.name in names]
+    assert len(peers) == len(names), [p.name for p in peers]
+    build_peers(peers, folder, embedder, [Workload("texts", texts)])
+    assert not [p for p in peers if p.skipped], [(p.name, p.skipped) for p in peers]
+    return {p.name: p.encode(texts) for p in peers}
+
+
+@pytest.fixture(scope="module")
+def lively_folder(minilm_dir, tmp_path_factory):
+    """tiny_folder's BERT with its layers' weights ×20 and its LayerNorms and biases perturbed, so every layer
+    moves the vectors: at the init's 0.02 scale the embeddings dominate the output and int8 barely shows
+    (1 − cos 2e-5 even when NNCF calibrates on a single text)."""
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**{**TINY, "vocab_size": 30522, "max_position_embeddings": 512})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("layers") and p.dim() == 2:
+                p.mul_(20)
+            elif name.endswith("norm.weight"):
+                p.add_(0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    tokenizer = load_embedder(minilm_dir, device="cpu").tokenizer
+    return Embedder(model, tokenizer, pooling="cls", max_length=64).save_pretrained(tmp_path_factory.mktemp("lively"))
+
+
+@pytest.mark.slow
+def test_openvino_fp32_peer_equals_plain(lively_folder):
+    require_module("transformers")
+    require_module("openvino")
+    texts = TEXTS + [t.upper() for t in TEXTS]  # batches of different lengths, padded rows included
+    out = peer_vectors(lively_folder, ["minibge plain path (sdpa)", "OpenVINO fp32"], texts)
+    plain, ov = out["minibge plain path (sdpa)"], out["OpenVINO fp32"]
+    diff = np.abs(ov - plain)  # unit vectors: measured max 1.2e-6 here
+    assert ov.shape == plain.shape and diff.max() < 1e-5, f"max {diff.max():.2e}, mean {diff.mean():.2e}"
+
+
+@pytest.mark.slow
+def test_openvino_int8_peer_is_close_not_equal(lively_folder):
+    require_module("transformers")
+    require_module("openvino")
+    require_module("nncf")
+    out = peer_vectors(lively_folder, ["minibge plain path (sdpa)", "OpenVINO int8 (NNCF static quantisation)"], TEXTS,
+                       calibration=lambda: CALIBRATION)
+    plain, int8 = out["minibge plain path (sdpa)"], out["OpenVINO int8 (NNCF static quantisation)"]
+    one_minus_cos = 1 - (plain.astype(np.float64) * int8).sum(1)
+    # Quantised: visibly not exact (fp32 is within 1e-6), yet close. On this model with seeds 0-3, calibrated on
+    # CALIBRATION, 1 − cos measured max 0.008-0.062, mean 0.004-0.024; calibrated on one text (ranges too narrow,
+    # activations clipped) max 0.14-0.75, mean 0.095-0.45. The bounds sit between the two.
+    assert 1e-4 < one_minus_cos.max() < 0.1 and one_minus_cos.mean() < 0.05, \
+        f"1 - cos max {one_minus_cos.max():.2e}, mean {one_minus_cos.mean():.2e}"
+
+
+def test_openvino_peer_without_the_package_is_skipped_with_the_install_line(tiny_folder, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now raises ImportError
+    embedder = load_embedder(tiny_folder, device="cpu")
+    peers = [p for p in all_peers() if p.name.startswith("OpenVINO")]
+    build_peers(peers, tiny_folder, embedder, [Workload("texts", TEXTS)])
+    assert len(peers) == 3 and all("pip install 'minibge[bench]'" in p.skipped for p in peers), \
+        [(p.name, p.skipped) for p in peers]
+
+
+def test_calibration_texts_are_never_timed(shared_data):
+    texts = calibration_texts(shared_data, scifact_docs=200)
+    timed = {t for w in load_workloads(shared_data, ["stsb", "scifact"], 200) for t in w.texts}
+    assert len(texts) == 300 and not timed & set(texts), (len(texts), len(timed & set(texts)))
