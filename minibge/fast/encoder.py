@@ -61,7 +61,6 @@ such a write, call `embedder.fast_encoder.sync(force=True)`, or write under torc
 import functools
 import logging
 import time
-import warnings
 
 import torch
 import torch.nn as nn
@@ -274,19 +273,9 @@ def time_attention_routes(num_heads: int, head_dim: int, plan=(), dtype=torch.fl
         qkv = torch.randn(packing.num_tokens, 3 * num_heads * head_dim, generator=generator).to(dtype)  # (N, 3H)
         batches.append((qkv, packing))
     attend = {**ATTEND, "buckets": functools.partial(attend_buckets, plan=plan)}
-    # torch's jagged tensors warn on first use that they are a prototype, and (torch 2.13) log a
-    # deprecation of their own is_fx_tracing call: noise in a measurement nobody asked to see
-    fx_log = logging.getLogger("torch.fx._symbolic_trace")
-    level = fx_log.level
-    fx_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return kernels.best_times({route: functools.partial(lambda f: [f(qkv, p, num_heads) for qkv, p in batches],
-                                                                attend[route]) for route in CPU_ATTENTION},
-                                      repeats=ATTENTION_REPEATS)
-    finally:
-        fx_log.setLevel(level)
+    return kernels.best_times({route: functools.partial(lambda f: [f(qkv, p, num_heads) for qkv, p in batches],
+                                                        attend[route]) for route in CPU_ATTENTION},
+                              repeats=ATTENTION_REPEATS)
 
 
 @functools.cache

@@ -17,8 +17,8 @@ the fastest. Three choices are made this way:
   ops with the softmax over the last dimension ("plain") or over the keys laid out as rows
   ("transposed"). Timed on a group of sentences of two representative lengths per band, with the
   model's head count and head dimension. Above SHORT_ATTENTION it is always SDPA.
-- the CPU attention route for attention="auto" (encoder.py's `choose_attention`): "buckets",
-  "padded" or "nested", timed on two small packed batches of mixed lengths (short texts in a few
+- the CPU attention route for attention="auto" (encoder.py's `choose_attention`): "buckets" or
+  "padded", timed on two small packed batches of mixed lengths (short texts in a few
   lengths, longer ones all different), as the length-sorted pipeline makes them.
 
 The rules, the same for all three (`choose`):
