@@ -246,7 +246,7 @@ class Embedder:
 
     def use_fast_path(self, **options) -> "Embedder":
         """Have encode() take the fast path, built with these FastEncoder options now
-        (attention="buckets"/"padded"/"nested", fuse_qkv=, onednn=, prepack=). Returns self."""
+        (attention="buckets"/"padded"/"nested"/"varlen", fuse_qkv=, onednn=, prepack=). Returns self."""
         self.fast = True
         self._fast_encoder, self._fast_options = fast_path.FastEncoder(self.model, **options), options
         return self

@@ -20,7 +20,9 @@ its rows say "skipped".
 2. Throughput. texts/s and real tokens/s for a few (batch, length) settings whose lengths are
    drawn uniformly in [T/4, T] (right padding, as a tokenizer pads), median of a few repeats
    after warm-up, with torch.cuda.synchronize() around every timed call. minibge's padded SDPA
-   path, minibge.fast's unpadded path (when importable), transformers' SDPA.
+   path, minibge.fast's unpadded path in each attention mode (when importable; "varlen", PyTorch's
+   variable-length Flash kernel, runs on CUDA in fp16/bf16 only, its fp32 reference is the plain
+   model's), transformers' SDPA.
 
 Every section runs inside its own try/except: a failure is written into the results and the
 script goes on. results.json and results.md are rewritten after each section, so even a run cut
@@ -52,7 +54,8 @@ SMOKE_CONFIG = dict(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_att
                     intermediate_size=64, max_position_embeddings=64)
 EQUIVALENCE_BATCH = (16, 128)  # (B, T) for the equivalence check; the smoke run caps T at its positions
 ERROR_RATIO_LIMIT = 3.0
-FAST_MODES = ("buckets", "padded", "nested")  # minibge.fast attention modes
+FAST_MODES = ("buckets", "padded", "nested", "varlen")  # minibge.fast attention modes
+HALF_ONLY = ("varlen",)  # Flash has no fp32 kernel: their fp32 reference is the plain model's
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -146,12 +149,16 @@ def equivalence(name, folder, config, device, batch_shape) -> list[dict]:
     if hf is not None:
         fp32["transformers"] = hf
     fast, fast_reason = load_fast()
-    for mode in FAST_MODES if fast is not None else ():
-        fp32[f"minibge unpadded/{mode}"] = fast.FastEncoder(fp32["minibge"], attention=mode)
     rows, refs = [], {}
+    for mode in FAST_MODES if fast is not None else ():
+        try:  # varlen is refused off CUDA
+            fp32[f"minibge unpadded/{mode}"] = fast.FastEncoder(fp32["minibge"], attention=mode)
+        except ValueError as err:
+            rows.append({"model": name, "impl": f"minibge unpadded/{mode}", "note": f"skipped: {err}"})
     for impl, model in list(fp32.items()):
         try:
-            refs[impl] = hidden_of(impl, model, ids, mask)
+            refs[impl] = (refs["minibge"] if impl.split("/")[-1] in HALF_ONLY
+                          else hidden_of(impl, model, ids, mask))
         except Exception as err:
             rows.append({"model": name, "dtype": "fp32", "impl": impl, "note": f"failed: {err!r}"})
             del fp32[impl]
@@ -190,7 +197,11 @@ def throughput(name, folder, config, device, settings, warmup, repeats, deadline
     for dtype_name, dtype in DTYPES.items():
         models = {"minibge sdpa": load_model(folder, device=device, dtype=dtype)}
         for mode in FAST_MODES if fast is not None else ():
-            models[f"minibge unpadded/{mode}"] = fast.FastEncoder(models["minibge sdpa"], attention=mode)
+            try:  # varlen is refused off CUDA
+                models[f"minibge unpadded/{mode}"] = fast.FastEncoder(models["minibge sdpa"], attention=mode)
+            except ValueError as err:
+                rows.append({"model": name, "dtype": dtype_name, "impl": f"minibge unpadded/{mode}",
+                             "note": f"skipped: {err}"})
         hf, reason = load_transformers(folder, device)
         if hf is not None:
             models["transformers sdpa"] = hf.to(dtype)

@@ -60,11 +60,13 @@ def minibge_peer(attn_impl: str):
     return build
 
 
-def fast_peer(**options):
+def fast_peer(calibration: Callable | None = None, **options):
+    """minibge's fast path with FastEncoder options (encoder=) and speed_options (speed=); with
+    calibration, speed_options(calibration=calibration()) (int8 smoothing)."""
     def build(folder, embedder):
         from ..fast import speed_options
-        fast = speed_options(load_embedder(folder, device="cpu").use_fast_path(**options.get("encoder", {})),
-                             **options.get("speed", {}))
+        speed = {**options.get("speed", {}), **({"calibration": calibration()} if calibration else {})}
+        fast = speed_options(load_embedder(folder, device="cpu").use_fast_path(**options.get("encoder", {})), **speed)
         return lambda texts: fast.encode(texts, batch_size=options.get("batch_size", BATCH_SIZE))
     return build
 
@@ -237,7 +239,7 @@ def openvino_peer(precision: str | None = "f32", int8: bool = False, calibration
 
 def all_peers(speed_options: bool = True, calibration: Callable = list) -> list[Peer]:
     """Every peer, the reference (sentence-transformers) first. calibration() gives the texts the
-    OpenVINO int8 peer calibrates on (called only if that peer is built)."""
+    OpenVINO int8 peer and minibge's smoothed int8 calibrate on (called only if one is built)."""
     peers = [Peer("sentence-transformers encode", sentence_transformers_peer),
              Peer("minibge encode (default: fast path)", fast_peer()),
              Peer("minibge plain path (sdpa)", minibge_peer("sdpa")),
@@ -257,5 +259,6 @@ def all_peers(speed_options: bool = True, calibration: Callable = list) -> list[
                   Peer("minibge fast, MKL sgemm (no oneDNN)", fast_peer(encoder={"onednn": False})),
                   Peer("minibge fast + torch.compile", fast_peer(speed={"compile": True})),
                   Peer("minibge fast, bf16", fast_peer(speed={"precision": "bf16"})),
-                  Peer("minibge fast, int8 (per-channel × per-token)", fast_peer(speed={"precision": "int8"}))]
+                  Peer("minibge fast, int8 (per-channel × per-token)", fast_peer(speed={"precision": "int8"})),
+                  Peer("minibge fast, int8 smoothed (calibrated)", fast_peer(calibration, speed={"precision": "int8"}))]
     return peers

@@ -20,7 +20,7 @@ model, hooks, train mode, attn_impl="manual", a customised embed(): see model_bl
        b b ⬚ ⬚ ⬚          ──►       └─ seq 0 ─┘└ 1 ┘└─ 2 ──┘
        c c c c ⬚                    offsets (cu_seqlens) = [0, 5, 7, 11]
 
-   Attention then runs in one of three ways, all the same function (`attention=`; "auto" takes
+   Attention then runs in one of four ways, all the same function (`attention=`; "auto" takes
    "padded" on a GPU, as measured in docs/benchmarks.md, and on a CPU whichever of the first two
    choose_attention measured faster on this machine, once, cached by kernels.py):
      "buckets"  group the sentences by exact length; each group is a dense (b, L) batch with no
@@ -29,6 +29,10 @@ model, hooks, train mode, attn_impl="manual", a customised embed(): see model_bl
      "padded"   scatter q, k, v back into (B, T) and make one masked SDPA call (one kernel).
      "nested"   torch.nested jagged tensors: one SDPA call over ragged sequences, which CUDA
                 runs with the variable-length Flash kernel (the CPU falls back to math).
+     "varlen"   the variable-length Flash kernel called directly (torch.nn.attention.varlen): the
+                packed (N, heads, D) q, k, v and the offsets are exactly its inputs, so nothing is
+                re-padded or wrapped. CUDA and fp16/bf16 only (the kernel has no other), and not yet
+                what "auto" takes: no GPU run has measured it against "padded" (docs/benchmarks.md).
    The output is scattered back to (B, T, H), zeros at padding, for the embedder's pooling.
    Within "buckets", a short group (up to SHORT_ATTENTION tokens) on the CPU may skip SDPA, whose
    set-up can cost more than such a group's work, and spell attention out as three ops, with the
@@ -60,6 +64,7 @@ such a write, call `embedder.fast_encoder.sync(force=True)`, or write under torc
 """
 import functools
 import logging
+import os
 import time
 
 import torch
@@ -69,18 +74,15 @@ import torch.nn.functional as F
 from ..common import cpu_has_native_bf16
 from . import kernels
 from . import onednn as onednn_kernels
-from .int8 import Int8Linear
+from .int8 import Int8Linear, calibrate, load_calibration
 from ..model import BertModel
 
 logger = logging.getLogger(__name__)
 
-ATTENTION_MODES = ("auto", "buckets", "padded", "nested")
+ATTENTION_MODES = ("auto", "buckets", "padded", "nested", "varlen")
 SPEED_PRECISIONS = ("fp32", "bf16", "int8")  # speed_options' modes (not encode's output precision)
-# With int8=True these stay in float. The query/key/value projection: the attention scores amplify
-# an error in q and k through the softmax. The down-projection: its input, GELU's output, has the
-# widest spread of a layer. Chosen by leaving each matmul out in turn and measuring 1 − cos against
-# float32 on STS-B (docs/benchmarks.md, "int8"); output and up-projection run in int8.
-FLOAT_UNDER_INT8 = ("qkv", "query", "key", "value", "down")
+QKV_LINEARS = ("qkv", "query", "key", "value")  # a block's matmuls before attention (block_linears' names)
+TAIL_LINEARS = ("output", "up", "down")         # and after it (block_tail)
 
 
 class Packing:
@@ -251,7 +253,34 @@ def attend_nested(qkv, packing: Packing, num_heads: int):
     return y.transpose(1, 2).flatten(-2).values()                                     # (N, H)
 
 
-ATTEND = {"buckets": attend_buckets, "padded": attend_padded, "nested": attend_nested}
+def varlen_unavailable(device: torch.device) -> str | None:
+    """None where attention="varlen" can run, else why not (one line, for the ValueError)."""
+    if device.type != "cuda":
+        return f"attention='varlen' is the CUDA variable-length Flash kernel; the model is on {device.type}"
+    try:
+        from torch.nn.attention import varlen  # noqa: F401  (torch >= 2.10)
+    except ImportError:
+        return f"attention='varlen' needs torch.nn.attention.varlen, which torch {torch.__version__} lacks"
+    return None
+
+
+def attend_varlen(qkv, packing: Packing, num_heads: int):
+    """One call of the variable-length Flash kernel on the packed rows. qkv (N, 3H) → (N, H).
+    Its inputs are what the packing already has: q, k, v as (N, heads, D) and the cu_seqlens offsets
+    (int32), plus the longest sentence (the padded width T of the batch it came from)."""
+    from torch.nn.attention.varlen import varlen_attn
+    if qkv.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"attention='varlen' runs in float16 or bfloat16 (Flash has no {qkv.dtype} kernel); "
+                         "use model.to(torch.float16) or attention='padded'")
+    N, H = qkv.shape[0], qkv.shape[-1] // 3
+    q, k, v = qkv.view(N, 3, num_heads, H // num_heads).unbind(dim=1)    # each (N, heads, D), strided views
+    offsets = packing.offsets.to(torch.int32)                               # (B+1,) cu_seqlens
+    longest = packing.shape[1]  # T: the batch was padded to its longest sentence
+    y = varlen_attn(q, k, v, offsets, offsets, longest, longest)           # (N, heads, D)
+    return y.reshape(N, H)
+
+
+ATTEND = {"buckets": attend_buckets, "padded": attend_padded, "nested": attend_nested, "varlen": attend_varlen}
 # attention="auto"'s candidates on the CPU; a tie goes to the first. Not "nested": the CPU runs jagged
 # SDPA through the math fallback, many times slower than either, and timing it costs most of a second.
 CPU_ATTENTION = ("buckets", "padded")
@@ -306,7 +335,7 @@ class FastEncoder(nn.Module):
     mode: no dropout, whatever model.training says (encode() checks that, see model_blocker).
 
     attention: "auto" (measured on a CPU: choose_attention, `self.attention_choice`), "buckets",
-    "padded" or "nested" (module docstring); an explicit mode is never measured over. With "buckets"
+    "padded", "nested" or "varlen" (CUDA, fp16/bf16) (module docstring); an explicit mode is never measured over. With "buckets"
     on the CPU, the short groups' method per band is measured too (`self.short_attention`).
     `kernel_report()` lists every choice with the timings that made it. The attention choices are
     measured in the dtype the model has when the FastEncoder is built (a later .to() keeps them).
@@ -316,19 +345,22 @@ class FastEncoder(nn.Module):
     (one kernel, no extra pass over the (N, I) activations). prepack (with onednn): each matmul
     weight packed once into oneDNN's layout (`self.packed_weights`, keyed by the Linear), which
     saves a reorder per call on short texts, for a second copy of those weights in memory.
-    int8 (CPU): the attention output and up projections through int8 copies of their weights
-    (int8.Int8Linear), re-made like the fused QKV whenever the model's weights change; the query,
-    key, value and down projections stay in float (FLOAT_UNDER_INT8); the model is unchanged.
+    int8 (CPU): every block's four matmuls through int8 copies of their weights (int8.Int8Linear),
+    re-made like the fused QKV whenever the model's weights change; the model is unchanged.
+    int8_calibration: int8.calibrate()'s {"<layer>.<matmul>": max |x|}, to smooth each matmul's
+    activations with (int8.py); None: no smoothing.
     """
 
     def __init__(self, model: BertModel, attention: str = "auto", fuse_qkv: bool = True, onednn: bool | None = None,
-                 prepack: bool = True, int8: bool = False):
+                 prepack: bool = True, int8: bool = False, int8_calibration: dict | None = None):
         super().__init__()
         if attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         weight = model.embeddings.word_embeddings.weight
         if int8 and weight.device.type != "cpu":
             raise ValueError("int8 matmuls (torch._int_mm with per-token scales) run on the CPU here")
+        if attention == "varlen" and (why := varlen_unavailable(weight.device)):
+            raise ValueError(why)
         heads, head_dim = model.config.num_attention_heads, model.config.head_dim
         on_cpu = weight.device.type == "cpu"
         self.attention_choice, self.short_attention, self.attention_asked = None, (), attention
@@ -345,6 +377,9 @@ class FastEncoder(nn.Module):
             self.short_attention = choose_short_attention(heads, head_dim, weight.dtype)  # ((longest, Choice), ...)
         self.model = model
         self.int8 = int8
+        if int8_calibration is not None and not int8:
+            raise ValueError("int8_calibration smooths int8 matmuls: pass int8=True with it")
+        self.int8_calibration = int8_calibration
         self.device_type = weight.device.type  # what attention="auto" and onednn=None were decided for
         self.attention = attention
         self.attend = (functools.partial(attend_buckets, plan=short_plan(self.short_attention))
@@ -361,8 +396,8 @@ class FastEncoder(nn.Module):
         self.onednn = onednn
         self.prepack = prepack
         self.linears, self.built_from, self.packed_weights = None, None, {}
+        self.tails = self.heads = None  # compiled block tails and int8 QKV projections, see compile_tails
         self.sync()
-        self.tails = None  # compiled block tails, see compile_tails
         self.eval()
 
     def __getstate__(self):
@@ -398,15 +433,19 @@ class FastEncoder(nn.Module):
         bump the version and go unseen unless force=True (module docstring)."""
         signature = self.weight_signature()
         if force or signature != self.built_from:
-            self.linears = nn.ModuleList(self.block_linears(block) for block in self.model.layers)
+            if self.tails is not None:
+                # the compiled graphs hold the old matmuls (and Inductor froze their weights): drop them
+                logger.warning("the model's weights changed: its compiled block tails are dropped (compile again)")
+                self.tails = self.heads = None
+            self.linears = nn.ModuleList(self.block_linears(i, block) for i, block in enumerate(self.model.layers))
             self.built_from = signature
             self.packed_weights = {linear: onednn_kernels.pack_weight(linear.weight)
                                    for block in self.linears for linear in block.values()
                                    if self.onednn and self.prepack and isinstance(linear, nn.Linear)
                                    and onednn_kernels.available(linear.weight)}
 
-    def block_linears(self, block) -> nn.ModuleDict:
-        """One block's matmuls as this path runs them: "qkv" (fused) or "query"/"key"/"value", then
+    def block_linears(self, i: int, block) -> nn.ModuleDict:
+        """Block i's matmuls as this path runs them: "qkv" (fused) or "query"/"key"/"value", then
         "output", "up", "down"; the model's own Linears, or int8 copies of them with int8=True."""
         attention, ffn = block.attention, block.feed_forward
         linears = {"output": attention.output, "up": ffn.up, "down": ffn.down}
@@ -415,7 +454,10 @@ class FastEncoder(nn.Module):
         else:
             linears.update(query=attention.query, key=attention.key, value=attention.value)
         if self.int8:
-            linears = {name: linear if name in FLOAT_UNDER_INT8 else Int8Linear(linear) for name, linear in linears.items()}
+            maxima = self.int8_calibration or {}
+            # query, key and value read the same input: the fused QKV's maximum serves each
+            linears = {name: Int8Linear(linear, maxima.get(f"{i}.{'qkv' if name in QKV_LINEARS else name}"))
+                       for name, linear in linears.items()}
         return nn.ModuleDict(linears)
 
     def matmul(self, linear, x, act=None, residual=None):
@@ -427,17 +469,11 @@ class FastEncoder(nn.Module):
             return act(y) if act is not None and not fuse_gelu else y
         return plain_matmul(linear, x, act, residual)
 
-    def project_qkv(self, i: int, x):
-        """(N, H) → (N, 3H): q | k | v side by side."""
-        linears = self.linears[i]
-        if "qkv" in linears:
-            return self.matmul(linears["qkv"], x)
-        return torch.cat([self.matmul(linears[name], x) for name in ("query", "key", "value")], dim=-1)
-
     def layer(self, i: int, x, packing: Packing):
         """One post-LN block on packed tokens (N, H), using the model's own modules."""
         block = self.model.layers[i]
-        y = self.attend(self.project_qkv(i, x), packing, block.attention.num_heads)  # (N, H)
+        qkv = self.heads[i](x) if self.heads is not None else project_qkv(self.linears[i], x, self.matmul)  # (N, 3H)
+        y = self.attend(qkv, packing, block.attention.num_heads)  # (N, H)
         if self.tails is not None:
             return self.tails[i](x, y)
         return block_tail(block, self.linears[i], x, y, self.matmul)
@@ -445,20 +481,30 @@ class FastEncoder(nn.Module):
     def compile_tails(self) -> float:
         """torch.compile what follows attention in each block (token-wise, so the only shape that
         varies is N: dynamic=True), with Inductor's weight freezing, which prepacks the matmul
-        weights itself and fuses bias + GELU and residual + LayerNorm. Attention stays eager: its
-        Python loop over length buckets would break the graph anyway. Returns the compile time in
-        seconds (compiled on first calls with dummy batches)."""
+        weights itself and fuses bias + GELU and residual + LayerNorm. With int8 matmuls the QKV
+        projection before attention is compiled too (`self.heads`): there Inductor fuses what
+        surrounds each integer product (the per-token min/max, the rounding, the rescaling, the
+        bias, GELU, the residual add and LayerNorm) into a few loops, which eager PyTorch runs as a
+        dozen passes over memory. A float QKV stays on the eager oneDNN matmul. Attention stays
+        eager: its Python loop over length buckets would break the graph anyway. Returns the compile
+        time in seconds (compiled on first calls with dummy batches)."""
         start = time.perf_counter()
-        self.onednn, self.packed_weights = False, {}  # Inductor traces plain Linears, not the oneDNN operator
-        self.tails = [torch.compile(functools.partial(block_tail, block, linears, matmul=plain_matmul), dynamic=True,
-                                    options={"freezing": True})
+        # Inductor traces plain Linears, not the oneDNN operator: the tails' packed copies can go
+        tail_linears = {linear for block in self.linears for name, linear in block.items() if name in TAIL_LINEARS}
+        self.packed_weights = {linear: p for linear, p in self.packed_weights.items() if linear not in tail_linears}
+        compiled = lambda f: torch.compile(f, dynamic=True, options={"freezing": True})
+        self.tails = [compiled(functools.partial(block_tail, block, linears, matmul=plain_matmul))
                       for block, linears in zip(self.model.layers, self.linears)]
+        if any(isinstance(linear, Int8Linear) for name, linear in self.linears[0].items() if name in QKV_LINEARS):
+            self.heads = [compiled(functools.partial(project_qkv, linears, matmul=plain_matmul)) for linears in self.linears]
         weight = self.model.embeddings.word_embeddings.weight
         with torch.inference_mode():
-            for tail in self.tails:
+            for i in range(len(self.tails)):
                 for n in (7, 13):  # two sizes, so the dynamic graph is the one cached
                     x = torch.zeros(n, weight.shape[1], dtype=weight.dtype, device=weight.device)
-                    tail(x, x)
+                    self.tails[i](x, x)
+                    if self.heads is not None:
+                        self.heads[i](x)
         return time.perf_counter() - start
 
     def encode_packed(self, token_ids, packing: Packing, token_type_ids=None):
@@ -493,6 +539,13 @@ def plain_matmul(linear, x, act=None, residual=None):
     if act is not None:
         y = act(y)
     return y if residual is None else y + residual
+
+
+def project_qkv(linears, x, matmul=plain_matmul):
+    """(N, H) → (N, 3H): q | k | v side by side, from the fused "qkv" matmul or three."""
+    if "qkv" in linears:
+        return matmul(linears["qkv"], x)
+    return torch.cat([matmul(linears[name], x) for name in ("query", "key", "value")], dim=-1)
 
 
 def block_tail(block, linears, x, y, matmul=plain_matmul):
@@ -558,13 +611,21 @@ def model_blocker(model) -> str | None:
 # -----------------------------------------------------------------------------
 # Optional speed modes: they change the numbers a little, so their STS-B score goes beside their speed
 
-def speed_options(embedder, compile: bool = False, precision: str = "fp32"):
+def speed_options(embedder, compile: bool | None = None, precision: str = "fp32", calibration=None):
     """Apply in place: precision "bf16" (the model's weights and activations, which the fast encoder
     shares; only where the CPU has native bf16) or "int8" (the fast encoder's matmuls through int8
-    copies of the weights, int8.py; the model stays float32), then optionally torch.compile.
+    copies of the weights, int8.py; the model stays float32), then torch.compile of the token-wise
+    parts (compile=None: on for int8, whose speed comes from the fusion, off otherwise).
+
+    calibration (int8 only): a few hundred texts like those you will encode, or int8.calibrate()'s
+    dict, or the path of a file int8.save_calibration() wrote; with it the int8 matmuls are
+    smoothed (int8.py), which halves their error in docs/benchmarks.md. The dict used is kept as
+    `embedder.fast_encoder.int8_calibration`, to save.
     Returns the embedder, whose encode() now runs the changed path."""
     if precision not in SPEED_PRECISIONS:
         raise ValueError(f"precision must be one of {SPEED_PRECISIONS}, got {precision!r}")
+    if calibration is not None and precision != "int8":
+        raise ValueError(f"calibration is for precision='int8' (it smooths int8 matmuls), not {precision!r}")
     encoder = embedder.fast_encoder
     if precision == "bf16":
         if embedder.device.type == "cpu" and not cpu_has_native_bf16():
@@ -573,8 +634,14 @@ def speed_options(embedder, compile: bool = False, precision: str = "fp32"):
     elif precision == "int8":
         if embedder.device.type != "cpu":
             raise ValueError("int8 matmuls run on the CPU only")
-        embedder.use_fast_path(**{**embedder._fast_options, "int8": True})
+        if isinstance(calibration, (str, os.PathLike)):
+            calibration = load_calibration(calibration, len(embedder.model.layers))
+        elif calibration is not None and not isinstance(calibration, dict):
+            calibration = calibrate(embedder, calibration)  # texts, measured on the float model
+        embedder.use_fast_path(**{**embedder._fast_options, "int8": True, "int8_calibration": calibration})
         encoder = embedder.fast_encoder
+    if compile is None:
+        compile = precision == "int8"
     if compile:
         embedder.compile_seconds = encoder.compile_tails()
         logger.info("torch.compile of %d block tails: %.1f s", len(encoder.tails), embedder.compile_seconds)

@@ -20,16 +20,32 @@ or AMX-INT8 units), and the scales factor out of it because each is constant alo
 term is an outer product with the weight's row sums, computed once. Why a range per token rather
 than ±max: GELU's outputs (the input of the down-projection) are almost all ≥ 0, so a symmetric
 range would waste half of the 256 levels. The weight is quantised once, when the fast encoder
-builds its matmuls; each batch's activations are quantised as they come (dynamic: no calibration
-set, nothing to store with the model). Rounding is to nearest.
+builds its matmuls; each batch's activations are quantised as they come. Rounding is to nearest.
+
+Smoothing (optional, SmoothQuant, Xiao et al. 2023). A token's range is set by its largest entry,
+and in BERT a few *channels* k carry entries far larger than the rest (in every token), so the
+other channels of that token get few levels. Since y = x Wᵀ = (x / s)(W · s)ᵀ for any positive
+s[k], I can move part of each channel's range from the activation into the weight, which has a
+scale per output row and is quantised once, offline:
+
+    s[k] = max|x[:, k]|^α / max|W[:, k]|^(1−α)       α = 0.5 (the paper's default)
+
+max|x[:, k]| is measured on a few hundred calibration texts (`calibrate`), stored as a plain
+{name: (in,) tensor} dict (save_calibration / load_calibration, safetensors). The 1/s multiply is
+one more elementwise step before the quantisation, which torch.compile fuses into it.
 
 What it costs in accuracy and gains in speed is measured in docs/benchmarks.md (1 − cos against
 float32 and the STS-B score beside the speed); tests/ check the error bound.
 """
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
+from ..common import atomic_path
+
 LEVELS = 127  # symmetric int8: -127..127 (leaving -128 out keeps the range symmetric)
+SMOOTHING_ALPHA = 0.5  # SmoothQuant's default balance between activation and weight ranges
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,13 +63,29 @@ def quantize_rows_asymmetric(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return q, scale, lo + 128 * scale
 
 
+def smoothing_factors(activation_max: torch.Tensor, weight: torch.Tensor, alpha: float = SMOOTHING_ALPHA):
+    """(in,) s with x / s and W · s sharing each input channel's range (module docstring)."""
+    weight_max = weight.detach().float().abs().amax(dim=0).clamp(min=1e-5)       # (in,)
+    return activation_max.float().clamp(min=1e-5) ** alpha / weight_max ** (1 - alpha)
+
+
 class Int8Linear(nn.Module):
     """A frozen copy of an nn.Linear computing x Wᵀ + b with int8 products (module docstring).
-    Inference only: it has no parameters and no gradient."""
+    activation_max: (in,) max |x| per input channel from calibration, to smooth with; None: no
+    smoothing. Inference only: it has no parameters and no gradient."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, activation_max: torch.Tensor | None = None):
         super().__init__()
         weight = linear.weight.detach().float()
+        if activation_max is not None:
+            if activation_max.shape != (linear.in_features,):
+                raise ValueError(f"activation_max has shape {tuple(activation_max.shape)}, "
+                                 f"expected ({linear.in_features},) for this Linear")
+            smooth = smoothing_factors(activation_max, weight)                  # (in,)
+            weight = weight * smooth                                            # W · s, column by column
+            self.register_buffer("inverse_smooth", (1 / smooth).to(weight.device))
+        else:
+            self.register_buffer("inverse_smooth", None)
         q, scale = quantize_rows(weight)                                    # (out, in) int8, (out, 1)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight_t", q.t().contiguous())                # (in, out): _int_mm's right operand
@@ -63,7 +95,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        q, scale, offset = quantize_rows_asymmetric(x.reshape(-1, self.in_features).float())  # (N, in), (N, 1) × 2
+        x = x.reshape(-1, self.in_features).float()
+        if self.inverse_smooth is not None:
+            x = x * self.inverse_smooth                             # x / s
+        q, scale, offset = quantize_rows_asymmetric(x)            # (N, in) int8, (N, 1) scales and offsets
         y = torch._int_mm(q, self.weight_t).float()               # (N, out): the integer product, exact in int32
         # in place, one pass each over (N, out): on long batches these passes, not the product, are the cost
         y.mul_(self.weight_scale).mul_(scale)                     # · s_w[j] · s_x[n]
@@ -73,4 +108,63 @@ class Int8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, per-channel × per-token int8"
+        smoothed = ", smoothed" if self.inverse_smooth is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, per-channel × per-token int8{smoothed}"
+
+
+# -----------------------------------------------------------------------------
+# Calibration: max |x| per input channel of every matmul, on a few hundred texts
+
+def calibrate(embedder, texts) -> dict[str, torch.Tensor]:
+    """{"<layer>.<matmul>": (in,) max |x|} for each block's "qkv", "output", "up" and "down" inputs,
+    over the real tokens of `texts`. Forward hooks on the model's own Linears record them; hooks
+    make encode() take the plain model (fast/encoder.py's model_blocker), and batch_size=1 leaves
+    no padding rows to pollute the maxima."""
+    texts = list(texts)
+    if not texts:
+        raise ValueError("int8 calibration needs some texts (a few hundred like the ones you will encode)")
+    found, hooks = {}, []
+
+    def record(name):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).abs().amax(dim=0).float()  # (in,)
+            found[name] = torch.maximum(found[name], x) if name in found else x
+        return hook
+
+    for i, block in enumerate(embedder.model.layers):
+        # the query's input is the key's and the value's too: one maximum serves the fused QKV
+        for name, linear in (("qkv", block.attention.query), ("output", block.attention.output),
+                             ("up", block.feed_forward.up), ("down", block.feed_forward.down)):
+            hooks.append(linear.register_forward_hook(record(f"{i}.{name}")))
+    try:
+        embedder.encode(texts, batch_size=1, show_progress_bar=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: x.cpu() for name, x in found.items()}
+
+
+def save_calibration(calibration: dict[str, torch.Tensor], path) -> Path:
+    """Write a calibrate() dict as safetensors, through a temporary file renamed into place."""
+    from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        save_file({name: x.contiguous() for name, x in calibration.items()}, str(tmp))
+    return Path(path)
+
+
+def load_calibration(path, num_layers: int) -> dict[str, torch.Tensor]:
+    """Read a save_calibration file, checked: only "<layer>.<qkv|output|up|down>" keys of 1-D
+    finite, non-negative float tensors for layers < num_layers (anything else: one ValueError)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        calibration = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"{path} is not a readable int8 calibration file ({err})") from None
+    names = {f"{i}.{name}" for i in range(num_layers) for name in ("qkv", "output", "up", "down")}
+    for name, x in calibration.items():
+        if name not in names:
+            raise ValueError(f"{path}: unexpected entry {name!r} (expected <layer>.<qkv|output|up|down>, layer < {num_layers})")
+        if x.ndim != 1 or not x.is_floating_point() or not bool(torch.isfinite(x).all()) or bool((x < 0).any()):
+            raise ValueError(f"{path}: {name!r} must be a 1-D tensor of finite maxima ≥ 0")
+    return calibration

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minibge.fast.int8 import Int8Linear, quantize_rows, quantize_rows_asymmetric
+from minibge.fast.int8 import Int8Linear, load_calibration, quantize_rows, quantize_rows_asymmetric, save_calibration
 
 
 @settings(max_examples=40, deadline=None)
@@ -50,3 +50,41 @@ def test_int8_linear_refuses_nothing_and_keeps_no_gradient():
     assert not list(layer.parameters()), "a frozen copy: no parameters for an optimizer to find"
     with pytest.raises(RuntimeError):
         layer(torch.randn(2, 4))  # wrong width: torch's own error
+
+
+def outlier_batch(seed=0, rows=64, features=48):
+    """Activations with two channels ~30× the rest in every token, as BERT's hidden states have."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, features, generator=g)
+    x[:, [3, 17]] *= 30
+    return x, g
+
+
+def test_smoothing_moves_outlier_channels_into_the_weight():
+    x, g = outlier_batch()
+    linear = torch.nn.Linear(x.shape[1], 20)
+    ref = F.linear(x, linear.weight, linear.bias)
+    plain = Int8Linear(linear)(x)
+    smooth_layer = Int8Linear(linear, activation_max=x.abs().amax(dim=0))
+    smooth = smooth_layer(x)
+    err = lambda y: (y - ref).abs().mean().item()
+    assert err(smooth) < 0.5 * err(plain), f"mean |error|: smoothed {err(smooth):.4f}, plain {err(plain):.4f}"
+    assert "smoothed" in repr(smooth_layer) and "smoothed" not in repr(Int8Linear(linear))
+    with pytest.raises(ValueError, match=r"activation_max has shape \(5,\), expected \(48,\)"):
+        Int8Linear(linear, activation_max=torch.ones(5))
+
+
+def test_calibration_file_round_trip_and_refusals(tmp_path):
+    calibration = {"0.qkv": torch.rand(8), "1.down": torch.rand(32)}
+    path = save_calibration(calibration, tmp_path / "int8.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["int8.safetensors"], "a temporary file was left behind"
+    loaded = load_calibration(path, num_layers=2)
+    assert set(loaded) == set(calibration) and all(torch.equal(loaded[k], calibration[k]) for k in calibration)
+    bad = {"2.qkv": torch.rand(8)}, {"0.attention": torch.rand(8)}, {"0.up": torch.rand(2, 8)}, {"0.up": -torch.rand(8)}, \
+        {"0.up": torch.tensor([1.0, float("nan")])}
+    for i, entries in enumerate(bad):
+        with pytest.raises(ValueError, match="int8|entry|maxima"):
+            load_calibration(save_calibration(entries, tmp_path / f"bad{i}.safetensors"), num_layers=2)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable int8 calibration file"):
+        load_calibration(tmp_path / "junk.safetensors", num_layers=2)
