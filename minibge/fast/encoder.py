@@ -63,6 +63,7 @@ module), so encoding after training is safe. One change it cannot see: an in-pla
 such a write, call `embedder.fast_encoder.sync(force=True)`, or write under torch.no_grad() instead.
 """
 import functools
+import importlib.util
 import logging
 import os
 import time
@@ -257,9 +258,7 @@ def varlen_unavailable(device: torch.device) -> str | None:
     """None where attention="varlen" can run, else why not (one line, for the ValueError)."""
     if device.type != "cuda":
         return f"attention='varlen' is the CUDA variable-length Flash kernel; the model is on {device.type}"
-    try:
-        from torch.nn.attention import varlen  # noqa: F401  (torch >= 2.10)
-    except ImportError:
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:  # torch >= 2.10
         return f"attention='varlen' needs torch.nn.attention.varlen, which torch {torch.__version__} lacks"
     return None
 
