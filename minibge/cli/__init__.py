@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--batch-size", type=positive_int, default=32, help="texts per forward pass (default: 32)")
     group.add_argument("--max-length", type=max_length,
                        help="truncate texts to this many tokens (default: the model's own limit)")
+    group.add_argument("--int8", action="store_true",
+                       help="int8 matmuls, compiled (minibge.fast.speed_options): faster on a CPU, vectors within "
+                            "1 - cos 0.005 of float32, not equal (docs/benchmarks.md, 'int8')")
+    group.add_argument("--int8-calibration", metavar="PATH",
+                       help="with --int8: smooth the matmuls with this calibration, a file int8.save_calibration "
+                            "wrote (.safetensors) or a text file, one text per line, to calibrate on (a few hundred)")
     group.add_argument("--plain", action="store_true",
                        help="run the plain model (minibge/model.py) rather than the fast path: the same "
                             "vectors, slower; for checking the fast path or stepping through the model")

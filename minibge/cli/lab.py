@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..common import write_text_atomic
 from .args import DEFAULT_DATA_DIR, Formatter, examples, positive_int
-from .io import PROG, CliError, check_writable
+from .io import PROG, CliError, UsageError, check_writable
 from .model import load
 from ..evaluate.data import load_sts_csv
 from ..lab import MISTAKES, format_page, format_table, run_lab
@@ -46,6 +46,8 @@ def cmd_lab(args) -> int:
     n_total = len(gold)
     if args.limit:
         s1, s2, gold = s1[:args.limit], s2[:args.limit], gold[:args.limit]
+    if args.int8:
+        raise UsageError("the lab compares the exact model with its classic mistakes; leave out --int8")
     embedder, folder, _ = load(args)
     mistakes = [m for m in MISTAKES if m.name in args.only] if args.only else None
     rows = run_lab(embedder, s1, s2, gold, mistakes=mistakes, batch_size=args.batch_size)

@@ -14,7 +14,7 @@ import torch
 
 from .. import hub
 from .args import Formatter, examples, hub_id
-from .io import PROG, CliError, interactive
+from .io import PROG, CliError, UsageError, interactive
 from ..weights import PYTORCH_NAME, SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME
 
 MODEL_ENV = "MINIBGE_MODEL"
@@ -75,6 +75,10 @@ def load(args, query_instruction: str | None = None, announce: bool = True):
     from ..embedder import load_embedder
 
     _check_device(args.device)
+    if getattr(args, "int8_calibration", None) and not args.int8:
+        raise UsageError("--int8-calibration goes with --int8")
+    if getattr(args, "int8", False) and (args.plain or (args.dtype or "float32") != "float32"):
+        raise UsageError("--int8 runs the fast path on float32 weights: leave out --plain and --dtype")
     folder, origin = _resolve(args.model)
     if announce:
         print(f"{PROG}: model {folder.name} from {folder} [{origin}]", file=sys.stderr)
@@ -82,7 +86,23 @@ def load(args, query_instruction: str | None = None, announce: bool = True):
                              max_length=getattr(args, "max_length", None),  # `info` has no --max-length
                              query_instruction=query_instruction,
                              fast=not getattr(args, "plain", False))  # `info` has no --plain
+    if getattr(args, "int8", False):
+        use_int8(embedder, args)
     return embedder, folder, origin
+
+
+def use_int8(embedder, args) -> None:
+    """--int8 [--int8-calibration PATH]: speed_options(precision="int8") on the loaded embedder."""
+    from ..common import iter_lines
+    from ..fast import speed_options
+
+    calibration = args.int8_calibration
+    try:
+        if calibration is not None and not calibration.endswith(".safetensors"):
+            calibration = [text for _, text in iter_lines(calibration, "--int8-calibration", skip_blank=True)]
+        speed_options(embedder, precision="int8", calibration=calibration)
+    except ValueError as err:
+        raise CliError(str(err)) from None
 
 
 def load_m3_model(args, announce: bool = True):
@@ -90,6 +110,8 @@ def load_m3_model(args, announce: bool = True):
     from ..m3 import load_m3
 
     _check_device(args.device)
+    if getattr(args, "int8", False) or getattr(args, "int8_calibration", None):
+        raise UsageError("--int8 is for dense embedders (the fast path); BGE-M3 runs in float")
     folder, origin = _resolve(args.model)
     if announce:
         print(f"{PROG}: M3 model {folder.name} from {folder} [{origin}]", file=sys.stderr)
@@ -188,6 +210,8 @@ def cmd_export(args) -> int:
     check_writable(args.onnx, "--onnx")
     if args.device not in (None, "cpu") or args.dtype not in (None, "float32"):
         raise CliError("export runs on the CPU in float32; leave out --device and --dtype")
+    if args.int8:
+        raise UsageError("export writes the float32 model; leave out --int8")
     args.device = "cpu"
     embedder, _, _ = load(args)
     path = export_onnx(embedder, Path(args.onnx).expanduser())

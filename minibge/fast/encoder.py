@@ -639,9 +639,16 @@ def speed_options(embedder, compile: bool | None = None, precision: str = "fp32"
             calibration = calibrate(embedder, calibration)  # texts, measured on the float model
         embedder.use_fast_path(**{**embedder._fast_options, "int8": True, "int8_calibration": calibration})
         encoder = embedder.fast_encoder
-    if compile is None:
-        compile = precision == "int8"
+    asked, compile = compile, precision == "int8" if compile is None else compile
     if compile:
-        embedder.compile_seconds = encoder.compile_tails()
+        try:
+            embedder.compile_seconds = encoder.compile_tails()
+        except Exception as err:  # Inductor fails in many ways without a working C++ compiler
+            if asked is not None:
+                raise
+            encoder.tails = encoder.heads = None
+            raise RuntimeError(f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                               "int8 is no faster than fp32 uncompiled (docs/benchmarks.md): pass "
+                               "compile=False to run it anyway") from err
         logger.info("torch.compile of %d block tails: %.1f s", len(encoder.tails), embedder.compile_seconds)
     return embedder

@@ -146,6 +146,32 @@ def test_encode_npy_matches_embedder(minilm_dir, embedder, tmp_path, monkeypatch
     assert diff.max() < 1e-6, f"--plain vs fast: max |diff| {diff.max():.2e}, mean {diff.mean():.2e}"
 
 
+def test_encode_int8_with_a_calibration_file_of_texts(minilm_dir, embedder, tmp_path, monkeypatch, capsys):
+    # compile=False keeps this quick; the compiled int8 path is tests/fast's (speed_options' default)
+    from minibge.fast import encoder as fast_encoder
+    speed_options = fast_encoder.speed_options
+    asked = []
+    monkeypatch.setattr("minibge.fast.speed_options",
+                        lambda e, **kw: asked.append(kw) or speed_options(e, compile=False, **kw))
+    source, calibration = tmp_path / "texts.txt", tmp_path / "calibration.txt"
+    source.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    calibration.write_text("A man is playing a flute.\n\nSome other sentence, longer than the first one.\n", encoding="utf-8")
+    out = tmp_path / "int8.npy"
+    assert main(["encode", "-m", str(minilm_dir), "--input", str(source), "--output", str(out),
+                 "--int8", "--int8-calibration", str(calibration)]) == 0
+    assert asked and asked[0]["precision"] == "int8"
+    assert asked[0]["calibration"] == ["A man is playing a flute.", "Some other sentence, longer than the first one."]
+    got, ref = np.load(out), embedder.encode(TEXTS)
+    cos = (got * ref).sum(axis=1)
+    assert cos.min() > 0.995 and np.abs(got - ref).max() > 1e-6, f"int8 vs float32: min cosine {cos.min():.6f}"
+    capsys.readouterr()
+    for argv, message in ((["--int8-calibration", str(calibration)], "--int8-calibration goes with --int8"),
+                          (["--int8", "--plain"], "leave out --plain and --dtype"),
+                          (["--int8", "--m3", "--output", str(tmp_path / "m3.npy")], "--int8 is for dense embedders")):
+        assert main(["encode", "-m", str(minilm_dir), "one text", *argv]) == 2
+        assert message in one_error_line(capsys.readouterr().err)
+
+
 def test_encode_jsonl_query_instruction_and_no_normalize(minilm_dir, embedder, tmp_path, monkeypatch):
     monkeypatch.setattr("minibge.cli.embed.CHUNK_TEXTS", 2)
     out = tmp_path / "vectors.jsonl"

@@ -1,6 +1,6 @@
 """docs/usage.md runs as written: every python block prints the text block under it, and the four
 ways it shows (FlagModel, sentence-transformers, LangChain, transformers) give the same vectors, as do
-the blocks after them (quantization, the saved index, ONNX export, mteb, LlamaIndex)."""
+the blocks after them (quantization, int8 matmuls, the saved index, ONNX export, mteb, LlamaIndex)."""
 import contextlib
 import io
 import os
@@ -17,7 +17,7 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.DOTALL | re.MULTILINE)
 FLOAT = re.compile(r"-?\d+\.\d*(?:e[-+]?\d+)?")
 PATHS = ("FlagModel", "sentence-transformers", "LangChain", "transformers")  # the page's sections, in order
 # then "Beyond the four ways": each block ends with q_embeddings and p_embeddings too
-BEYOND = ("quantization and similarity", "saved index", "ONNX export", "mteb", "LlamaIndex")
+BEYOND = ("quantization and similarity", "int8 matmuls", "saved index", "ONNX export", "mteb", "LlamaIndex")
 
 
 def usage_examples() -> list[tuple[str, str]]:
