@@ -334,8 +334,9 @@ class FastEncoder(nn.Module):
     mode: no dropout, whatever model.training says (encode() checks that, see model_blocker).
 
     attention: "auto" (measured on a CPU: choose_attention, `self.attention_choice`), "buckets",
-    "padded", "nested" or "varlen" (CUDA, fp16/bf16) (module docstring); an explicit mode is never measured over. With "buckets"
-    on the CPU, the short groups' method per band is measured too (`self.short_attention`).
+    "padded", "nested" or "varlen" (CUDA, fp16/bf16) (module docstring); an explicit mode is never
+    measured over. With "buckets" on the CPU, the short groups' method per band is measured too
+    (`self.short_attention`).
     `kernel_report()` lists every choice with the timings that made it. The attention choices are
     measured in the dtype the model has when the FastEncoder is built (a later .to() keeps them).
     onednn (CPU, fp32; None: measured, kernels.choose_matmul, on where oneDNN beats MKL on this

@@ -94,7 +94,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
+        shape, dtype = x.shape, x.dtype
         x = x.reshape(-1, self.in_features).float()
         if self.inverse_smooth is not None:
             x = x * self.inverse_smooth                             # x / s
@@ -105,7 +105,7 @@ class Int8Linear(nn.Module):
         y.addr_(offset.squeeze(1), self.weight_sum)               # + c[n] · Σ_k W[j, k] (a rank-1 update)
         if self.bias is not None:
             y.add_(self.bias)
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features).to(dtype)
 
     def extra_repr(self) -> str:
         smoothed = ", smoothed" if self.inverse_smooth is not None else ""

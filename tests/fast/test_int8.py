@@ -88,3 +88,11 @@ def test_calibration_file_round_trip_and_refusals(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="not a readable int8 calibration file"):
         load_calibration(tmp_path / "junk.safetensors", num_layers=2)
+
+
+def test_int8_linear_answers_in_the_input_dtype():
+    linear = torch.nn.Linear(16, 8)
+    x = torch.randn(3, 16)
+    for layer in (Int8Linear(linear), Int8Linear(linear, activation_max=x.abs().amax(dim=0))):
+        got = layer(x.bfloat16())
+        assert got.dtype == torch.bfloat16 and got.shape == (3, 8)
