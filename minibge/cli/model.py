@@ -210,8 +210,6 @@ def cmd_export(args) -> int:
     check_writable(args.onnx, "--onnx")
     if args.device not in (None, "cpu") or args.dtype not in (None, "float32"):
         raise CliError("export runs on the CPU in float32; leave out --device and --dtype")
-    if args.int8:
-        raise UsageError("export writes the float32 model; leave out --int8")
     args.device = "cpu"
     embedder, _, _ = load(args)
     path = export_onnx(embedder, Path(args.onnx).expanduser())
