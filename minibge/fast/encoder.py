@@ -434,7 +434,7 @@ class FastEncoder(nn.Module):
         signature = self.weight_signature()
         if force or signature != self.built_from:
             if self.tails is not None:
-                # the compiled graphs hold the old matmuls (and Inductor froze their weights): drop them
+                # the compiled graphs hold the old matmuls (int8 copies of old weights, or a Linear swapped out)
                 logger.warning("the model's weights changed: its compiled block tails are dropped (compile again)")
                 self.tails = self.heads = None
             self.linears = nn.ModuleList(self.block_linears(i, block) for i, block in enumerate(self.model.layers))

@@ -463,3 +463,22 @@ def test_varlen_equals_padded_on_cuda(dtype):
     diff = (got - ref)[mask.bool()].abs()
     assert diff.max() < 2e-2, f"{dtype}: max |diff| {diff.max():.3e}, mean {diff.mean():.3e}"
     assert got[~mask.bool()].abs().sum() == 0, "padded positions are not zero"
+
+
+@pytest.mark.slow
+def test_compiled_tails_are_dropped_when_the_weights_change(caplog):
+    # int8: the compiled graphs hold int8 copies made from the weights they were compiled with
+    model = tiny_model(seed=11)
+    fast = FastEncoder(model, int8=True)
+    fast.compile_tails()
+    ids, mask, _ = random_batch(model.config, 3, 9, seed=5)
+    mask[:, 0] = 1
+    with torch.no_grad():  # new weights in place, as an optimizer step writes them (a new version)
+        for linear in (model.layers[0].feed_forward.up, model.layers[0].feed_forward.down):
+            linear.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        out, ref = fast(ids, mask), FastEncoder(model, int8=True)(ids, mask)  # ref: int8 from the new weights, eager
+    cos = min_cosine(out[:, 0], ref[:, 0])
+    assert cos > 0.999, f"after a weight change: min CLS cosine {cos:.6f} to int8 made from the new weights"
+    assert fast.tails is None and fast.heads is None, "stale compiled tails kept"
+    assert "compiled block tails are dropped" in caplog.text
