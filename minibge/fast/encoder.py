@@ -495,7 +495,7 @@ class FastEncoder(nn.Module):
         compiled = lambda f: torch.compile(f, dynamic=True, options={"freezing": True})
         self.tails = [compiled(functools.partial(block_tail, block, linears, matmul=plain_matmul))
                       for block, linears in zip(self.model.layers, self.linears)]
-        if any(isinstance(linear, Int8Linear) for name, linear in self.linears[0].items() if name in QKV_LINEARS):
+        if self.int8:  # every matmul is int8 then, the QKV projection too
             self.heads = [compiled(functools.partial(project_qkv, linears, matmul=plain_matmul)) for linears in self.linears]
         weight = self.model.embeddings.word_embeddings.weight
         with torch.inference_mode():

@@ -46,6 +46,7 @@ from ..common import atomic_path
 
 LEVELS = 127  # symmetric int8: -127..127 (leaving -128 out keeps the range symmetric)
 SMOOTHING_ALPHA = 0.5  # SmoothQuant's default balance between activation and weight ranges
+MATMULS = ("qkv", "output", "up", "down")  # a block's matmuls, as a calibration names them ("<layer>.<matmul>")
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +84,7 @@ class Int8Linear(nn.Module):
                                  f"expected ({linear.in_features},) for this Linear")
             smooth = smoothing_factors(activation_max, weight)                  # (in,)
             weight = weight * smooth                                            # W · s, column by column
-            self.register_buffer("inverse_smooth", (1 / smooth).to(weight.device))
+            self.register_buffer("inverse_smooth", 1 / smooth)
         else:
             self.register_buffer("inverse_smooth", None)
         q, scale = quantize_rows(weight)                                    # (out, in) int8, (out, 1)
@@ -116,7 +117,7 @@ class Int8Linear(nn.Module):
 # Calibration: max |x| per input channel of every matmul, on a few hundred texts
 
 def calibrate(embedder, texts) -> dict[str, torch.Tensor]:
-    """{"<layer>.<matmul>": (in,) max |x|} for each block's "qkv", "output", "up" and "down" inputs,
+    """{"<layer>.<matmul>": (in,) max |x|} for the input of each block's MATMULS,
     over the real tokens of `texts`. Forward hooks on the model's own Linears record them; hooks
     make encode() take the plain model (fast/encoder.py's model_blocker), and batch_size=1 leaves
     no padding rows to pollute the maxima."""
@@ -133,8 +134,8 @@ def calibrate(embedder, texts) -> dict[str, torch.Tensor]:
 
     for i, block in enumerate(embedder.model.layers):
         # the query's input is the key's and the value's too: one maximum serves the fused QKV
-        for name, linear in (("qkv", block.attention.query), ("output", block.attention.output),
-                             ("up", block.feed_forward.up), ("down", block.feed_forward.down)):
+        inputs = (block.attention.query, block.attention.output, block.feed_forward.up, block.feed_forward.down)
+        for name, linear in zip(MATMULS, inputs):
             hooks.append(linear.register_forward_hook(record(f"{i}.{name}")))
     try:
         embedder.encode(texts, batch_size=1, show_progress_bar=False)
@@ -153,7 +154,7 @@ def save_calibration(calibration: dict[str, torch.Tensor], path) -> Path:
 
 
 def load_calibration(path, num_layers: int) -> dict[str, torch.Tensor]:
-    """Read a save_calibration file, checked: only "<layer>.<qkv|output|up|down>" keys of 1-D
+    """Read a save_calibration file, checked: only "<layer>.<one of MATMULS>" keys of 1-D
     finite, non-negative float tensors for layers < num_layers (anything else: one ValueError)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -161,10 +162,11 @@ def load_calibration(path, num_layers: int) -> dict[str, torch.Tensor]:
         calibration = load_file(str(path))
     except (OSError, SafetensorError) as err:
         raise ValueError(f"{path} is not a readable int8 calibration file ({err})") from None
-    names = {f"{i}.{name}" for i in range(num_layers) for name in ("qkv", "output", "up", "down")}
+    names = {f"{i}.{name}" for i in range(num_layers) for name in MATMULS}
     for name, x in calibration.items():
         if name not in names:
-            raise ValueError(f"{path}: unexpected entry {name!r} (expected <layer>.<qkv|output|up|down>, layer < {num_layers})")
+            raise ValueError(f"{path}: unexpected entry {name!r} (expected <layer>.<{'|'.join(MATMULS)}>, "
+                             f"layer < {num_layers})")
         if x.ndim != 1 or not x.is_floating_point() or not bool(torch.isfinite(x).all()) or bool((x < 0).any()):
             raise ValueError(f"{path}: {name!r} must be a 1-D tensor of finite maxima ≥ 0")
     return calibration
