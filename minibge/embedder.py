@@ -364,8 +364,13 @@ class Embedder:
             return [h[:n].float() for h, n in zip(hidden, batch["attention_mask"].sum(dim=1).tolist())]
 
         def fast_sentence_embeddings(batch):
-            hidden = encoder(batch["input_ids"], batch["attention_mask"])                  # (b, T, H)
-            return self.pool(hidden, batch["attention_mask"], normalize).float()           # (b, D)
+            mask = batch["attention_mask"]
+            if self.pooling == "cls" and mask.shape[1] and bool(mask[:, 0].all()):
+                # [CLS] pooling reads one row per text, so the last block computes only those rows
+                hidden = encoder.first_tokens(batch["input_ids"], mask)[:, None]            # (b, 1, H)
+            else:
+                hidden = encoder(batch["input_ids"], mask)                                 # (b, T, H)
+            return self.pool(hidden, mask, normalize).float()                              # (b, D)
 
         if output_value == "token_embeddings":
             return token_embeddings

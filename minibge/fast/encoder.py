@@ -146,7 +146,10 @@ def merge_heads(y: torch.Tensor) -> torch.Tensor:
 SHORT_ATTENTION = 32  # the longest group the CPU may spell attention out for; longer ones always take SDPA
 SHORT_BANDS = ((15, (6, 12)), (SHORT_ATTENTION, (20, 28)))  # (longest length of a band, the lengths timed for it)
 SHORT_METHODS = ("sdpa", "plain", "transposed")  # candidates for a band; a tie goes to the first
-SHORT_GROUP = 8  # sentences in each timed group: a length bucket of the pipeline's 32-text batches
+# sentences in each timed group: a length bucket of the pipeline's 32-text batches, whose texts are
+# sorted by length, holds 16-32 of them. (Timed on 8, SDPA's fixed set-up weighed too much: it won the
+# 1-15 band on one run, then cost 2.4× the transposed softmax on real buckets; docs/benchmarks.md.)
+SHORT_GROUP = 24
 ATTENTION_REPEATS = 5  # timed passes per attention candidate (each a few milliseconds at most), after one warm-up
 
 
@@ -207,7 +210,8 @@ def choose_short_attention(num_heads: int, head_dim: int, dtype=torch.float32) -
     fastest on this CPU over groups up to `longest` tokens (measured once, cached; kernels.py)."""
     bands, shortest = [], 1
     for longest, lengths in SHORT_BANDS:
-        key = (f"{kernels.machine_key()} | attention of {shortest}-{longest} tokens (timed at {lengths}) "
+        key = (f"{kernels.machine_key()} | attention of {shortest}-{longest} tokens (timed at {lengths}, "
+               f"{SHORT_GROUP} sentences each) "
                f"heads={num_heads} D={head_dim} {str(dtype).removeprefix('torch.')}")
         choice = kernels.choose(f"attention of groups of {shortest}-{longest} tokens", key, SHORT_METHODS,
                                 lambda lengths=lengths: time_short_attention(num_heads, head_dim, lengths, dtype),
@@ -232,15 +236,31 @@ def attend_buckets(qkv, packing: Packing, num_heads: int, plan=()):
     return out
 
 
+def key_mask(packing: Packing, device) -> torch.Tensor:
+    """(B, 1, 1, T) bool, True at a real token: which keys of the re-padded batch attention may read."""
+    B, T = packing.shape
+    mask = torch.zeros(B * T, dtype=torch.bool, device=device)
+    mask[packing.token_index] = True
+    return mask.view(B, 1, 1, T)                                                    # (B, 1, 1, T)
+
+
 def attend_padded(qkv, packing: Packing, num_heads: int):
     """Back to (B, T) for one masked SDPA call, then packed again. qkv (N, 3H) → (N, H)."""
-    B, T = packing.shape
     padded = packing.unpack(qkv)                                                    # (B, T, 3H)
-    key_mask = torch.zeros(B * T, dtype=torch.bool, device=qkv.device)
-    key_mask[packing.token_index] = True                                            # True = a real token
-    key_mask = key_mask.view(B, 1, 1, T)                                            # (B, 1, 1, T)
-    y = F.scaled_dot_product_attention(*split_qkv(padded, num_heads), attn_mask=key_mask)
+    y = F.scaled_dot_product_attention(*split_qkv(padded, num_heads), attn_mask=key_mask(packing, qkv.device))
     return merge_heads(y)[packing.token_index]
+
+
+def attend_first(qkv, packing: Packing, num_heads: int):
+    """Attention for one query per sentence, its first token's, over all of its keys: (N, 3H) → (B, H).
+    What the last block needs when only the first token's output is read ([CLS] pooling,
+    FastEncoder.first_tokens). One masked SDPA call over the re-padded keys and values; each query
+    row is a single token, so there is no (L, L) work to bucket."""
+    B, H = packing.shape[0], qkv.shape[-1] // 3
+    _, k, v = split_qkv(packing.unpack(qkv), num_heads)                             # (B, heads, T, D) each
+    q = qkv[packing.offsets[:-1], :H].view(B, 1, num_heads, -1).transpose(1, 2)    # (B, heads, 1, D)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask(packing, qkv.device))  # (B, heads, 1, D)
+    return merge_heads(y)                                                           # (B, H)
 
 
 def attend_nested(qkv, packing: Packing, num_heads: int):
@@ -469,11 +489,18 @@ class FastEncoder(nn.Module):
             return act(y) if act is not None and not fuse_gelu else y
         return plain_matmul(linear, x, act, residual)
 
-    def layer(self, i: int, x, packing: Packing):
-        """One post-LN block on packed tokens (N, H), using the model's own modules."""
+    def layer(self, i: int, x, packing: Packing, first_only: bool = False):
+        """One post-LN block on packed tokens (N, H), using the model's own modules. first_only: the
+        outputs of each sentence's first token only, (B, H) (first_tokens)."""
         block = self.model.layers[i]
         qkv = self.heads[i](x) if self.heads is not None else project_qkv(self.linears[i], x, self.matmul)  # (N, 3H)
-        y = self.attend(qkv, packing, block.attention.num_heads)  # (N, H)
+        if first_only:
+            # every token's keys and values are needed, but only the first tokens' queries, and what
+            # follows attention is token-wise: the tail runs on B rows instead of N
+            y = attend_first(qkv, packing, block.attention.num_heads)  # (B, H)
+            x = x[packing.offsets[:-1]]                                 # (B, H) the first tokens' residual
+        else:
+            y = self.attend(qkv, packing, block.attention.num_heads)  # (N, H)
         if self.tails is not None:
             return self.tails[i](x, y)
         return block_tail(block, self.linears[i], x, y, self.matmul)
@@ -507,8 +534,9 @@ class FastEncoder(nn.Module):
                         self.heads[i](x)
         return time.perf_counter() - start
 
-    def encode_packed(self, token_ids, packing: Packing, token_type_ids=None):
-        """Packed token ids (N,) → final hidden states (N, H)."""
+    def encode_packed(self, token_ids, packing: Packing, token_type_ids=None, first_only: bool = False):
+        """Packed token ids (N,) → final hidden states (N, H), or with first_only those of each
+        sentence's first token, (B, H): the last block then computes only what those rows need."""
         types = None if token_type_ids is None else token_type_ids[None]
         positions = packing.positions
         if self.model.config.position_offset:
@@ -518,19 +546,42 @@ class FastEncoder(nn.Module):
             before = F.pad(counts, (1, 0))[packing.offsets[:-1]].repeat_interleave(packing.lengths)    # (N,) earlier sentences'
             positions = (counts - before) * real + self.model.config.pad_token_id
         x = self.model.embeddings(token_ids[None], types, position_ids=positions[None])[0]  # (N, H)
-        for i in range(len(self.model.layers)):
+        last = len(self.model.layers) - 1
+        for i in range(last):
             x = self.layer(i, x, packing)
-        return x
+        return self.layer(last, x, packing, first_only)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        """(B, T, H) last hidden state, zeros at padded positions (model() leaves garbage there)."""
+    def pack_inputs(self, input_ids, attention_mask=None, token_type_ids=None):
+        """The model's (B, T) inputs, checked, as packed token ids (N,), their Packing and token types (N,)."""
         self.model.check_inputs(input_ids, attention_mask, token_type_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         self.sync()
         packing = Packing.from_mask(attention_mask)
         pick = lambda t: None if t is None else t.flatten()[packing.token_index]  # (B, T) → (N,)
-        return packing.unpack(self.encode_packed(pick(input_ids), packing, pick(token_type_ids)))
+        return pick(input_ids), packing, pick(token_type_ids)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        """(B, T, H) last hidden state, zeros at padded positions (model() leaves garbage there)."""
+        token_ids, packing, types = self.pack_inputs(input_ids, attention_mask, token_type_ids)
+        return packing.unpack(self.encode_packed(token_ids, packing, types))
+
+    def first_tokens(self, input_ids, attention_mask=None, token_type_ids=None):
+        """(B, H): forward(...)[:, 0], what [CLS] pooling reads, for right-padded batches (position 0
+        of every row a real token; a ValueError otherwise), computed with less work.
+
+        Only the [CLS] row of the last block's output is read, and everything in that block but
+        attention acts on each token alone, so its out-projection, feed-forward and LayerNorms run
+        on B rows instead of N: three quarters of the last block's matmul work, less one row per
+        text (attention still reads every token's keys and values). The [CLS] vectors are the same,
+        float rounding apart. model.py has no counterpart: like transformers, it returns every row.
+        """
+        token_ids, packing, types = self.pack_inputs(input_ids, attention_mask, token_type_ids)
+        starts = packing.offsets[:-1]                                                  # (B,) first rows
+        if not bool((packing.lengths > 0).all()) or bool(packing.positions[starts].any()):
+            raise ValueError("first_tokens needs right-padded rows (attention_mask[:, 0] all ones): "
+                             "position 0 must be each text's first token")
+        return self.encode_packed(token_ids, packing, types, first_only=True)
 
 
 def plain_matmul(linear, x, act=None, residual=None):

@@ -137,6 +137,47 @@ def test_fused_matmul_epilogues_equal_the_unfused_steps(act):
             assert (got - ref).abs().max() < 1e-5, f"{act} {list(kwargs)}: max |diff| {(got - ref).abs().max():.3e}"
 
 
+@settings(max_examples=12, deadline=None)
+@given(batch=st.integers(1, 6), seq_len=st.integers(2, 20), seed=st.integers(0, 10_000),
+       mode=st.sampled_from(CPU_MODES), onednn=st.booleans(), with_types=st.booleans())
+def test_first_tokens_are_the_models_first_row(batch, seq_len, seed, mode, onednn, with_types):
+    """first_tokens computes the last block for the [CLS] rows only: what cls pooling reads."""
+    ids, mask, types = random_batch(MODEL.config, batch, seq_len, seed=seed)
+    mask[:, 0] = 1
+    types = types if with_types else None
+    fast = FastEncoder(MODEL, attention=mode, onednn=onednn)
+    with torch.inference_mode():
+        got, ref = fast.first_tokens(ids, mask, types), MODEL(ids, mask, types)[:, 0]
+    diff = (got - ref).abs()
+    assert got.shape == (batch, MODEL.config.hidden_size)
+    assert diff.max() < 1e-5, f"attention={mode} onednn={onednn}: max |diff| {diff.max():.3e}, mean {diff.mean():.3e}"
+
+
+def test_first_tokens_refuses_rows_that_do_not_start_at_position_0():
+    ids, _, _ = random_batch(MODEL.config, 2, 5, seed=1)
+    left = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.inference_mode(), pytest.raises(ValueError, match="right-padded"):
+        FastEncoder(MODEL).first_tokens(ids, left)
+    with torch.inference_mode():  # no mask: every row is full
+        got, ref = FastEncoder(MODEL).first_tokens(ids), MODEL(ids)[:, 0]
+    assert (got - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_cls_pooling_runs_first_tokens_and_mean_pooling_the_whole_output(minilm, pooling, monkeypatch):
+    """encode() asks the fast encoder for the [CLS] rows only when the pooling reads nothing else."""
+    called = []
+    for name in ("forward", "first_tokens"):
+        original = getattr(FastEncoder, name)
+        monkeypatch.setattr(FastEncoder, name, lambda self, *a, _f=original, _n=name, **k: called.append(_n) or _f(self, *a, **k))
+    model = tiny_model(seed=2, vocab_size=30522, max_position_embeddings=512)
+    fast = Embedder(model, minilm.tokenizer, pooling=pooling, max_length=128)
+    got = fast.encode(TEXTS, batch_size=4)
+    ref = Embedder(model, minilm.tokenizer, pooling=pooling, max_length=128, fast=False).encode(TEXTS, batch_size=4)
+    assert set(called) == {"first_tokens" if pooling == "cls" else "forward"}, called
+    assert min_cosine(got, ref) >= COSINE_BAR, f"{pooling}: min cosine {min_cosine(got, ref):.8f}"
+
+
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_pooling_the_fast_output_matches_pooling_the_model(pooling):
     """encode() pools both paths with the one pooling of model.py: the fast encoder's (B, T, H)
@@ -277,6 +318,11 @@ def test_compiled_tails_match(minilm, stsb_texts, minilm_dir):
     assert encoder.tails is not None and len(encoder.tails) == encoder.model.config.num_hidden_layers
     got, ref = fast.encode(stsb_texts), minilm.encode(stsb_texts)
     assert min_cosine(got, ref) >= COSINE_BAR, f"compiled: min cosine {min_cosine(got, ref):.8f}"
+    # the last compiled tail on the [CLS] rows only (first_tokens: a different row count, same graph)
+    ids, mask = (fast.tokenize(stsb_texts[:7])[key] for key in ("input_ids", "attention_mask"))
+    with torch.inference_mode():
+        first, full = encoder.first_tokens(ids, mask), minilm.model(ids, mask)[:, 0]
+    assert (first - full).abs().max() < 1e-4, f"compiled first_tokens: max |diff| {(first - full).abs().max():.3e}"
 
 
 # -----------------------------------------------------------------------------
