@@ -52,7 +52,12 @@ model, hooks, train mode, attn_impl="manual", a customised embed(): see model_bl
    to MKL's sgemm, which is slow on some CPUs and fast on others (docs/benchmarks.md). The
    weights are packed once into oneDNN's blocked layout (a second copy of the encoder's matmul
    weights: 42 MB for MiniLM), which saves the reorder oneDNN would do on every call.
-4. Optional modes that change the numbers slightly (speed_options): bf16 on CPUs with native
+4. Only the rows that pooling reads. [CLS] pooling (BGE's) reads one row per text of the last
+   block's output, and everything in that block but attention is token-wise, so `first_tokens`
+   runs the last block's out-projection, feed-forward and LayerNorms on those B rows, not all N
+   (attention still reads every token's keys and values: attend_first). Mean pooling reads every
+   row, so it gets the whole forward().
+5. Optional modes that change the numbers slightly (speed_options): bf16 on CPUs with native
    bf16, int8 matmuls (int8.py: per-channel weights, per-token activations), torch.compile of the
    token-wise block tails.
 
@@ -493,7 +498,10 @@ class FastEncoder(nn.Module):
         """One post-LN block on packed tokens (N, H), using the model's own modules. first_only: the
         outputs of each sentence's first token only, (B, H) (first_tokens)."""
         block = self.model.layers[i]
-        qkv = self.heads[i](x) if self.heads is not None else project_qkv(self.linears[i], x, self.matmul)  # (N, 3H)
+        # torch.compile specialises sizes 0 and 1, so a single row would compile a new graph (seconds,
+        # once): a lone [CLS] row of first_tokens, a one-token text. One row is cheap eagerly.
+        qkv = (self.heads[i](x) if self.heads is not None and x.shape[0] > 1
+               else project_qkv(self.linears[i], x, self.matmul))  # (N, 3H)
         if first_only:
             # every token's keys and values are needed, but only the first tokens' queries, and what
             # follows attention is token-wise: the tail runs on B rows instead of N
@@ -501,7 +509,7 @@ class FastEncoder(nn.Module):
             x = x[packing.offsets[:-1]]                                 # (B, H) the first tokens' residual
         else:
             y = self.attend(qkv, packing, block.attention.num_heads)  # (N, H)
-        if self.tails is not None:
+        if self.tails is not None and x.shape[0] > 1:
             return self.tails[i](x, y)
         return block_tail(block, self.linears[i], x, y, self.matmul)
 
@@ -529,7 +537,7 @@ class FastEncoder(nn.Module):
             for i in range(len(self.tails)):
                 for n in (7, 13):  # two sizes, so the dynamic graph is the one cached
                     x = torch.zeros(n, weight.shape[1], dtype=weight.dtype, device=weight.device)
-                    self.tails[i](x, x)
+                    self.tails[i](x, x.clone())  # two tensors: the same one twice is a graph of its own
                     if self.heads is not None:
                         self.heads[i](x)
         return time.perf_counter() - start

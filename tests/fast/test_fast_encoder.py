@@ -528,3 +528,23 @@ def test_compiled_tails_are_dropped_when_the_weights_change(caplog):
     assert cos > 0.999, f"after a weight change: min CLS cosine {cos:.6f} to int8 made from the new weights"
     assert fast.tails is None and fast.heads is None, "stale compiled tails kept"
     assert "compiled block tails are dropped" in caplog.text
+
+
+@pytest.mark.slow
+def test_compiled_int8_encoder_compiles_nothing_more_after_compile_tails():
+    """compile_tails warms up the graphs encode() uses: a batch, a lone text (one [CLS] row in the
+    last block under first_tokens) and the full forward compile no new graph (a recompile costs
+    seconds in the middle of an encode)."""
+    from torch._dynamo.utils import counters
+    model = tiny_model(seed=12)
+    fast = FastEncoder(model, int8=True)
+    fast.compile_tails()
+    graphs = counters["stats"]["unique_graphs"]
+    ids, mask, _ = random_batch(model.config, 4, 10, seed=6)
+    with torch.inference_mode():
+        first, full = fast.first_tokens(ids, mask), fast(ids, mask)
+        lone = fast.first_tokens(ids[:1, :5])
+        ref = FastEncoder(model, int8=True)(ids[:1, :5])[:, 0]  # eager int8
+    assert counters["stats"]["unique_graphs"] == graphs, "encoding compiled a new graph after compile_tails"
+    assert (first - full[:, 0]).abs().max() < 1e-4, f"first_tokens vs forward: max |diff| {(first - full[:, 0]).abs().max():.3e}"
+    assert (lone - ref).abs().max() < 1e-4, f"a lone text: max |diff| {(lone - ref).abs().max():.3e}"
