@@ -219,6 +219,14 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
+def require_native_bf16(device, what: str) -> None:
+    """ValueError if `what` would run in bf16 on a CPU that emulates it (slower than float32): the one
+    refusal behind load_embedder(dtype="bfloat16"), training's precision="bf16" and speed_options."""
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        raise ValueError(f"{what} on this CPU would be emulated (no avx512_bf16 or amx_bf16 flag), slower than "
+                         "float32: use float32 here, or bf16 on a CPU or GPU that multiplies it in hardware")
+
+
 # -----------------------------------------------------------------------------
 # Reading lines: the one reader behind the CLI's inputs, the evaluation sets and the training files
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import atomic_folder, cpu_has_native_bf16, read_json
+from .common import atomic_folder, read_json, require_native_bf16
 from .fast import encoder as fast_path
 from .hub import resolve_model_path
 from .model import POOLING, l2_normalize
@@ -104,9 +104,8 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype == torch.float16 and device.type == "cpu":
         logger.warning("%s requested on the CPU; using float32", dtype)
         return torch.float32
-    if dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_native_bf16():
-        raise ValueError("bfloat16 on this CPU would be emulated (no avx512_bf16 or amx_bf16 flag), slower than "
-                         "float32: use float32 here, or bfloat16 on a CPU or GPU that multiplies it in hardware")
+    if dtype == torch.bfloat16:
+        require_native_bf16(device, "bfloat16")
     return dtype
 
 

@@ -55,3 +55,15 @@ def test_train_re_exports_the_distributed_helpers():
 
     assert (is_main_process, rank_and_world, setup_distributed) == \
         (common.is_main_process, common.rank_and_world, common.setup_distributed)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_is_refused_only_on_a_cpu_that_emulates_it(native, monkeypatch):
+    import torch
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: native)
+    if native:
+        common.require_native_bf16(torch.device("cpu"), "bfloat16")
+    else:
+        with pytest.raises(ValueError, match="bfloat16 on this CPU would be emulated"):
+            common.require_native_bf16(torch.device("cpu"), "bfloat16")
+    common.require_native_bf16(torch.device("cuda"), "bfloat16")  # a GPU is not this function's business

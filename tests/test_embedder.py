@@ -116,7 +116,7 @@ def test_half_precision_stays_fp32_on_cpu_and_outputs_float32(minilm_dir, caplog
 
 @pytest.mark.parametrize("native", [True, False])
 def test_bfloat16_on_the_cpu_only_where_it_multiplies_in_hardware(minilm_dir, monkeypatch, native):
-    monkeypatch.setattr("minibge.embedder.cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr("minibge.common.cpu_has_native_bf16", lambda: native)
     if not native:
         with pytest.raises(ValueError, match="emulated"):
             minibge.load_embedder(minilm_dir, dtype="bfloat16", device="cpu")

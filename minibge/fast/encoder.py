@@ -77,7 +77,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..common import cpu_has_native_bf16
+from ..common import require_native_bf16
 from . import kernels
 from . import onednn as onednn_kernels
 from .int8 import Int8Linear, calibrate, load_calibration
@@ -687,8 +687,7 @@ def speed_options(embedder, compile: bool | None = None, precision: str = "fp32"
         raise ValueError(f"calibration is for precision='int8' (it smooths int8 matmuls), not {precision!r}")
     encoder = embedder.fast_encoder
     if precision == "bf16":
-        if embedder.device.type == "cpu" and not cpu_has_native_bf16():
-            raise ValueError("this CPU has no native bf16 (avx512_bf16 / amx_bf16): bf16 would be slower than fp32")
+        require_native_bf16(embedder.device, "precision='bf16'")
         encoder.to(torch.bfloat16)
     elif precision == "int8":
         if embedder.device.type != "cpu":

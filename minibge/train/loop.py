@@ -100,7 +100,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 # rank_and_world is looked up here at call time, so tests can stand in for a group (monkeypatch this module's name)
-from ..common import atomic_folder, cpu_has_native_bf16, rank_and_world, read_json, write_text_atomic
+from ..common import atomic_folder, rank_and_world, read_json, require_native_bf16, write_text_atomic
 from ..fast import onednn as onednn_kernels
 from ..weights import RUN_FILE
 from . import gradcache
@@ -553,9 +553,8 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 
 def check_precision(device: torch.device, precision: str) -> None:
     """Refuse bf16 on a CPU that would emulate it (ValueError); warn that fp16 off CUDA trains in fp32."""
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        raise ValueError("precision bf16 on this CPU would be emulated (no avx512_bf16 or amx_bf16 flag), slower "
-                         "than fp32: train in fp32 here, or in bf16 on a CPU or GPU that multiplies it in hardware")
+    if precision == "bf16":
+        require_native_bf16(device, "precision bf16")
     if precision != "fp32" and autocast_dtype(device, precision) is None:
         logger.warning("precision %s needs CUDA%s; training in fp32 on %s", precision,
                        " (or bf16 on a CPU with native bf16)" if precision == "fp16" else "", device)

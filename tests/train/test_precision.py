@@ -68,7 +68,7 @@ def train_once(folder, precision, steps=1, cache_chunk_size=None):
 
 @pytest.fixture
 def native_bf16(monkeypatch):
-    monkeypatch.setattr(loop_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr("minibge.common.cpu_has_native_bf16", lambda: True)
 
 
 def test_bf16_step_on_cpu_matches_fp32_and_keeps_fp32_weights(tmp_path, native_bf16, caplog):
@@ -105,14 +105,14 @@ def test_bf16_with_gradient_caching_takes_the_loops_autocast(tmp_path, native_bf
 
 
 def test_bf16_is_refused_on_a_cpu_without_native_bf16(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("minibge.common.cpu_has_native_bf16", lambda: False)
     with pytest.raises(ValueError, match="bf16 on this CPU would be emulated"):
         train_once(tmp_path, "bf16")
     assert not (tmp_path / "out").exists(), "refused before the output folder is touched"
 
 
 def test_cli_refusal_is_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(loop_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("minibge.common.cpu_has_native_bf16", lambda: False)
     folder = tmp_path / "model"
     folder.mkdir()
     tiny_embedder(folder).save_pretrained(folder)
