@@ -41,8 +41,14 @@ logger = logging.getLogger(__name__)
 # FlagEmbedding's retrieval instructions; added to short queries only, never to passages
 INSTRUCTION_EN = "Represent this sentence for searching relevant passages: "
 INSTRUCTION_ZH = "为这个句子生成表示以用于检索相关文章："
-PROGRESS_BAR_MIN_TEXTS = 1024
-OUTPUT_VALUES = ("sentence_embedding", "token_embeddings")  # what encode(output_value=) can return  # show_progress_bar=None shows a bar from this many texts on
+PROGRESS_BAR_MIN_TEXTS = 1024  # show_progress_bar=None shows a bar from this many texts on
+OUTPUT_VALUES = ("sentence_embedding", "token_embeddings")  # what encode(output_value=) can return
+# encode's texts per batch at most. Not sentence-transformers' 32 but FlagEmbedding's 256 for BGE: a
+# batch costs its tokens, not its texts (the fast path packs them, so more texts add no padding),
+# and the token budget (Embedder.max_tokens) is what bounds memory; a 32-text cap only made short
+# texts' matmuls small (docs/benchmarks.md, "encode's batch size").
+BATCH_SIZE = 256
+MAX_TOKENS = 4096  # Embedder.max_tokens' default: real tokens per batch at most
 
 
 def read_pooling_mode(folder: Path) -> str | None:
@@ -187,7 +193,7 @@ class Embedder:
         # the pipeline's batching: texts tokenized and sorted by token count together, and real tokens
         # per batch at most (a batch costs its tokens; docs/benchmarks.md has the measurements)
         self.sort_window = 4096
-        self.max_tokens = 4096
+        self.max_tokens = MAX_TOKENS
         # the fast backend (fast/encoder.py), unless fast=False or the model was changed in a way it
         # cannot follow (fast_path_blocker); built on first use
         self.fast = fast
@@ -300,7 +306,7 @@ class Embedder:
     # -------------------------------------------------------------------------
     # encode(): the inference pipeline
 
-    def iter_batches(self, sentences: list[str], batch_size: int = 32, max_length: int | None = None,
+    def iter_batches(self, sentences: list[str], batch_size: int = BATCH_SIZE, max_length: int | None = None,
                      normalize_embeddings: bool = True, show_progress_bar: bool | None = None,
                      output_value: str = "sentence_embedding"):
         """Yield (indices, out) batch by batch, longest texts first: out is a (b, D) float32 tensor of
@@ -388,7 +394,7 @@ class Embedder:
         from tqdm.auto import tqdm
         return tqdm(total=0, desc="Batches", unit="batch")
 
-    def encode(self, sentences, prompt_name: str | None = None, prompt: str | None = None, batch_size: int = 32,
+    def encode(self, sentences, prompt_name: str | None = None, prompt: str | None = None, batch_size: int = BATCH_SIZE,
                show_progress_bar: bool | None = None, output_value: str = "sentence_embedding",
                precision: str = "float32", convert_to_numpy: bool = True, convert_to_tensor: bool = False,
                device=None, normalize_embeddings: bool = True, truncate_dim: int | None = None,
@@ -398,7 +404,8 @@ class Embedder:
 
         sentence-transformers' signature and meanings (version 5 and later), with two differences in
         the defaults: normalize_embeddings=True (BGE's vectors are compared by dot product, as in
-        FlagEmbedding), and max_length, a minibge extra, cuts texts below max_seq_length for one call.
+        FlagEmbedding) and batch_size=256 (FlagEmbedding's; BATCH_SIZE says why); max_length, a
+        minibge extra, cuts texts below max_seq_length for one call.
         - prompt / prompt_name: a string put before every text (prompt wins), or a key of self.prompts
           ("query" is BGE's retrieval instruction); default_prompt_name when neither is given.
         - truncate_dim: keep the first d dimensions (Matryoshka), then normalise when asked.

@@ -85,6 +85,7 @@ import numpy as np
 import torch
 
 from . import common, hub
+from .embedder import BATCH_SIZE
 from .evaluate.data import document_text
 from .evaluate.search import npy_chunks, npy_header, top_k, top_k_of_scores
 from .m3 import HEAD_FILES, M3Embedder, check_mode_weights, combine_scores
@@ -229,7 +230,7 @@ def check_index_destination(out: Path, overwrite: bool) -> None:
 
 
 # ---------------------------------------------------------------- building
-def build(model, corpus, out, *, store_texts: bool = True, batch_size: int = 32, overwrite: bool = False,
+def build(model, corpus, out, *, store_texts: bool = True, batch_size: int = BATCH_SIZE, overwrite: bool = False,
           faiss: tuple[str, ...] = (), show_progress_bar: bool | None = None, m3: bool = False,
           **load_kwargs) -> "Index":
     """Embed every document of `corpus` (a text/jsonl file or a BEIR folder) with `model` (a folder,
@@ -538,7 +539,7 @@ class Index:
         return structure
 
     def search(self, embedder, queries: list[str], k: int = 10, backend: str = "exact",
-               instruction: str | None = None, batch_size: int = 32, mode: str = "dense",
+               instruction: str | None = None, batch_size: int = BATCH_SIZE, mode: str = "dense",
                weights=None) -> list[list[Hit]]:
         """Embed the queries (with the model's retrieval instruction, or `instruction`; "" for none)
         and return their top k documents, best first: one list of Hits per query.

@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .embedder import Embedder
+from .embedder import BATCH_SIZE, Embedder
 from .evaluate.tasks import spearman, sts
 from .model import activation, l2_normalize
 
@@ -267,7 +267,7 @@ class _RecordingEmbedder:
         return vectors
 
 
-def sts_scores(embedder: Embedder, sentences1, sentences2, gold, batch_size: int = 32) -> dict:
+def sts_scores(embedder: Embedder, sentences1, sentences2, gold, batch_size: int = BATCH_SIZE) -> dict:
     """STS-B Spearman ×100 of the cosine (evaluate.sts) and of the raw dot product of the same vectors."""
     recorder = _RecordingEmbedder(embedder)
     cosine = sts(recorder, sentences1, sentences2, gold, batch_size=batch_size, show_progress_bar=False)
@@ -292,7 +292,7 @@ def compare(reference: tuple, wrong: tuple, attention_mask: torch.Tensor) -> dic
 
 
 def run_lab(embedder: Embedder, sentences1, sentences2, gold, mistakes=None, probe_size: int = 32,
-            batch_size: int = 32, seed: int = 0) -> list[dict]:
+            batch_size: int = BATCH_SIZE, seed: int = 0) -> list[dict]:
     """One row per mistake (the first row is the correct model): effects on hidden states and STS-B.
 
     The probe batch is the first `probe_size` distinct STS-B sentences, padded together, so the

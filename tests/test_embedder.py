@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minibge
-from minibge.embedder import INSTRUCTION_EN, INSTRUCTION_ZH, length_sorted_batches, read_pooling_mode
+from minibge.embedder import BATCH_SIZE, INSTRUCTION_EN, INSTRUCTION_ZH, length_sorted_batches, read_pooling_mode
 from minibge.evaluate.data import load_sts_csv
 from minibge.hub import HubError
 
@@ -79,6 +79,19 @@ def test_bad_arguments(minilm):
         minilm.encode(42)
     with pytest.raises(ValueError, match="batch_size"):
         minilm.encode(["a"], batch_size=0)
+
+
+def test_default_batches_hold_256_texts_within_the_token_budget(minilm, monkeypatch):
+    texts = ["one two three four"] * 600  # 6 tokens each with [CLS] and [SEP]
+    sizes = [len(indices) for indices, _ in minilm.iter_batches(texts)]
+    assert BATCH_SIZE == 256 and sizes == [256, 256, 88], sizes  # FlagEmbedding's 256; 256 × 6 tokens fit 4,096
+    monkeypatch.setattr(minilm, "max_tokens", 600)               # the token budget binds first: 100 texts a batch
+    sizes = [len(indices) for indices, _ in minilm.iter_batches(texts)]
+    assert sizes == [100] * 6, sizes
+    # batching changes which rows share a matmul, not what each row computes
+    texts = ["text number %d, a little longer %s" % (i, "than that " * (i % 7)) for i in range(300)]
+    default, small = minilm.encode(texts), minilm.encode(texts, batch_size=32)
+    assert np.abs(default - small).max() < 1e-5, f"max |diff| {np.abs(default - small).max():.2e}"
 
 
 @pytest.mark.parametrize("fast", [True, False])

@@ -33,12 +33,13 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..embedder import BATCH_SIZE as ENCODE_BATCH_SIZE
 from ..embedder import length_sorted_batches, load_embedder
 from ..model import POOLING, l2_normalize
 
 logger = logging.getLogger(__name__)
 
-BATCH_SIZE = 32  # every peer's texts per forward pass: sentence-transformers' default
+BATCH_SIZE = 32  # the peers' texts per forward pass: sentence-transformers' default (minibge's rows: encode's own)
 
 
 @dataclass
@@ -60,14 +61,15 @@ def minibge_peer(attn_impl: str):
     return build
 
 
-def fast_peer(calibration: Callable | None = None, **options):
+def fast_peer(calibration: Callable | None = None, batch_size: int | None = None, **options):
     """minibge's fast path with FastEncoder options (encoder=) and speed_options (speed=); with
-    calibration, speed_options(calibration=calibration()) (int8 smoothing)."""
+    calibration, speed_options(calibration=calibration()) (int8 smoothing). batch_size: texts per
+    batch, None for encode's default (embedder.BATCH_SIZE, with its token budget)."""
     def build(folder, embedder):
         from ..fast import speed_options
         speed = {**options.get("speed", {}), **({"calibration": calibration()} if calibration else {})}
         fast = speed_options(load_embedder(folder, device="cpu").use_fast_path(**options.get("encoder", {})), **speed)
-        return lambda texts: fast.encode(texts, batch_size=options.get("batch_size", BATCH_SIZE))
+        return lambda texts: fast.encode(texts, **({} if batch_size is None else {"batch_size": batch_size}))
     return build
 
 
@@ -178,7 +180,8 @@ def onnx_peer(optimize: bool, int8: bool = False):
     return build
 
 
-def openvino_peer(precision: str | None = "f32", int8: bool = False, calibration: Callable = list):
+def openvino_peer(precision: str | None = "f32", int8: bool = False, calibration: Callable = list,
+                  batch_size: int = BATCH_SIZE):
     """OpenVINO on transformers' BertModel, converted as sentence-transformers' backend="openvino"
     converts it (optimum-intel's exporter): openvino.convert_model on the torch module, which traces it
     through OpenVINO's PyTorch frontend, inputs declared (batch, tokens) dynamic.
@@ -189,7 +192,7 @@ def openvino_peer(precision: str | None = "f32", int8: bool = False, calibration
     the settings optimum-intel's OVQuantizationConfig defaults to (transformer model type, the "mixed"
     preset: symmetric int8 weights, asymmetric activations; fast bias correction), calibrated on
     calibration() (a few hundred texts, each its own batch of one, unpadded); the ops NNCF leaves in
-    float run at `precision`."""
+    float run at `precision`. batch_size: texts per padded batch (length-sorted)."""
     def build(folder, embedder):
         import transformers
         try:
@@ -233,7 +236,7 @@ def openvino_peer(precision: str | None = "f32", int8: bool = False, calibration
             return pool_numpy(hidden, mask, embedder.pooling)
 
         tokenize = lambda texts, n: embedder.tokenizer.encode_batch(texts, n)
-        return lambda texts: length_sorted_loop(tokenize, run, texts, embedder.max_length)
+        return lambda texts: length_sorted_loop(tokenize, run, texts, embedder.max_length, batch_size)
     return build
 
 
@@ -242,6 +245,7 @@ def all_peers(speed_options: bool = True, calibration: Callable = list) -> list[
     OpenVINO int8 peer and minibge's smoothed int8 calibrate on (called only if one is built)."""
     peers = [Peer("sentence-transformers encode", sentence_transformers_peer),
              Peer("minibge encode (default: fast path)", fast_peer()),
+             Peer(f"minibge encode, {BATCH_SIZE} texts a batch (the peers' batch)", fast_peer(batch_size=BATCH_SIZE)),
              Peer("minibge plain path (sdpa)", minibge_peer("sdpa")),
              Peer("minibge plain path (manual)", minibge_peer("manual")),
              Peer("transformers BertModel SDPA, FlagEmbedding loop", transformers_peer),
@@ -249,6 +253,8 @@ def all_peers(speed_options: bool = True, calibration: Callable = list) -> list[
              Peer("ONNX Runtime + BERT optimizer", onnx_peer(optimize=True)),
              Peer("ONNX Runtime int8 (dynamic quantisation)", onnx_peer(optimize=False, int8=True)),
              Peer("OpenVINO fp32", openvino_peer("f32")),
+             # at minibge's default batch: packing makes a bigger batch cheaper, padding makes it dearer
+             Peer(f"OpenVINO fp32, {ENCODE_BATCH_SIZE} texts a batch (minibge's batch)", openvino_peer("f32", batch_size=ENCODE_BATCH_SIZE)),
              Peer("OpenVINO, the CPU's default precision (bf16 where native)", openvino_peer(None)),
              Peer("OpenVINO int8 (NNCF static quantisation)", openvino_peer("f32", int8=True, calibration=calibration))]
     if speed_options:

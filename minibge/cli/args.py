@@ -9,6 +9,7 @@ import torch
 
 from .. import hub
 from ..evaluate import task_key
+from ..evaluate.search import RERANK_BATCH_SIZE
 from .io import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +74,17 @@ def task(value: str) -> str:
 
 
 # ---------------------------------------------------------------- the parser
+def rerank_options(p, items: str) -> None:
+    """--rerank and its options, for the commands that retrieve then rerank (search, eval)."""
+    p.add_argument("--rerank", metavar="PATH_OR_ID",
+                   help=f"a cross-encoder: re-order each query's --rerank-top best {items} by its score")
+    p.add_argument("--rerank-top", type=positive_int, default=100, help=f"{items} reranked per query (default: 100)")
+    p.add_argument("--rerank-max-length", type=positive_int, default=None,
+                   help="tokens per (query, passage) pair for the reranker (default: its tokenizer's model_max_length)")
+    p.add_argument("--rerank-batch-size", type=positive_int, default=RERANK_BATCH_SIZE,
+                   help=f"(query, passage) pairs per reranker forward pass (default: {RERANK_BATCH_SIZE})")
+
+
 def examples(*lines: str) -> str:
     return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 

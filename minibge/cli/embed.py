@@ -23,7 +23,7 @@ import torch
 
 from ..evaluate.search import rerank, top_k
 from ..index import BACKENDS, MODES, Hit
-from .args import Formatter, examples, positive_int
+from .args import Formatter, examples, positive_int, rerank_options
 from .io import (CHUNK_TEXTS, ChunkEmbedder, UsageError, check_not_input, check_readable, check_writable, chunked,
                  embed_texts, encode_source, format_matrix, print_summary, progress, progress_setting, query_prefix,
                  read_texts, stdin_as_file, warn_blank, write_jsonl, write_npy)
@@ -108,11 +108,7 @@ def add_embedding_commands(commands, verbose, model, model_only) -> None:
     p.add_argument("-k", "--top-k", type=positive_int, default=5, help="passages to show per query (default: 5)")
     p.add_argument("--no-instruction", action="store_true", help="do not prepend the query instruction")
     p.add_argument("--instruction", metavar="TEXT", help="use this query instruction instead of the model's")
-    p.add_argument("--rerank", metavar="PATH_OR_ID",
-                   help="a cross-encoder: retrieve --rerank-top passages, re-order them by its score, show --top-k")
-    p.add_argument("--rerank-top", type=positive_int, default=100, help="passages reranked per query (default: 100)")
-    p.add_argument("--rerank-max-length", type=positive_int, default=None,
-                   help="tokens per (query, passage) pair for the reranker (default: its tokenizer's model_max_length)")
+    rerank_options(p, "passages")
     p.set_defaults(run=cmd_search)
 
 
@@ -239,7 +235,7 @@ def cmd_search(args) -> int:
 
         reranker = load_reranker(args.rerank, device=args.device or embedder.device, max_length=args.rerank_max_length)
         shortlists = [row[:args.rerank_top].tolist() for row in best_index]
-        scores = rerank(reranker, queries, [[passages[j] for j in rows] for rows in shortlists], args.batch_size)
+        scores = rerank(reranker, queries, [[passages[j] for j in rows] for rows in shortlists], args.rerank_batch_size)
         order = [sorted(range(len(rows)), key=lambda i: -s[i])[:args.top_k] for rows, s in zip(shortlists, scores)]
         best_index = [[rows[i] for i in o] for rows, o in zip(shortlists, order)]
         best_scores = [[s[i] for i in o] for s, o in zip(scores, order)]

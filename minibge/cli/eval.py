@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..common import write_text_atomic
 from ..evaluate import TASKS, evaluate_task, format_markdown
-from .args import DEFAULT_DATA_DIR, Formatter, examples, positive_int
+from .args import DEFAULT_DATA_DIR, Formatter, examples, rerank_options
 from .args import task as task_name
 from .io import PROG, CliError, UsageError, check_writable, progress_setting
 from .model import load
@@ -35,11 +35,7 @@ def add_eval_command(commands, verbose, model, model_only) -> None:
                    help=f"folder with stsbenchmark/, sick2014/, scifact/ (default: {DEFAULT_DATA_DIR} if it exists)")
     p.add_argument("-o", "--output", metavar="JSON", help="write the list of result dicts to this JSON file")
     p.add_argument("--markdown", metavar="FILE", help="write the markdown table to this file too")
-    p.add_argument("--rerank", metavar="PATH_OR_ID",
-                   help="a cross-encoder that re-orders each query's --rerank-top best documents (retrieval tasks)")
-    p.add_argument("--rerank-top", type=positive_int, default=100, help="documents reranked per query (default: 100)")
-    p.add_argument("--rerank-max-length", type=positive_int, default=None,
-                   help="tokens per (query, passage) pair for the reranker (default: its tokenizer's model_max_length)")
+    rerank_options(p, "documents")  # retrieval tasks only
     p.set_defaults(run=cmd_eval)
 
 
@@ -68,7 +64,8 @@ def cmd_eval(args) -> int:
     for task in tasks:
         print(f"{PROG}: running {task} ...", file=sys.stderr)
         result = evaluate_task(embedder, task, data_dir, batch_size=args.batch_size,
-                               show_progress_bar=progress_setting(), reranker=reranker, rerank_top=args.rerank_top)
+                               show_progress_bar=progress_setting(), reranker=reranker, rerank_top=args.rerank_top,
+                               rerank_batch_size=args.rerank_batch_size)
         extra = {"reranker": args.rerank, "rerank_top": args.rerank_top,
                  "rerank_max_length": reranker.max_length} if reranker is not None else {}
         results.append({"model": folder.name, **extra, **result})

@@ -18,6 +18,10 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+# (query, passage) pairs per reranker forward pass. Not the embedder's BATCH_SIZE: a pair is padded to
+# the longest in its batch and the reranker has no token budget, so its batches stay small.
+RERANK_BATCH_SIZE = 32
+
 
 def top_k(query_embeddings: torch.Tensor, doc_chunks: Iterable[torch.Tensor], k: int,
           exclude: Sequence[tuple[int, int]] = ()) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +58,7 @@ def top_k_of_scores(score_chunks: Iterable[torch.Tensor], k: int, n_queries: int
     return best_scores, best_index
 
 
-def rerank(reranker, queries: Sequence[str], candidates: Sequence[Sequence[str]], batch_size: int = 32,
+def rerank(reranker, queries: Sequence[str], candidates: Sequence[Sequence[str]], batch_size: int = RERANK_BATCH_SIZE,
            max_length: int | None = None) -> list[list[float]]:
     """Cross-encoder scores of each query's candidate passages: candidates[i] are query i's texts;
     returns one list of scores per query, in the candidates' order. All pairs are scored in one

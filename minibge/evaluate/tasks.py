@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from .data import document_text, load_beir, load_sick, load_sts_csv
-from .search import rerank, top_k
+from .search import RERANK_BATCH_SIZE, rerank, top_k
+from ..embedder import BATCH_SIZE
 from ..tokenizer import check_texts
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def spearman(x, y) -> float:
     return pearson(rank_average(x), rank_average(y))
 
 
-def sts(embedder, sentences1, sentences2, gold_scores, batch_size: int = 32, show_progress_bar=None) -> dict:
+def sts(embedder, sentences1, sentences2, gold_scores, batch_size: int = BATCH_SIZE, show_progress_bar=None) -> dict:
     """Cosine Spearman/Pearson (×100) between sentence-pair embeddings and gold scores."""
     s1, s2 = _text_list("sentences1", sentences1), _text_list("sentences2", sentences2)
     gold = np.asarray(gold_scores, dtype=np.float64)
@@ -206,7 +207,7 @@ def _search(embedder, corpus, queries, k, batch_size, chunk_size, show_progress_
     return results
 
 
-def rerank_results(reranker, corpus, queries, results: dict, top: int, batch_size: int = 32) -> dict:
+def rerank_results(reranker, corpus, queries, results: dict, top: int, batch_size: int = RERANK_BATCH_SIZE) -> dict:
     """{qid: {doc_id: score}} re-ordered: each query's `top` best documents by the cross-encoder, then
     the rest in their order. The new scores are ranks turned around (n, n−1, ...), so any metric
     reads the new order; ties among the cross-encoder's scores keep the embedder's order."""
@@ -225,8 +226,8 @@ def rerank_results(reranker, corpus, queries, results: dict, top: int, batch_siz
 
 def retrieval(embedder, corpus: Mapping[str, Mapping[str, str]], queries: Mapping[str, str],
               qrels: Mapping[str, Mapping[str, int]], k_values: Sequence[int] = (1, 3, 5, 10, 100, 1000),
-              batch_size: int = 32, chunk_size: int = 50_000, show_progress_bar=None, reranker=None,
-              rerank_top: int = 100) -> dict:
+              batch_size: int = BATCH_SIZE, chunk_size: int = 50_000, show_progress_bar=None, reranker=None,
+              rerank_top: int = 100, rerank_batch_size: int = RERANK_BATCH_SIZE) -> dict:
     """Retrieve with ``embedder`` (and rerank its top ``rerank_top`` with ``reranker``, a
     minibge Reranker, when given) and score against ``qrels``; see the module docstring."""
     if reranker is not None and (isinstance(rerank_top, bool) or not isinstance(rerank_top, int) or rerank_top < 1):
@@ -255,7 +256,7 @@ def retrieval(embedder, corpus: Mapping[str, Mapping[str, str]], queries: Mappin
     ks = sorted({int(k) for k in k_values} | {10, 100})  # the headline metrics are always there
     results = _search(embedder, corpus, scored, max(ks), batch_size, chunk_size, show_progress_bar)
     if reranker is not None:
-        results = rerank_results(reranker, corpus, scored, results, rerank_top, batch_size)
+        results = rerank_results(reranker, corpus, scored, results, rerank_top, rerank_batch_size)
     scores = retrieval_metrics(qrels, results, ks)
     scores.update(n_docs=len(corpus), unknown_qrels_docs=len(unknown_docs),
                   unknown_qrels_queries=len(unknown_queries))
@@ -305,7 +306,7 @@ def _macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 
 def classification(embedder, train_texts, train_labels, test_texts, test_labels, n_experiments: int = 10,
-                   samples_per_label: int = 8, seed: int = 42, batch_size: int = 32,
+                   samples_per_label: int = 8, seed: int = 42, batch_size: int = BATCH_SIZE,
                    normalize_embeddings: bool = True, show_progress_bar=None) -> dict:
     """MTEB's few-shot logistic-regression protocol; mean accuracy and macro-F1 (×100) with std.
 
@@ -360,8 +361,8 @@ def task_key(task: str) -> str:
     return key
 
 
-def evaluate_task(embedder, task: str, data_dir: Path | str, batch_size: int = 32, show_progress_bar=None,
-                  reranker=None, rerank_top: int = 100) -> dict:
+def evaluate_task(embedder, task: str, data_dir: Path | str, batch_size: int = BATCH_SIZE, show_progress_bar=None,
+                  reranker=None, rerank_top: int = 100, rerank_batch_size: int = RERANK_BATCH_SIZE) -> dict:
     """Run a built-in task (``stsb``, ``sickr``, ``scifact``) on the shared data folder; a reranker
     re-orders each query's rerank_top best documents (retrieval tasks only)."""
     key = task_key(task)
@@ -378,7 +379,8 @@ def evaluate_task(embedder, task: str, data_dir: Path | str, batch_size: int = 3
     else:
         corpus, queries, qrels = load_beir(data_dir / "scifact", split="test")
         scores = retrieval(embedder, corpus, queries, qrels, batch_size=batch_size,
-                           show_progress_bar=show_progress_bar, reranker=reranker, rerank_top=rerank_top)
+                           show_progress_bar=show_progress_bar, reranker=reranker, rerank_top=rerank_top,
+                           rerank_batch_size=rerank_batch_size)
     logger.info("%s: %s = %.2f", display, main_metric, scores[main_metric])
     return {"task": key, "task_name": display, "main_metric": main_metric,
             "main_score": scores[main_metric], "reference": dict(reference), **scores}

@@ -25,7 +25,7 @@ it this module still imports and the class works on its own, with the same metho
 import asyncio
 import threading
 
-from ..embedder import Embedder, load_embedder
+from ..embedder import BATCH_SIZE, Embedder, load_embedder
 from ..tokenizer import check_texts
 
 try:
@@ -43,7 +43,7 @@ class MiniBGEEmbeddings(_EmbeddingsBase):
     """
 
     def __init__(self, model_name=None, *, embedder: Embedder | None = None,
-                 query_instruction: str | None = None, batch_size: int = 32,
+                 query_instruction: str | None = None, batch_size: int = BATCH_SIZE,
                  normalize_embeddings: bool = True, **load_kwargs):
         if (model_name is None) == (embedder is None):
             raise ValueError("pass a model (a folder or a Hub id) or embedder=, exactly one of the two")

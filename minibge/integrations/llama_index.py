@@ -28,7 +28,7 @@ import asyncio
 import threading
 from typing import Any
 
-from ..embedder import Embedder, load_embedder
+from ..embedder import BATCH_SIZE, Embedder, load_embedder
 
 try:
     from llama_index.core.base.embeddings.base import BaseEmbedding
@@ -45,12 +45,12 @@ class MiniBGEEmbedding(BaseEmbedding):
     """
 
     query_instruction: str | None = Field(default=None, description="prepended to queries; None: the model's own")
-    batch_size: int = Field(default=32, gt=0, description="texts per forward pass inside minibge")
+    batch_size: int = Field(default=BATCH_SIZE, gt=0, description="texts per forward pass inside minibge")
     _embedder: Embedder = PrivateAttr()
     _lock: Any = PrivateAttr()
 
     def __init__(self, model_name: str | None = None, *, embedder: Embedder | None = None,
-                 query_instruction: str | None = None, embed_batch_size: int = 32, batch_size: int = 32,
+                 query_instruction: str | None = None, embed_batch_size: int = 32, batch_size: int = BATCH_SIZE,
                  **load_kwargs):
         if (model_name is None) == (embedder is None):
             raise ValueError("pass a model (a folder or a Hub id) or embedder=, exactly one of the two")

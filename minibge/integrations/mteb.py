@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..embedder import Embedder, load_embedder
+from ..embedder import BATCH_SIZE, Embedder, load_embedder
 from ..hub import SOURCE_FILE, resolve_model_path
 
 try:
@@ -78,7 +78,7 @@ def model_meta(embedder: Embedder, folder: Path | None = None) -> ModelMeta:
 class MiniBGEEncoder(AbsEncoder):
     """An mteb encoder: `.model` is the minibge Embedder, `.mteb_model_meta` its ModelMeta."""
 
-    def __init__(self, embedder: Embedder, folder: Path | None = None, batch_size: int = 32):
+    def __init__(self, embedder: Embedder, folder: Path | None = None, batch_size: int = BATCH_SIZE):
         self.model = self.embedder = embedder
         self.mteb_model_meta = model_meta(embedder, folder)
         self.batch_size = batch_size
@@ -107,7 +107,7 @@ class MiniBGEEncoder(AbsEncoder):
                                     show_progress_bar=kwargs.get("show_progress_bar", False))
 
 
-def model(model_or_path, batch_size: int = 32, **load_kwargs) -> MiniBGEEncoder:
+def model(model_or_path, batch_size: int = BATCH_SIZE, **load_kwargs) -> MiniBGEEncoder:
     """An mteb encoder from a minibge Embedder, a model folder or a Hub id (load_kwargs go to load_embedder)."""
     if isinstance(model_or_path, Embedder):
         if load_kwargs:

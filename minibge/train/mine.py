@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..common import LineError, iter_lines
+from ..embedder import BATCH_SIZE
 from ..evaluate.data import document_text
 from ..evaluate.search import top_k
 from .finetune import DataError, TrainExample, query_text
@@ -61,7 +62,7 @@ def read_corpus(path) -> list[str]:
 
 def mine_hard_negatives(embedder, examples: list[TrainExample], pool: list[str] | None = None,
                         window: tuple[int, int] = (10, 100), negatives: int = 15, query_instruction: str | None = None,
-                        batch_size: int = 32, seed: int = 0, show_progress_bar: bool | None = None) -> list[dict]:
+                        batch_size: int = BATCH_SIZE, seed: int = 0, show_progress_bar: bool | None = None) -> list[dict]:
     """The examples as jsonl-ready dicts with mined "neg" lists (see the module docstring)."""
     start, end = window
     if not 0 <= start < end:

@@ -225,7 +225,7 @@ def test_openvino_peer_without_the_package_is_skipped_with_the_install_line(tiny
     embedder = load_embedder(tiny_folder, device="cpu")
     peers = [p for p in all_peers() if p.name.startswith("OpenVINO")]
     build_peers(peers, tiny_folder, embedder, [Workload("texts", TEXTS)])
-    assert len(peers) == 3 and all("pip install 'minibge[bench]'" in p.skipped for p in peers), \
+    assert len(peers) == 4 and all("pip install 'minibge[bench]'" in p.skipped for p in peers), \
         [(p.name, p.skipped) for p in peers]
 
 
