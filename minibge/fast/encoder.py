@@ -151,10 +151,10 @@ def merge_heads(y: torch.Tensor) -> torch.Tensor:
 SHORT_ATTENTION = 32  # the longest group the CPU may spell attention out for; longer ones always take SDPA
 SHORT_BANDS = ((15, (6, 12)), (SHORT_ATTENTION, (20, 28)))  # (longest length of a band, the lengths timed for it)
 SHORT_METHODS = ("sdpa", "plain", "transposed")  # candidates for a band; a tie goes to the first
-# sentences in each timed group: a length bucket of the pipeline's 32-text batches, whose texts are
-# sorted by length, holds 16-32 of them. (Timed on 8, SDPA's fixed set-up weighed too much: it won the
-# 1-15 band on one run, then cost 2.4× the transposed softmax on real buckets; docs/benchmarks.md.)
-SHORT_GROUP = 24
+# sentences in each timed group: a length bucket of encode's batches (256 texts sorted by length)
+# holds ~50-200 short ones, median ~100 on STS-B. (Timed on 8, SDPA's fixed set-up weighed too much: it
+# won the 1-15 band on one run, then cost 2.4× the transposed softmax on real buckets; docs/benchmarks.md.)
+SHORT_GROUP = 96
 ATTENTION_REPEATS = 5  # timed passes per attention candidate (each a few milliseconds at most), after one warm-up
 
 
