@@ -46,7 +46,7 @@ OUTPUT_VALUES = ("sentence_embedding", "token_embeddings")  # what encode(output
 # encode's texts per batch at most. Not sentence-transformers' 32 but FlagEmbedding's 256 for BGE: a
 # batch costs its tokens, not its texts (the fast path packs them, so more texts add no padding),
 # and the token budget (Embedder.max_tokens) is what bounds memory; a 32-text cap only made short
-# texts' matmuls small (docs/benchmarks.md, "encode's batch size").
+# texts' matmuls small (docs/benchmarks.md, "encode's batch of 256 texts").
 BATCH_SIZE = 256
 MAX_TOKENS = 4096  # Embedder.max_tokens' default: real tokens per batch at most
 
