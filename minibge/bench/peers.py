@@ -61,15 +61,15 @@ def minibge_peer(attn_impl: str):
     return build
 
 
-def fast_peer(calibration: Callable | None = None, batch_size: int | None = None, **options):
+def fast_peer(calibration: Callable | None = None, batch_size: int = ENCODE_BATCH_SIZE, **options):
     """minibge's fast path with FastEncoder options (encoder=) and speed_options (speed=); with
     calibration, speed_options(calibration=calibration()) (int8 smoothing). batch_size: texts per
-    batch, None for encode's default (embedder.BATCH_SIZE, with its token budget)."""
+    batch at most (encode's default, within its token budget, unless told)."""
     def build(folder, embedder):
         from ..fast import speed_options
         speed = {**options.get("speed", {}), **({"calibration": calibration()} if calibration else {})}
         fast = speed_options(load_embedder(folder, device="cpu").use_fast_path(**options.get("encoder", {})), **speed)
-        return lambda texts: fast.encode(texts, **({} if batch_size is None else {"batch_size": batch_size}))
+        return lambda texts: fast.encode(texts, batch_size=batch_size)
     return build
 
 

@@ -41,9 +41,8 @@ import threading
 import torch
 
 from .. import __version__
-from ..embedder import BATCH_SIZE, MAX_TOKENS
 from ..hub import HubError
-from .args import Formatter, Parser, device, examples, max_length, positive_int
+from .args import Formatter, Parser, batch_size_option, device, examples, max_length
 from .bench import add_bench_command
 from .embed import add_embedding_commands
 from .eval import add_eval_command
@@ -89,8 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "multiplies it in hardware (avx512_bf16, AMX), refused on other CPUs (default: float32)")
     model = Parser(add_help=False, parents=[model_only])
     group = model.add_argument_group("batching options")
-    group.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
-                       help=f"texts per forward pass at most; a batch also stops at {MAX_TOKENS:,} tokens (default: {BATCH_SIZE})")
+    batch_size_option(group)
     group.add_argument("--max-length", type=max_length,
                        help="truncate texts to this many tokens (default: the model's own limit)")
     group.add_argument("--int8", action="store_true",

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .. import hub
+from ..embedder import BATCH_SIZE, MAX_TOKENS
 from ..evaluate import task_key
 from ..evaluate.search import RERANK_BATCH_SIZE
 from .io import UsageError
@@ -74,6 +75,12 @@ def task(value: str) -> str:
 
 
 # ---------------------------------------------------------------- the parser
+def batch_size_option(p) -> None:
+    """--batch-size for the commands that embed texts: encode's default and its token budget."""
+    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
+                   help=f"texts per forward pass at most; a batch also stops at {MAX_TOKENS:,} tokens (default: {BATCH_SIZE})")
+
+
 def rerank_options(p, items: str) -> None:
     """--rerank and its options, for the commands that retrieve then rerank (search, eval)."""
     p.add_argument("--rerank", metavar="PATH_OR_ID",

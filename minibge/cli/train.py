@@ -14,10 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-from .args import Formatter, examples, max_length, positive_int
+from .args import Formatter, batch_size_option, examples, max_length, positive_int
 from .io import PROG, CliError, check_not_input, check_readable, check_writable, progress_setting
 from ..common import write_text_atomic
-from ..embedder import BATCH_SIZE
 from ..retromae import VARIANTS
 from ..train import AUTOCAST_DTYPES, TrainConfig
 
@@ -152,7 +151,7 @@ def add_training_commands(commands, parents) -> None:
                    help="0-based ranks to sample from (default: 10-100)")
     p.add_argument("--negatives", type=positive_int, default=15, help="negatives per query (default: 15)")
     p.add_argument("--query-instruction", metavar="TEXT", help="query instruction (default: the model's own)")
-    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE, help=f"texts per forward pass (default: {BATCH_SIZE})")
+    batch_size_option(p)
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines with a warning")
