@@ -181,7 +181,7 @@ def onnx_peer(optimize: bool, int8: bool = False):
 
 
 def openvino_peer(precision: str | None = "f32", int8: bool = False, calibration: Callable = list,
-                  batch_size: int = BATCH_SIZE):
+                  batch_size: int = BATCH_SIZE, int8_weights: bool = False):
     """OpenVINO on transformers' BertModel, converted as sentence-transformers' backend="openvino"
     converts it (optimum-intel's exporter): openvino.convert_model on the torch module, which traces it
     through OpenVINO's PyTorch frontend, inputs declared (batch, tokens) dynamic.
@@ -192,7 +192,11 @@ def openvino_peer(precision: str | None = "f32", int8: bool = False, calibration
     the settings optimum-intel's OVQuantizationConfig defaults to (transformer model type, the "mixed"
     preset: symmetric int8 weights, asymmetric activations; fast bias correction), calibrated on
     calibration() (a few hundred texts, each its own batch of one, unpadded); the ops NNCF leaves in
-    float run at `precision`. batch_size: texts per padded batch (length-sorted)."""
+    float run at `precision`. int8_weights: nncf.compress_weights instead, OpenVINO's other int8 (what
+    `optimum-cli export openvino --weight-format int8` writes: int8 weights, asymmetric per output
+    channel, no calibration); the CPU plugin then quantises the activations at run time, each token's
+    own in groups of DYNAMIC_QUANTIZATION_GROUP_SIZE input channels (its default, 32), and multiplies
+    in int8. batch_size: texts per padded batch (length-sorted)."""
     def build(folder, embedder):
         import transformers
         try:
@@ -207,11 +211,14 @@ def openvino_peer(precision: str | None = "f32", int8: bool = False, calibration
         with torch.no_grad():
             model = ov.convert_model(LastHiddenState(bert), example_input=(example, example_mask, torch.zeros_like(example)),
                                      input=[([-1, -1], ov.Type.i64)] * 3)  # (batch, tokens), both dynamic
-        if int8:
+        if int8 or int8_weights:
             try:
                 import nncf
             except ImportError:
                 raise ImportError("the OpenVINO int8 peer needs nncf: pip install 'minibge[bench]'") from None
+        if int8_weights:
+            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        elif int8:
             texts = list(calibration())
             if not texts:
                 raise ValueError("the OpenVINO int8 peer needs calibration texts (none found)")
@@ -227,8 +234,9 @@ def openvino_peer(precision: str | None = "f32", int8: bool = False, calibration
         if precision is not None:
             config["INFERENCE_PRECISION_HINT"] = precision
         compiled = ov.Core().compile_model(model, "CPU", config)
-        logger.info("OpenVINO CPU plugin runs %s at %s", "int8" if int8 else "float",
-                    compiled.get_property("INFERENCE_PRECISION_HINT"))
+        logger.info("OpenVINO CPU plugin runs %s at %s (dynamic quantisation groups: %s)",
+                    "int8" if int8 or int8_weights else "float", compiled.get_property("INFERENCE_PRECISION_HINT"),
+                    compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE"))
         request = compiled.create_infer_request()  # one request, reused: the bench encodes one batch at a time
 
         def run(input_ids, mask):
@@ -256,7 +264,8 @@ def all_peers(speed_options: bool = True, calibration: Callable = list) -> list[
              # at minibge's default batch: packing makes a bigger batch cheaper, padding makes it dearer
              Peer(f"OpenVINO fp32, {ENCODE_BATCH_SIZE} texts a batch (minibge's batch)", openvino_peer("f32", batch_size=ENCODE_BATCH_SIZE)),
              Peer("OpenVINO, the CPU's default precision (bf16 where native)", openvino_peer(None)),
-             Peer("OpenVINO int8 (NNCF static quantisation)", openvino_peer("f32", int8=True, calibration=calibration))]
+             Peer("OpenVINO int8 (NNCF static quantisation)", openvino_peer("f32", int8=True, calibration=calibration)),
+             Peer("OpenVINO int8 weights, dynamic int8 activations", openvino_peer("f32", int8_weights=True))]
     if speed_options:
         peers += [Peer("minibge fast (padded attention)", fast_peer(encoder={"attention": "padded"})),
                   Peer("minibge fast (nested attention)", fast_peer(encoder={"attention": "nested"})),

@@ -515,25 +515,34 @@ class FastEncoder(nn.Module):
 
     def compile_tails(self) -> float:
         """torch.compile what follows attention in each block (token-wise, so the only shape that
-        varies is N: dynamic=True), with Inductor's weight freezing, which prepacks the matmul
-        weights itself and fuses bias + GELU and residual + LayerNorm. With int8 matmuls the QKV
+        varies is N: dynamic=True): Inductor calls each matmul as it is (the weights are graph
+        inputs) and fuses what surrounds it, bias + GELU and residual + LayerNorm. With int8 matmuls the QKV
         projection before attention is compiled too (`self.heads`): there Inductor fuses what
         surrounds each integer product (the per-token min/max, the rounding, the rescaling, the
         bias, GELU, the residual add and LayerNorm) into a few loops, which eager PyTorch runs as a
         dozen passes over memory. A float QKV stays on the eager oneDNN matmul. Attention stays
         eager: its Python loop over length buckets would break the graph anyway. Returns the compile
-        time in seconds (compiled on first calls with dummy batches)."""
+        time in seconds (compiled on first calls with dummy batches).
+
+        Not frozen, on purpose, even where the user turned Inductor's freezing on globally. (The
+        obvious `torch.compile(options={"freezing": True})` freezes nothing: Dynamo decides whether
+        to hand the weights over as constants by reading the global `torch._inductor.config.freezing`
+        while it traces, pytorch/pytorch#139272.) Frozen, the int8 graphs would be rewritten by
+        Inductor's SmoothQuant pattern into oneDNN's qlinear with signed int8 activations, which runs
+        a reference kernel (docs/benchmarks.md), and the fp32 Linears into MKL's packed sgemm, the
+        route the fp32 kernel choice (kernels.py) exists to avoid where it is the slower one."""
         start = time.perf_counter()
         # Inductor traces plain Linears, not the oneDNN operator: the tails' packed copies can go
         tail_linears = {linear for block in self.linears for name, linear in block.items() if name in TAIL_LINEARS}
         self.packed_weights = {linear: p for linear, p in self.packed_weights.items() if linear not in tail_linears}
-        compiled = lambda f: torch.compile(f, dynamic=True, options={"freezing": True})
+        compiled = lambda f: torch.compile(f, dynamic=True)
         self.tails = [compiled(functools.partial(block_tail, block, linears, matmul=plain_matmul))
                       for block, linears in zip(self.model.layers, self.linears)]
         if self.int8:  # every matmul is int8 then, the QKV projection too
             self.heads = [compiled(functools.partial(project_qkv, linears, matmul=plain_matmul)) for linears in self.linears]
         weight = self.model.embeddings.word_embeddings.weight
-        with torch.inference_mode():
+        # the warm-up calls below are where Inductor compiles, and reads its settings
+        with torch.inference_mode(), torch._inductor.config.patch(freezing=False):
             for i in range(len(self.tails)):
                 for n in (7, 13):  # two sizes, so the dynamic graph is the one cached
                     x = torch.zeros(n, weight.shape[1], dtype=weight.dtype, device=weight.device)

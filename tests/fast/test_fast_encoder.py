@@ -548,3 +548,22 @@ def test_compiled_int8_encoder_compiles_nothing_more_after_compile_tails():
     assert counters["stats"]["unique_graphs"] == graphs, "encoding compiled a new graph after compile_tails"
     assert (first - full[:, 0]).abs().max() < 1e-4, f"first_tokens vs forward: max |diff| {(first - full[:, 0]).abs().max():.3e}"
     assert (lone - ref).abs().max() < 1e-4, f"a lone text: max |diff| {(lone - ref).abs().max():.3e}"
+
+
+@pytest.mark.slow
+def test_compiled_int8_encoder_is_not_frozen_even_when_freezing_is_on_globally():
+    """Frozen, Inductor rewrites the int8 products into oneDNN's qlinear with int8 activations, a
+    reference kernel (minutes per encode: docs/benchmarks.md); compile_tails keeps freezing off even
+    where the user's process turned it on."""
+    from torch._dynamo.utils import counters
+    model = tiny_model(seed=13)
+    fast = FastEncoder(model, int8=True)
+    before = counters["inductor"]["qlinear_weight_prepack_matcher_count"]
+    with torch._inductor.config.patch(freezing=True):
+        fast.compile_tails()
+        ids, mask, _ = random_batch(model.config, 3, 9, seed=7)
+        with torch.inference_mode():
+            out, ref = fast(ids, mask), FastEncoder(model, int8=True)(ids, mask)  # ref: eager int8
+    assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == before, "int8 products rewritten into qlinear"
+    diff = (out - ref)[mask.bool()].abs()
+    assert diff.max() < 1e-3, f"compiled vs eager int8: max |diff| {diff.max():.3e}, mean {diff.mean():.3e}"
