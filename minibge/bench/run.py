@@ -15,8 +15,9 @@ sentence-transformers' median. Peers: minibge encode (the default fast path, eac
 and speed modes, and the plain path with both attention implementations), transformers'
 BertModel (SDPA) driven as FlagEmbedding drives it,
 sentence-transformers, ONNX Runtime (with and without its BERT graph optimizer, and int8) and
-OpenVINO (fp32, the CPU's default precision, and int8 by NNCF, calibrated on STS-B dev sentences and
-SciFact abstracts that are not timed: calibration_texts). The references are optional
+OpenVINO (fp32, the CPU's default precision, int8 by NNCF's static quantisation, calibrated on STS-B
+dev sentences and SciFact abstracts that are not timed: calibration_texts, and int8 weights with
+activations quantised at run time, which needs no calibration). The references are optional
 (`pip install minibge[bench]`); a peer whose library is missing is listed as skipped.
 
 Useful work is counted the same for every peer, from the real (unpadded) token counts: for a text
