@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="truncate texts to this many tokens (default: the model's own limit)")
     group.add_argument("--int8", action="store_true",
                        help="int8 matmuls, compiled (minibge.fast.speed_options): faster on a CPU, vectors close "
-                            "to float32's, not equal (docs/benchmarks.md, 'int8')")
+                            "to float32's, not equal, and closer with --int8-calibration (docs/benchmarks.md, 'int8')")
     group.add_argument("--int8-calibration", metavar="PATH",
                        help="with --int8: smooth the matmuls with this calibration, a file int8.save_calibration "
                             "wrote (.safetensors) or a text file, one text per line, to calibrate on (a few hundred)")

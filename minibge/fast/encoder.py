@@ -687,7 +687,8 @@ def speed_options(embedder, compile: bool | None = None, precision: str = "fp32"
 
     calibration (int8 only): a few hundred texts like those you will encode, or int8.calibrate()'s
     dict, or the path of a file int8.save_calibration() wrote; with it the int8 matmuls are
-    smoothed (int8.py), which halves their error in docs/benchmarks.md. The dict used is kept as
+    smoothed (int8.py), which is what keeps the vectors within 1 − cos 0.005 of fp32 in
+    docs/benchmarks.md (without it, a warning says so). The dict used is kept as
     `embedder.fast_encoder.int8_calibration`, to save.
     Returns the embedder, whose encode() now runs the changed path."""
     if precision not in SPEED_PRECISIONS:
@@ -705,6 +706,9 @@ def speed_options(embedder, compile: bool | None = None, precision: str = "fp32"
             calibration = load_calibration(calibration, len(embedder.model.layers))
         elif calibration is not None and not isinstance(calibration, dict):
             calibration = calibrate(embedder, calibration)  # texts, measured on the float model
+        if calibration is None:
+            logger.warning("int8 without calibration texts: short texts' vectors can move past 1 − cos 0.005 "
+                           "(docs/benchmarks.md); calibration= a few hundred texts like yours smooths the matmuls")
         embedder.use_fast_path(**{**embedder._fast_options, "int8": True, "int8_calibration": calibration})
         encoder = embedder.fast_encoder
     asked, compile = compile, precision == "int8" if compile is None else compile

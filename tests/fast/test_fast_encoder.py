@@ -267,8 +267,10 @@ def test_fast_encode_matches_plain_encode_real_minilm(minilm, minilm_dir, stsb_t
     assert min_cosine(queries, minilm.encode_queries(stsb_texts[:5], instruction="query: ")) >= COSINE_BAR
 
 
-def test_int8_keeps_the_vectors_and_leaves_the_model_alone(minilm, stsb_texts, minilm_dir):
+def test_int8_keeps_the_vectors_and_leaves_the_model_alone(minilm, stsb_texts, minilm_dir, caplog):
     fast = speed_options(load_embedder(minilm_dir, device="cpu"), precision="int8", compile=False)
+    # uncalibrated int8 keeps these texts within 0.005, not every short text (docs/benchmarks.md): it says so
+    assert "int8 without calibration texts" in caplog.text
     assert fast.fast_path_blocker() is None  # int8 copies live in the fast encoder, the model is untouched
     assert all(type(m) is not Int8Linear for m in fast.model.modules()), "the shared model was quantised"
     assert all(isinstance(linear, Int8Linear) for linear in fast.fast_encoder.linears[0].values())
