@@ -180,23 +180,29 @@ def onnx_peer(optimize: bool, int8: bool = False):
     return build
 
 
-def openvino_peer(precision: str | None = "f32", int8: bool = False, calibration: Callable = list,
-                  batch_size: int = BATCH_SIZE, int8_weights: bool = False):
+OPENVINO_INT8 = (None, "static", "weights")  # openvino_peer's int8 modes: none, NNCF's two
+
+
+def openvino_peer(precision: str | None = "f32", int8: str | None = None, calibration: Callable = list,
+                  batch_size: int = BATCH_SIZE):
     """OpenVINO on transformers' BertModel, converted as sentence-transformers' backend="openvino"
     converts it (optimum-intel's exporter): openvino.convert_model on the torch module, which traces it
     through OpenVINO's PyTorch frontend, inputs declared (batch, tokens) dynamic.
 
     precision: the CPU plugin's INFERENCE_PRECISION_HINT. I pin "f32" for the fp32 row because the
     plugin's default is bf16 on any CPU with native bf16 (AVX512-BF16 or AMX): what a user gets
-    unpinned is the precision=None row. int8: nncf.quantize, post-training static quantisation with
+    unpinned is the precision=None row. int8="static": nncf.quantize, post-training static quantisation with
     the settings optimum-intel's OVQuantizationConfig defaults to (transformer model type, the "mixed"
     preset: symmetric int8 weights, asymmetric activations; fast bias correction), calibrated on
     calibration() (a few hundred texts, each its own batch of one, unpadded); the ops NNCF leaves in
-    float run at `precision`. int8_weights: nncf.compress_weights instead, OpenVINO's other int8 (what
+    float run at `precision`. int8="weights": nncf.compress_weights, OpenVINO's other int8 (what
     `optimum-cli export openvino --weight-format int8` writes: int8 weights, asymmetric per output
     channel, no calibration); the CPU plugin then quantises the activations at run time, each token's
     own in groups of DYNAMIC_QUANTIZATION_GROUP_SIZE input channels (its default, 32), and multiplies
     in int8. batch_size: texts per padded batch (length-sorted)."""
+    if int8 not in OPENVINO_INT8:
+        raise ValueError(f"int8 must be one of {OPENVINO_INT8}, got {int8!r}")
+
     def build(folder, embedder):
         import transformers
         try:
@@ -211,14 +217,14 @@ def openvino_peer(precision: str | None = "f32", int8: bool = False, calibration
         with torch.no_grad():
             model = ov.convert_model(LastHiddenState(bert), example_input=(example, example_mask, torch.zeros_like(example)),
                                      input=[([-1, -1], ov.Type.i64)] * 3)  # (batch, tokens), both dynamic
-        if int8 or int8_weights:
+        if int8:
             try:
                 import nncf
             except ImportError:
-                raise ImportError("the OpenVINO int8 peer needs nncf: pip install 'minibge[bench]'") from None
-        if int8_weights:
+                raise ImportError("the OpenVINO int8 peers need nncf: pip install 'minibge[bench]'") from None
+        if int8 == "weights":
             model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-        elif int8:
+        elif int8 == "static":
             texts = list(calibration())
             if not texts:
                 raise ValueError("the OpenVINO int8 peer needs calibration texts (none found)")
@@ -234,9 +240,10 @@ def openvino_peer(precision: str | None = "f32", int8: bool = False, calibration
         if precision is not None:
             config["INFERENCE_PRECISION_HINT"] = precision
         compiled = ov.Core().compile_model(model, "CPU", config)
-        logger.info("OpenVINO CPU plugin runs %s at %s (dynamic quantisation groups: %s)",
-                    "int8" if int8 or int8_weights else "float", compiled.get_property("INFERENCE_PRECISION_HINT"),
-                    compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE"))
+        runs = {None: "float", "static": "static int8", "weights": "int8 weights"}[int8]
+        if int8 == "weights":
+            runs += f", activations quantised in groups of {compiled.get_property('DYNAMIC_QUANTIZATION_GROUP_SIZE')} channels"
+        logger.info("OpenVINO CPU plugin runs %s, the rest at %s", runs, compiled.get_property("INFERENCE_PRECISION_HINT"))
         request = compiled.create_infer_request()  # one request, reused: the bench encodes one batch at a time
 
         def run(input_ids, mask):
@@ -264,8 +271,8 @@ def all_peers(speed_options: bool = True, calibration: Callable = list) -> list[
              # at minibge's default batch: packing makes a bigger batch cheaper, padding makes it dearer
              Peer(f"OpenVINO fp32, {ENCODE_BATCH_SIZE} texts a batch (minibge's batch)", openvino_peer("f32", batch_size=ENCODE_BATCH_SIZE)),
              Peer("OpenVINO, the CPU's default precision (bf16 where native)", openvino_peer(None)),
-             Peer("OpenVINO int8 (NNCF static quantisation)", openvino_peer("f32", int8=True, calibration=calibration)),
-             Peer("OpenVINO int8 weights, dynamic int8 activations", openvino_peer("f32", int8_weights=True))]
+             Peer("OpenVINO int8 (NNCF static quantisation)", openvino_peer("f32", int8="static", calibration=calibration)),
+             Peer("OpenVINO int8 weights, dynamic int8 activations", openvino_peer("f32", int8="weights"))]
     if speed_options:
         peers += [Peer("minibge fast (padded attention)", fast_peer(encoder={"attention": "padded"})),
                   Peer("minibge fast (nested attention)", fast_peer(encoder={"attention": "nested"})),
