@@ -535,14 +535,16 @@ class FastEncoder(nn.Module):
         # Inductor traces plain Linears, not the oneDNN operator: the tails' packed copies can go
         tail_linears = {linear for block in self.linears for name, linear in block.items() if name in TAIL_LINEARS}
         self.packed_weights = {linear: p for linear, p in self.packed_weights.items() if linear not in tail_linears}
-        compiled = lambda f: torch.compile(f, dynamic=True)
+        # every call runs with freezing off, not only the warm-up: a recompile (a new dtype, a
+        # reset of Dynamo's cache) happens inside whichever call needs it, and reads the settings then
+        unfrozen = torch._inductor.config.patch(freezing=False)
+        compiled = lambda f: unfrozen(torch.compile(f, dynamic=True))
         self.tails = [compiled(functools.partial(block_tail, block, linears, matmul=plain_matmul))
                       for block, linears in zip(self.model.layers, self.linears)]
         if self.int8:  # every matmul is int8 then, the QKV projection too
             self.heads = [compiled(functools.partial(project_qkv, linears, matmul=plain_matmul)) for linears in self.linears]
         weight = self.model.embeddings.word_embeddings.weight
-        # the warm-up calls below are where Inductor compiles, and reads its settings
-        with torch.inference_mode(), torch._inductor.config.patch(freezing=False):
+        with torch.inference_mode():  # the warm-up: Inductor compiles here, on first calls
             for i in range(len(self.tails)):
                 for n in (7, 13):  # two sizes, so the dynamic graph is the one cached
                     x = torch.zeros(n, weight.shape[1], dtype=weight.dtype, device=weight.device)

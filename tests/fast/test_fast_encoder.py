@@ -569,3 +569,13 @@ def test_compiled_int8_encoder_is_not_frozen_even_when_freezing_is_on_globally()
     assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == before, "int8 products rewritten into qlinear"
     diff = (out - ref)[mask.bool()].abs()
     assert diff.max() < 1e-3, f"compiled vs eager int8: max |diff| {diff.max():.3e}, mean {diff.mean():.3e}"
+    # a recompile after compile_tails (here forced by emptying Dynamo's cache) happens inside an
+    # encode call, outside compile_tails: it must not freeze either
+    graphs = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(freezing=True), torch.inference_mode():
+        again = fast(ids, mask)
+    assert counters["stats"]["unique_graphs"] > graphs, "nothing was recompiled: the test would prove nothing"
+    assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] == before, "a recompile rewrote the int8 products into qlinear"
+    diff = (again - out)[mask.bool()].abs()
+    assert diff.max() < 1e-4, f"recompiled vs compiled: max |diff| {diff.max():.3e}, mean {diff.mean():.3e}"
