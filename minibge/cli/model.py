@@ -182,8 +182,12 @@ def add_model_commands(commands, verbose, model, model_only) -> None:
                 "Load a model and print its configuration, parameter count, pooling, maximum "
                 "length, query instruction, and where its files came from.",
                 examples("minibge info", "minibge info -m weights/all-MiniLM-L6-v2",
-                          "minibge info -m BAAI/bge-small-en-v1.5"),
+                          "minibge info -m BAAI/bge-small-en-v1.5", "minibge info --remeasure"),
                 parents=(verbose, model_only))
+    p.add_argument("--remeasure", action="store_true",
+                   help="forget this machine's cached kernel choices (kernels.json under $MINIBGE_CACHE_DIR, "
+                        "else ~/.cache/minibge) and measure them again: for choices made while other work "
+                        "loaded the machine")
     p.set_defaults(run=cmd_info)
 
     p = command("export", "export a model to ONNX (encoder + pooling + normalisation)",
@@ -218,7 +222,12 @@ def cmd_export(args) -> int:
 
 
 def cmd_info(args) -> int:
-    rows = describe(*load(args))
+    forgotten = []
+    if args.remeasure:  # before load(): the fast backend's kernels are chosen as it is built
+        from ..fast import kernels
+        forgotten = [("kernel cache", f"{kernels.forget_machine()} choice(s) of this machine forgotten "
+                                      f"in {kernels.cache_file()}, measured again")]
+    rows = describe(*load(args)) + forgotten
     width = max(len(key) for key, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

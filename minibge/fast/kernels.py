@@ -35,6 +35,8 @@ The rules, the same for all three (`choose`):
   unique temporary name beside it, then renamed, so two processes never leave half a file.
 - Only the CPU is measured: on other devices the matmuls take F.linear and attention="auto" takes
   "padded" (docs/benchmarks.md, section 2); other dtypes than fp32 have one matmul route (F.linear).
+- A choice measured while other work loaded the machine stays cached: `minibge info --remeasure`
+  (forget_machine) deletes this machine's entries and measures again.
 - Every route computes the same function (float rounding apart), so which one wins never changes
   the vectors beyond ~1e-7.
 """
@@ -105,6 +107,19 @@ def cache_key(hidden: int, intermediate: int) -> str:
 def cache_file() -> Path:
     root = os.environ.get("MINIBGE_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minibge"
     return Path(root) / "kernels.json"
+
+
+def forget_machine(path: Path | None = None) -> int:
+    """Delete this machine's entries (this CPU, torch version and thread count: machine_key) from the
+    cache file, so that the next fast encoder measures every choice again, e.g. one made while other
+    work loaded the machine (`minibge info --remeasure`). Other machines' entries stay. Returns how
+    many entries went."""
+    path = cache_file() if path is None else path
+    entries = read_cache(path)
+    kept = {key: entry for key, entry in entries.items() if not key.startswith(machine_key() + " |")}
+    if len(kept) < len(entries):
+        write_cache(path, kept)
+    return len(entries) - len(kept)
 
 
 def is_seconds(value) -> bool:

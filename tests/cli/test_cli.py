@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from minibge.cli import main
 from minibge.cli.io import format_matrix
@@ -239,6 +240,30 @@ def test_info(minilm_dir, capsys):
     assert fields["encode runs"] == "the fast backend"
     assert fields["fp32 matmuls"].split()[0] in ("onednn", "mkl", "F.linear")
     assert fields["attention route"].split()[0] in ("buckets", "padded", "nested") and " ms" in fields["attention route"]
+
+
+def test_info_remeasure_forgets_this_machines_kernel_choices(minilm_dir, tmp_path, monkeypatch, capsys):
+    from minibge.fast import encoder, kernels, onednn
+    monkeypatch.setenv("MINIBGE_CACHE_DIR", str(tmp_path))
+    # a choice this machine cached earlier (say, under load), and another machine's
+    stale = {kernels.cache_key(384, 1536): {"route": "mkl", "seconds": {"mkl": 1.0, "onednn": 9.0}}}
+    other = {"Another CPU | torch 0.0 | 2 threads | H=384 I=1536": {"route": "onednn", "seconds": {"mkl": 2.0, "onednn": 1.0}}}
+    (tmp_path / "kernels.json").write_text(json.dumps({**stale, **other}))
+    choosers = (kernels.choose_matmul, encoder.choose_attention, encoder.choose_short_attention)
+    for chooser in choosers:  # what a new process starts with
+        chooser.cache_clear()
+    try:
+        assert main(["info", "-m", str(minilm_dir), "--remeasure"]) == 0
+    finally:
+        for chooser in choosers:
+            chooser.cache_clear()
+    fields = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in capsys.readouterr().out.strip().splitlines())
+    assert fields["kernel cache"].startswith("1 choice(s) of this machine forgotten"), fields["kernel cache"]
+    if onednn.available(torch.empty(0)):
+        assert "cached" not in fields["fp32 matmuls"], fields["fp32 matmuls"]
+        entries = json.loads((tmp_path / "kernels.json").read_text())
+        assert entries[kernels.cache_key(384, 1536)]["seconds"] != stale[kernels.cache_key(384, 1536)]["seconds"]
+        assert entries.items() >= other.items(), "another machine's choice was dropped"
 
 
 def test_model_from_environment(minilm_dir, monkeypatch, capsys):

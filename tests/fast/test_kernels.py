@@ -81,6 +81,25 @@ def test_a_malformed_cache_is_measured_again(cache_dir, monkeypatch, content):
     assert not choice.cached and choice.route in ("mkl", "onednn")
 
 
+def test_forget_machine_drops_this_machines_choices_only(cache_dir, monkeypatch):
+    """`minibge info --remeasure`: this machine's cached choices go, and are measured again by the
+    next process; another machine's (another CPU, torch or thread count) stay."""
+    if not onednn.available(torch.empty(0)):
+        pytest.skip("no working oneDNN operator in this torch build: nothing is measured or cached")
+    calls = []
+    monkeypatch.setattr(kernels, "time_routes", lambda h, i: calls.append((h, i)) or {"mkl": 1.0, "onednn": 2.0})
+    kernels.choose_matmul(32, 64)
+    path = cache_dir / "kernels.json"
+    other = {"Another CPU | torch 0.0 | 2 threads | H=32 I=64": {"route": "onednn", "seconds": {"mkl": 2.0, "onednn": 1.0}}}
+    path.write_text(json.dumps({**json.loads(path.read_text()), **other}))
+    assert kernels.forget_machine() == 1
+    assert json.loads(path.read_text()) == other
+    assert kernels.forget_machine() == 0 and json.loads(path.read_text()) == other
+    forget_in_process()
+    assert not kernels.choose_matmul(32, 64).cached and len(calls) == 2, "not measured again after forget_machine"
+    assert not [p for p in cache_dir.iterdir() if p.name != "kernels.json"], "a temporary file was left behind"
+
+
 def test_real_measurement_times_both_routes(cache_dir):
     if not onednn.available(torch.empty(0)):
         pytest.skip("no working oneDNN operator in this torch build")
