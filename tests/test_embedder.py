@@ -140,7 +140,9 @@ def test_bfloat16_on_the_cpu_only_where_it_multiplies_in_hardware(minilm_dir, mo
     assert bf16.fast_path_blocker() is None, "a bf16 model still takes the fast backend"
     got, ref = bf16.encode(texts), minibge.load_embedder(minilm_dir, device="cpu").encode(texts)
     cos = (got * ref).sum(1)
-    assert got.dtype == np.float32 and cos.min() > 0.99, f"bf16 vs fp32: min cosine {cos.min():.5f}"
+    # bf16 products, fp32 residual stream (fast/encoder.py): 1 − cos ≤ 1e-4 on the STS-B test in
+    # docs/benchmarks.md; bf16 throughout moved these vectors by up to 0.004
+    assert got.dtype == np.float32 and cos.min() > 1 - 5e-4, f"bf16 vs fp32: min cosine {cos.min():.6f}"
 
 
 def test_bge_defaults_cls_pooling_and_instruction(fake_bge):

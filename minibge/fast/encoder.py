@@ -57,7 +57,15 @@ model, hooks, train mode, attn_impl="manual", a customised embed(): see model_bl
    runs the last block's out-projection, feed-forward and LayerNorms on those B rows, not all N
    (attention still reads every token's keys and values: attend_first). Mean pooling reads every
    row, so it gets the whole forward().
-5. Optional modes that change the numbers slightly (speed_options): bf16 on CPUs with native
+5. A bf16 model on the CPU (load_embedder(dtype="bfloat16"), speed_options(precision="bf16"))
+   multiplies in bf16 and does everything else in fp32 (`self.mixed`, bf16_products): each matmul
+   rounds its input to bf16 and runs on the model's bf16 weights through oneDNN (fp32 accumulation,
+   GELU fused, weights packed), while the residual stream, the residual adds, LayerNorm, the
+   embeddings' sum after their lookup and attention stay fp32. The products are where bf16 pays
+   (twice fp32's rate where the CPU multiplies bf16 in hardware); rounding the residual stream
+   to bf16 after every add as well is what moved the vectors ~100× more (docs/benchmarks.md).
+   On a GPU a bf16 model runs in bf16 throughout.
+6. Optional modes that change the numbers slightly (speed_options): bf16 (above) on CPUs with native
    bf16, int8 matmuls (int8.py: per-channel weights, per-token activations), torch.compile of the
    token-wise block tails.
 
@@ -389,17 +397,19 @@ class FastEncoder(nn.Module):
         heads, head_dim = model.config.num_attention_heads, model.config.head_dim
         on_cpu = weight.device.type == "cpu"
         self.attention_choice, self.short_attention, self.attention_asked = None, (), attention
+        # a bf16 model on the CPU attends in fp32 (module docstring, 5): measure that dtype's routes
+        attention_dtype = torch.float32 if on_cpu and weight.dtype == torch.bfloat16 else weight.dtype
         if attention == "auto" and on_cpu:
             # measured once per machine and shape (choose_attention): "buckets" won where it was first
             # measured, but how cheap the per-bucket calls are depends on the CPU
-            self.attention_choice = choose_attention(heads, head_dim, weight.dtype)
+            self.attention_choice = choose_attention(heads, head_dim, attention_dtype)
             attention = self.attention_choice.route
         elif attention == "auto":
             # measured on a GPU (docs/benchmarks.md, section 2): one masked kernel over the re-padded
             # batch wins; per-bucket calls and jagged tensors cost more there
             attention = "padded"
         if attention == "buckets" and on_cpu:
-            self.short_attention = choose_short_attention(heads, head_dim, weight.dtype)  # ((longest, Choice), ...)
+            self.short_attention = choose_short_attention(heads, head_dim, attention_dtype)  # ((longest, Choice), ...)
         self.model = model
         self.int8 = int8
         if int8_calibration is not None and not int8:
@@ -420,6 +430,7 @@ class FastEncoder(nn.Module):
                 onednn = self.matmul_choice.route == "onednn"
         self.onednn = onednn
         self.prepack = prepack
+        self.mixed = False  # a bf16 model on the CPU: bf16 products, fp32 elsewhere (set by sync)
         self.linears, self.built_from, self.packed_weights = None, None, {}
         self.tails = self.heads = None  # compiled block tails and int8 QKV projections, see compile_tails
         self.sync()
@@ -434,8 +445,11 @@ class FastEncoder(nn.Module):
         """[(what, the route taken and why)] for the fp32 matmuls, the attention route and the
         short-group attention: what `minibge info`, the bench header and the INFO log show."""
         matmul = self.matmul_choice
-        rows = [("fp32 matmuls", matmul.describe() if matmul is not None
-                 else "oneDNN (asked for)" if self.onednn else "F.linear")]
+        if self.mixed:
+            rows = [("matmuls", "bf16 products through oneDNN (a bf16 model); fp32 residual stream, LayerNorm and attention")]
+        else:
+            rows = [("fp32 matmuls", matmul.describe() if matmul is not None
+                     else "oneDNN (asked for)" if self.onednn else "F.linear")]
         if self.attention_choice is not None:
             rows.append((self.attention_choice.what, self.attention_choice.describe()))
         else:
@@ -462,12 +476,16 @@ class FastEncoder(nn.Module):
                 # the compiled graphs hold the old matmuls (int8 copies of old weights, or a Linear swapped out)
                 logger.warning("the model's weights changed: its compiled block tails are dropped (compile again)")
                 self.tails = self.heads = None
+            weight = self.model.embeddings.word_embeddings.weight
+            self.mixed = weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and not self.int8
             self.linears = nn.ModuleList(self.block_linears(i, block) for i, block in enumerate(self.model.layers))
             self.built_from = signature
+            # a bf16 model takes oneDNN whatever the fp32 measurement chose: F.linear's bf16 goes to oneDNN
+            # too, only without the packed weights and the fused GELU
             self.packed_weights = {linear: onednn_kernels.pack_weight(linear.weight)
                                    for block in self.linears for linear in block.values()
-                                   if self.onednn and self.prepack and isinstance(linear, nn.Linear)
-                                   and onednn_kernels.available(linear.weight)}
+                                   if (self.onednn or self.mixed) and self.prepack and isinstance(linear, nn.Linear)
+                                   and onednn_kernels.available(linear.weight, bf16=self.mixed)}
 
     def block_linears(self, i: int, block) -> nn.ModuleDict:
         """Block i's matmuls as this path runs them: "qkv" (fused) or "query"/"key"/"value", then
@@ -486,8 +504,15 @@ class FastEncoder(nn.Module):
         return nn.ModuleDict(linears)
 
     def matmul(self, linear, x, act=None, residual=None):
-        """linear(x), then act(·) or + residual: one oneDNN kernel where it applies, else step by step."""
-        if self.onednn and type(linear) in (nn.Linear, onednn_kernels.Linear) and onednn_kernels.available(x):
+        """linear(x), then act(·) or + residual: one oneDNN kernel where it applies, else step by step.
+        A bf16 model on the CPU multiplies in bf16 and adds the residual in fp32 (bf16_products)."""
+        if self.mixed:
+            return bf16_products(linear, x, act, residual, matmul=self.onednn_matmul)
+        return self.onednn_matmul(linear, x, act, residual)
+
+    def onednn_matmul(self, linear, x, act=None, residual=None):
+        if ((self.onednn or self.mixed) and type(linear) in (nn.Linear, onednn_kernels.Linear)
+                and onednn_kernels.available(x, bf16=self.mixed)):
             fuse_gelu = act is F.gelu  # the exact (erf) GELU: oneDNN's "gelu" post-op with algorithm "none"
             y = onednn_kernels.linear(x, linear.weight, linear.bias, gelu=fuse_gelu, residual=residual,
                                       packed=self.packed_weights.get(linear))
@@ -502,6 +527,8 @@ class FastEncoder(nn.Module):
         # once): a lone [CLS] row of first_tokens, a one-token text. One row is cheap eagerly.
         qkv = (self.heads[i](x) if self.heads is not None and x.shape[0] > 1
                else project_qkv(self.linears[i], x, self.matmul))  # (N, 3H)
+        if self.mixed:
+            qkv = qkv.float()  # bf16 products, fp32 attention (module docstring, 5)
         if first_only:
             # every token's keys and values are needed, but only the first tokens' queries, and what
             # follows attention is token-wise: the tail runs on B rows instead of N
@@ -539,15 +566,17 @@ class FastEncoder(nn.Module):
         # reset of Dynamo's cache) happens inside whichever call needs it, and reads the settings then
         unfrozen = torch._inductor.config.patch(freezing=False)
         compiled = lambda f: unfrozen(torch.compile(f, dynamic=True))
-        self.tails = [compiled(functools.partial(block_tail, block, linears, matmul=plain_matmul))
+        matmul = functools.partial(bf16_products, matmul=plain_matmul) if self.mixed else plain_matmul
+        self.tails = [compiled(functools.partial(block_tail, block, linears, matmul=matmul))
                       for block, linears in zip(self.model.layers, self.linears)]
         if self.int8:  # every matmul is int8 then, the QKV projection too
             self.heads = [compiled(functools.partial(project_qkv, linears, matmul=plain_matmul)) for linears in self.linears]
         weight = self.model.embeddings.word_embeddings.weight
+        dtype = torch.float32 if self.mixed else weight.dtype  # the residual stream's
         with torch.inference_mode():  # the warm-up: Inductor compiles here, on first calls
             for i in range(len(self.tails)):
                 for n in (7, 13):  # two sizes, so the dynamic graph is the one cached
-                    x = torch.zeros(n, weight.shape[1], dtype=weight.dtype, device=weight.device)
+                    x = torch.zeros(n, weight.shape[1], dtype=dtype, device=weight.device)
                     self.tails[i](x, x.clone())  # two tensors: the same one twice is a graph of its own
                     if self.heads is not None:
                         self.heads[i](x)
@@ -565,6 +594,8 @@ class FastEncoder(nn.Module):
             before = F.pad(counts, (1, 0))[packing.offsets[:-1]].repeat_interleave(packing.lengths)    # (N,) earlier sentences'
             positions = (counts - before) * real + self.model.config.pad_token_id
         x = self.model.embeddings(token_ids[None], types, position_ids=positions[None])[0]  # (N, H)
+        if self.mixed:
+            x = x.float()  # the residual stream is fp32 from here on (module docstring, 5)
         last = len(self.model.layers) - 1
         for i in range(last):
             x = self.layer(i, x, packing)
@@ -611,6 +642,23 @@ def plain_matmul(linear, x, act=None, residual=None):
     return y if residual is None else y + residual
 
 
+def bf16_products(linear, x, act=None, residual=None, matmul=plain_matmul):
+    """A bf16 model's matmul on the fp32 residual stream: x rounded to bf16, linear(x) and act(·)
+    by `matmul` in bf16, then + residual in fp32 (fp32 + bf16 gives fp32). Without a residual the
+    output stays bf16: the next matmul reads it as it is, attention casts it back (FastEncoder.layer)."""
+    y = matmul(linear, x.to(torch.bfloat16), act)
+    return y if residual is None else residual + y
+
+
+def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """norm(x) in x's dtype: a bf16 model's LayerNorm on the fp32 residual stream, with its weight and
+    bias read in fp32 (PyTorch's CPU LayerNorm refuses an fp32 input with bf16 parameters)."""
+    if norm.weight is None or norm.weight.dtype == x.dtype:
+        return norm(x)
+    bias = None if norm.bias is None else norm.bias.to(x.dtype)
+    return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), bias, norm.eps)
+
+
 def project_qkv(linears, x, matmul=plain_matmul):
     """(N, H) → (N, 3H): q | k | v side by side, from the fused "qkv" matmul or three."""
     if "qkv" in linears:
@@ -621,9 +669,9 @@ def project_qkv(linears, x, matmul=plain_matmul):
 def block_tail(block, linears, x, y, matmul=plain_matmul):
     """Everything in a block after attention, all token-wise: out-projection, residual, LayerNorm,
     feed-forward, residual, LayerNorm. x: the block's input (N, H); y: attention's heads (N, H)."""
-    x = block.attention_norm(matmul(linears["output"], y, residual=x))
+    x = layer_norm(block.attention_norm, matmul(linears["output"], y, residual=x))
     h = matmul(linears["up"], x, act=block.feed_forward.act)  # (N, I)
-    return block.ffn_norm(matmul(linears["down"], h, residual=x))
+    return layer_norm(block.ffn_norm, matmul(linears["down"], h, residual=x))
 
 
 def fused_qkv(attention) -> nn.Linear:
@@ -682,8 +730,9 @@ def model_blocker(model) -> str | None:
 # Optional speed modes: they change the numbers a little, so their STS-B score goes beside their speed
 
 def speed_options(embedder, compile: bool | None = None, precision: str = "fp32", calibration=None):
-    """Apply in place: precision "bf16" (the model's weights and activations, which the fast encoder
-    shares; only where the CPU has native bf16) or "int8" (the fast encoder's matmuls through int8
+    """Apply in place: precision "bf16" (the model's weights, which the fast encoder shares, in bf16:
+    bf16 products with an fp32 residual stream, module docstring 5; only where the CPU has native
+    bf16) or "int8" (the fast encoder's matmuls through int8
     copies of the weights, int8.py; the model stays float32), then torch.compile of the token-wise
     parts (compile=None: on for int8, whose speed comes from the fusion, off otherwise).
 

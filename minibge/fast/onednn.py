@@ -37,6 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ..common import cpu_has_native_bf16
+
 
 def cap_kernel_caches() -> None:
     """Cap oneDNN's and ideep's kernel caches at 64 entries, unless the user set a size already.
@@ -81,9 +83,31 @@ def _op_works() -> bool:
                ((y, reference), (y_gelu, F.gelu(reference)), (y_view, reference), (y_packed, reference)))
 
 
-def available(tensor: torch.Tensor) -> bool:
-    """oneDNN's linear can take this activation/weight: fp32 on the CPU, with a working operator."""
-    return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and _op_works()
+def available(tensor: torch.Tensor, bf16: bool = False) -> bool:
+    """oneDNN's linear can take this activation/weight: fp32 on the CPU, with a working operator;
+    with bf16=True (the fast path's bf16 products) also bf16, where the CPU multiplies it in hardware."""
+    if tensor.device.type != "cpu" or not _op_works():
+        return False
+    return tensor.dtype == torch.float32 or (bf16 and tensor.dtype == torch.bfloat16 and _bf16_op_works())
+
+
+@functools.cache
+def _bf16_op_works() -> bool:
+    """The operator takes bf16 activations and (packed) bf16 weights on this CPU, with and without
+    the GELU post-op, and agrees with F.linear to bf16's rounding (~2⁻⁸ relative)."""
+    if not cpu_has_native_bf16():
+        return False  # oneDNN would emulate bf16, slower than fp32
+    generator = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=generator).bfloat16() for shape in ((5, 16), (8, 16), (8,)))
+    try:
+        with torch.no_grad():
+            y = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 5), b, "none", [], "")
+            y_gelu = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "none")
+    except RuntimeError:
+        return False
+    reference = F.linear(x.float(), w.float(), b.float())
+    return (y.dtype == torch.bfloat16 and torch.allclose(y.float(), reference, rtol=0.02, atol=0.05)
+            and torch.allclose(y_gelu.float(), F.gelu(reference), rtol=0.02, atol=0.05))
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:

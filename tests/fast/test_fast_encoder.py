@@ -3,6 +3,7 @@
 The bar is the issue's: per-text cosine ≥ 0.99999 in fp32 (in practice the differences are float
 rounding, ~1e-7), and the hidden states of real tokens within 1e-5.
 """
+import copy
 import itertools
 
 import numpy as np
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from minibge import BertConfig, BertModel, Embedder, cls_pool, load_embedder, mean_pool
 from minibge.evaluate.data import load_sts_csv
 from minibge.fast import encoder as fast_path
-from minibge.fast import ATTENTION_MODES, FastEncoder, Packing, speed_options
+from minibge.fast import ATTENTION_MODES, FastEncoder, Packing, onednn, speed_options
 from minibge.fast.int8 import Int8Linear, save_calibration
 from minibge.lab import MISTAKES, with_mistake
 
@@ -491,6 +492,77 @@ def test_varlen_hands_the_kernel_the_packed_rows_and_offsets(monkeypatch):
     assert diff.max() < 2e-2, f"varlen vs padded: max |diff| {diff.max():.3e}, mean {diff.mean():.3e} (bf16 inputs)"
     with pytest.raises(ValueError, match="float16 or bfloat16"):
         fast_path.attend_varlen(qkv, packing, heads)
+
+
+def bf16_model_and_reference(seed):
+    """A bf16 model with LayerNorms that are not the identity (so a LayerNorm computed without its
+    parameters shows), and the fp32 model with the very same (bf16-rounded) weights. Four layers: the
+    residual stream's rounding, what the fp32 stream avoids, adds up over layers."""
+    model = tiny_model(seed=seed, num_hidden_layers=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.2)
+    model.to(torch.bfloat16)
+    return model, copy.deepcopy(model).float()
+
+
+def test_a_bf16_model_multiplies_in_bf16_and_keeps_the_rest_in_fp32():
+    """On the CPU a bf16 model's products run in bf16, its residual stream, LayerNorm and attention
+    in fp32 (fast/encoder.py, 5): closer to fp32 arithmetic on the same weights than the plain
+    model's bf16-throughout, and no bf16 rounding of the residual stream left to see."""
+    model, reference = bf16_model_and_reference(seed=21)
+    ids, mask, _ = random_batch(model.config, 5, 20, seed=3)
+    mask[:, 0] = 1
+    real = mask.bool()
+    fast = FastEncoder(model)
+    with torch.inference_mode():
+        out, exact, bf16_throughout = fast(ids, mask), reference(ids, mask), model(ids, mask).float()
+    assert fast.mixed and out.dtype == torch.float32 and fast.kernel_report()[0][0] == "matmuls"
+    diff, plain_diff = (out - exact)[real].abs(), (bf16_throughout - exact)[real].abs()
+    report = f"max |diff| {diff.max():.3e}, mean {diff.mean():.3e}; bf16 throughout: max {plain_diff.max():.3e}, mean {plain_diff.mean():.3e}"
+    assert diff.max() < 0.05 and diff.mean() < plain_diff.mean() / 2, report
+    assert out[~real].abs().sum() == 0, "padded positions are not zero"
+    # the residual stream is fp32: its values are not all representable in bf16
+    assert not torch.equal(out[real], out[real].bfloat16().float()), "the output was rounded to bf16"
+    if onednn.available(torch.ones(1, dtype=torch.bfloat16), bf16=True):
+        assert len(fast.packed_weights) == 4 * len(model.layers), "bf16 weights not packed for oneDNN"
+    # [CLS] rows only (first_tokens) compute the same
+    with torch.inference_mode():
+        first = fast.first_tokens(ids, mask)
+    assert (first - out[:, 0]).abs().max() < 1e-4, f"first_tokens: max |diff| {(first - out[:, 0]).abs().max():.3e}"
+
+
+def test_an_fp32_fast_encoder_turns_mixed_when_its_model_turns_bf16():
+    """speed_options(precision="bf16") builds the encoder in fp32, then moves it to bf16: the next
+    call rebuilds the matmuls for bf16 (sync) and runs them as a bf16 model's."""
+    model, reference = bf16_model_and_reference(seed=22)
+    fast = FastEncoder(reference)
+    ids, mask, _ = random_batch(model.config, 3, 12, seed=4)
+    mask[:, 0] = 1
+    with torch.inference_mode():
+        exact = fast(ids, mask)
+        assert not fast.mixed
+        fast.to(torch.bfloat16)
+        out = fast(ids, mask)
+        again = FastEncoder(model)(ids, mask)
+    assert fast.mixed and out.dtype == torch.float32
+    diff = (out - exact)[mask.bool()].abs()
+    assert diff.max() < 0.05, f"bf16 vs fp32: max |diff| {diff.max():.3e}, mean {diff.mean():.3e}"
+    assert (out - again).abs().max() < 1e-5, "built in fp32 then moved, or built from a bf16 model: not the same"
+
+
+@pytest.mark.slow
+def test_compiled_tails_of_a_bf16_model_equal_its_eager_ones():
+    model, _ = bf16_model_and_reference(seed=23)
+    fast = FastEncoder(model)
+    fast.compile_tails()
+    ids, mask, _ = random_batch(model.config, 4, 11, seed=8)
+    mask[:, 0] = 1
+    with torch.inference_mode():
+        out, eager = fast(ids, mask), FastEncoder(model)(ids, mask)
+    diff = (out - eager)[mask.bool()].abs()
+    assert out.dtype == torch.float32 and diff.max() < 2e-2, f"compiled vs eager: max |diff| {diff.max():.3e}, mean {diff.mean():.3e}"
 
 
 def test_varlen_is_refused_off_cuda():

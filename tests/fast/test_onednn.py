@@ -146,6 +146,26 @@ def test_other_dtypes_fall_back_to_f_linear(dtype):
     assert torch.equal(y, F.linear(x, layer.weight, layer.bias)), f"{dtype}: not F.linear's result"
 
 
+def test_bf16_is_taken_only_when_asked_for_and_multiplied_in_hardware(monkeypatch):
+    """The fast path's bf16 products (bf16=True) take oneDNN on a CPU with native bf16; training's
+    Linear (bf16 left out) never does, and an emulating CPU never does."""
+    x = torch.randn(6, 16).bfloat16()
+    assert not onednn.available(x), "bf16 without bf16=True"
+    if onednn.available(x, bf16=True):
+        w, b = torch.randn(8, 16).bfloat16(), torch.randn(8).bfloat16()
+        y = onednn.linear(x, w, b, gelu=True, packed=onednn.pack_weight(w))
+        reference = F.gelu(F.linear(x.float(), w.float(), b.float()))
+        assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), reference, rtol=0.02, atol=0.05), \
+            f"bf16 oneDNN vs fp32: max |diff| {(y.float() - reference).abs().max():.3e}"
+    monkeypatch.setattr(onednn, "cpu_has_native_bf16", lambda: False)
+    onednn._bf16_op_works.cache_clear()
+    try:
+        assert not onednn.available(x, bf16=True), "bf16 taken on a CPU that would emulate it"
+    finally:
+        monkeypatch.undo()
+        onednn._bf16_op_works.cache_clear()
+
+
 @needs_onednn
 def test_cpu_autocast_falls_back_to_f_linear():
     # under autocast F.linear runs in bf16; the oneDNN operator would silently stay fp32
