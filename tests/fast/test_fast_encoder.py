@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from minibge import BertConfig, BertModel, Embedder, cls_pool, load_embedder, mean_pool
 from minibge.evaluate.data import load_sts_csv
 from minibge.fast import encoder as fast_path
-from minibge.fast import ATTENTION_MODES, FastEncoder, Packing, onednn, speed_options
+from minibge.fast import ATTENTION_MODES, FastEncoder, Packing, speed_options
+from minibge.fast import onednn as onednn_kernels
 from minibge.fast.int8 import Int8Linear, save_calibration
 from minibge.lab import MISTAKES, with_mistake
 
@@ -525,7 +526,7 @@ def test_a_bf16_model_multiplies_in_bf16_and_keeps_the_rest_in_fp32():
     assert out[~real].abs().sum() == 0, "padded positions are not zero"
     # the residual stream is fp32: its values are not all representable in bf16
     assert not torch.equal(out[real], out[real].bfloat16().float()), "the output was rounded to bf16"
-    if onednn.available(torch.ones(1, dtype=torch.bfloat16), bf16=True):
+    if onednn_kernels.available(torch.ones(1, dtype=torch.bfloat16), bf16=True):
         assert len(fast.packed_weights) == 4 * len(model.layers), "bf16 weights not packed for oneDNN"
     # [CLS] rows only (first_tokens) compute the same
     with torch.inference_mode():
