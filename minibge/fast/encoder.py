@@ -559,6 +559,9 @@ class FastEncoder(nn.Module):
         a reference kernel (docs/benchmarks.md), and the fp32 Linears into MKL's packed sgemm, the
         route the fp32 kernel choice (kernels.py) exists to avoid where it is the slower one."""
         start = time.perf_counter()
+        # the matmuls as the model is now: after a .to(bf16) (speed_options) the old ones would be
+        # rebuilt on the first encode, and the graphs compiled from them dropped
+        self.sync()
         # Inductor traces plain Linears, not the oneDNN operator: the tails' packed copies can go
         tail_linears = {linear for block in self.linears for name, linear in block.items() if name in TAIL_LINEARS}
         self.packed_weights = {linear: p for linear, p in self.packed_weights.items() if linear not in tail_linears}
