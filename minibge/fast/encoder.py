@@ -60,8 +60,9 @@ model, hooks, train mode, attn_impl="manual", a customised embed(): see model_bl
 5. A bf16 model on the CPU (load_embedder(dtype="bfloat16"), speed_options(precision="bf16"))
    multiplies in bf16 and does everything else in fp32 (`self.mixed`, bf16_products): each matmul
    rounds its input to bf16 and runs on the model's bf16 weights through oneDNN (fp32 accumulation,
-   GELU fused, weights packed), while the residual stream, the residual adds, LayerNorm, the
-   embeddings' sum after their lookup and attention stay fp32. The products are where bf16 pays
+   GELU fused, weights packed), while the residual stream (from the embeddings' output, which the
+   bf16 embeddings module rounds once), the residual adds, LayerNorm and attention stay fp32. The
+   products are where bf16 pays
    (twice fp32's rate where the CPU multiplies bf16 in hardware); rounding the residual stream
    to bf16 after every add as well is what moved the vectors ~100× more (docs/benchmarks.md).
    On a GPU a bf16 model runs in bf16 throughout.
@@ -511,6 +512,7 @@ class FastEncoder(nn.Module):
         return self.onednn_matmul(linear, x, act, residual)
 
     def onednn_matmul(self, linear, x, act=None, residual=None):
+        """matmul's fused kernel: oneDNN where this route and dtype take it (fp32; bf16 for a bf16 model)."""
         if ((self.onednn or self.mixed) and type(linear) in (nn.Linear, onednn_kernels.Linear)
                 and onednn_kernels.available(x, bf16=self.mixed)):
             fuse_gelu = act is F.gelu  # the exact (erf) GELU: oneDNN's "gelu" post-op with algorithm "none"
@@ -733,10 +735,10 @@ def model_blocker(model) -> str | None:
 # Optional speed modes: they change the numbers a little, so their STS-B score goes beside their speed
 
 def speed_options(embedder, compile: bool | None = None, precision: str = "fp32", calibration=None):
-    """Apply in place: precision "bf16" (the model's weights, which the fast encoder shares, in bf16:
-    bf16 products with an fp32 residual stream, module docstring 5; only where the CPU has native
-    bf16) or "int8" (the fast encoder's matmuls through int8
-    copies of the weights, int8.py; the model stays float32), then torch.compile of the token-wise
+    """Apply in place: precision "bf16" (the model's weights, which the fast encoder shares, cast to
+    bf16: bf16 products on an fp32 residual stream, module docstring 5; only where the CPU has
+    native bf16) or "int8" (the fast encoder's matmuls through int8 copies of the weights, int8.py;
+    the model stays float32), then torch.compile of the token-wise
     parts (compile=None: on for int8, whose speed comes from the fusion, off otherwise).
 
     calibration (int8 only): a few hundred texts like those you will encode, or int8.calibrate()'s
