@@ -34,7 +34,8 @@ The rules, the same for all three (`choose`):
   one of today's routes with a time for each, is ignored and measured again) and written to a
   unique temporary name beside it, then renamed, so two processes never leave half a file.
 - Only the CPU is measured: on other devices the matmuls take F.linear and attention="auto" takes
-  "padded" (docs/benchmarks.md, section 2); other dtypes than fp32 have one matmul route (F.linear).
+  "padded" (docs/benchmarks.md, section 2); other dtypes than fp32 have one matmul route, not
+  measured (a bf16 model on the CPU: oneDNN's bf16 products, encoder.py's idea 5; else F.linear).
 - A choice measured while other work loaded the machine stays cached: `minibge info --remeasure`
   (forget_machine) deletes this machine's entries and measures again.
 - Every route computes the same function (float rounding apart), so which one wins never changes
@@ -109,12 +110,12 @@ def cache_file() -> Path:
     return Path(root) / "kernels.json"
 
 
-def forget_machine(path: Path | None = None) -> int:
+def forget_machine() -> int:
     """Delete this machine's entries (this CPU, torch version and thread count: machine_key) from the
     cache file, so that the next fast encoder measures every choice again, e.g. one made while other
     work loaded the machine (`minibge info --remeasure`). Other machines' entries stay. Returns how
     many entries went."""
-    path = cache_file() if path is None else path
+    path = cache_file()
     entries = read_cache(path)
     kept = {key: entry for key, entry in entries.items() if not key.startswith(machine_key() + " |")}
     if len(kept) < len(entries):
